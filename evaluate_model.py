@@ -1,0 +1,130 @@
+"""Stage 4: measure any stage's model.
+
+    python evaluate_model.py --model_path=./model/base_model/model.h5
+
+Prints test and validation accuracy, parameters, MACs, file size and CPU latency (batch 1 and
+128); against --base_model_path also the compression rate, MAC ratio and measured speed-up.
+"""
+
+import os
+import statistics
+import time
+
+import training
+
+DEFAULT_BASE = "./model/base_model/model.h5"
+
+
+def parse_args(argv=None):
+    parser = training.Parser(description="Evaluate a ResNet50 checkpoint of any stage.")
+    parser.add_argument("--model_path", required=True)
+    parser.add_argument("--base_model_path", default=None,
+                        help=f"compare against this model (default {DEFAULT_BASE} when it exists)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--latency_repeats", type=training.non_negative_int, default=20,
+                        help="timed repeats per batch size after warm-up (0 skips latency)")
+    training.add_data_flags(parser)
+    return parser.parse_args(argv)
+
+
+def measure_latency(network, batch_size, repeats, warmup=3):
+    """Median seconds of one inference call on `batch_size` images, through a compiled tf.function."""
+    import numpy as np
+    import tensorflow as tf
+
+    _, height, width, channels = network.input_shape
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (batch_size, height, width, channels)), tf.float32)
+    infer = tf.function(lambda x: network(x, training=False))
+    for _ in range(warmup):
+        infer(images).numpy()
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        infer(images).numpy()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def accuracy(network, images, labels, batch_size):
+    import numpy as np
+
+    import data
+
+    if len(labels) == 0:
+        return None
+    probabilities = network.predict(data.make_dataset(images, labels, batch_size).map(lambda x, y: x), verbose=0)
+    return float(np.mean(np.argmax(probabilities, axis=1) == labels))
+
+
+def measure(path, split, batch_size, repeats):
+    import model as resnet
+
+    network = training.load_model(path)
+    spec, stem, class_num, _ = resnet.describe_model(network)
+    _, macs = resnet.count_macs(network)
+    result = {
+        "model_path": path,
+        "test_acc": accuracy(network, split.x_test, split.y_test, batch_size),
+        "val_acc": accuracy(network, split.x_val, split.y_val, batch_size),
+        "parameters": resnet.count_parameters(network),
+        "macs": macs,
+        "file_mb": os.path.getsize(path) / 1e6,
+        "stem": stem,
+        "width_spec": spec,
+    }
+    if repeats:
+        result["latency_ms_batch1"] = 1e3 * measure_latency(network, 1, repeats)
+        result["latency_ms_batch128"] = 1e3 * measure_latency(network, 128, max(3, repeats // 4))
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import data
+
+    base_path = args.base_model_path or (DEFAULT_BASE if os.path.exists(DEFAULT_BASE) else None)
+    training.load_model(args.model_path)  # reject bad files before loading the data set
+    if base_path:
+        training.load_model(base_path, "base model")
+    if args.json and os.path.isdir(args.json):
+        raise training.UserError(f"--json {args.json} is a folder")
+    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
+    result = measure(args.model_path, split, args.batch_size, args.latency_repeats)
+    if base_path and os.path.abspath(base_path) != os.path.abspath(args.model_path):
+        base = measure(base_path, split, args.batch_size, args.latency_repeats)
+        result["base"] = {key: base[key] for key in base if key != "width_spec"}
+        result["compression_rate"] = base["parameters"] / result["parameters"]
+        result["mac_ratio"] = base["macs"] / result["macs"]
+        for batch in ("batch1", "batch128"):
+            if f"latency_ms_{batch}" in result:
+                result[f"speedup_{batch}"] = base[f"latency_ms_{batch}"] / result[f"latency_ms_{batch}"]
+    print(format_report(result))
+    if args.json:
+        training.write_json(args.json, result)
+
+
+def format_report(result):
+    def percent(value):
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    lines = [
+        f"model            {result['model_path']}",
+        f"test accuracy    {percent(result['test_acc'])}",
+        f"val accuracy     {percent(result['val_acc'])}",
+        f"parameters       {result['parameters']:,}",
+        f"MACs             {result['macs'] / 1e6:,.2f} M",
+        f"file size        {result['file_mb']:.2f} MB",
+    ]
+    if "latency_ms_batch1" in result:
+        lines += [f"latency batch 1  {result['latency_ms_batch1']:.2f} ms",
+                  f"latency batch 128 {result['latency_ms_batch128']:.1f} ms"]
+    if "base" in result:
+        lines += [f"compression rate {result['compression_rate']:.2f}x parameters against {result['base']['model_path']}",
+                  f"MAC ratio        {result['mac_ratio']:.2f}x"]
+        if "speedup_batch1" in result:
+            lines += [f"speed-up         {result['speedup_batch1']:.2f}x at batch 1, {result['speedup_batch128']:.2f}x at batch 128"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    training.run(main)

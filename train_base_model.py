@@ -1,0 +1,77 @@
+"""Stage 1: train the baseline ResNet50 on CIFAR-10.
+
+    python train_base_model.py --save_folder=./model/base_model --model_path=./model/pretrained_resnet50.h5
+
+Writes <save_folder>/model.h5 (best validation accuracy), history.json and config.json.
+Rerunning the same command resumes an interrupted run and skips a finished one.
+"""
+
+import os
+import sys
+
+import training
+
+ORIGINAL_PRETRAINED_PATH = "./model/pretrained_resnet50.h5"
+
+
+def parse_args(argv=None):
+    parser = training.Parser(description="Train the baseline ResNet50 on CIFAR-10.")
+    parser.add_argument("--save_folder", default="./model/base_model")
+    parser.add_argument("--model_path", default=None,
+                        help="optional pretrained .h5 (a whole model or weights, e.g. keras.applications ResNet50 "
+                             "ImageNet weights); layers load by name, a classifier of another shape is skipped")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --save_folder")
+    training.add_data_flags(parser)
+    training.add_model_flags(parser)
+    training.add_training_flags(parser, epoch_num=200, learning_rate=0.01)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import data
+    import model as resnet
+
+    folder = args.save_folder
+    pretrained = args.model_path
+    if pretrained and not os.path.exists(pretrained) and os.path.normpath(pretrained) == os.path.normpath(ORIGINAL_PRETRAINED_PATH):
+        # The original README's command names this file; without it, train from scratch and say so.
+        print(f"note: no pretrained weights at {pretrained}; training from scratch "
+              "(save keras.applications.ResNet50(weights='imagenet') there to start from ImageNet)", file=sys.stderr)
+        pretrained = None
+    state = training.begin_stage(folder, args)
+    if state == "done":
+        print(f"{folder} already holds a finished run with these arguments: nothing to do")
+        return
+    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
+    training.set_seed(args.seed)
+    training.set_precision(args.precision)
+    network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
+    loaded_layers = None
+    if pretrained and state == "fresh":
+        loaded_layers, skipped = training.load_weights_by_name(network, pretrained)
+        print(f"loaded {loaded_layers} layers by name from {pretrained}"
+              + (f"; skipped {len(skipped)} of another shape ({', '.join(skipped)})" if skipped else ""))
+    print(f"data: {split.sizes()} from {split.source}; parameters: {resnet.count_parameters(network):,}; "
+          f"{'resuming' if state == 'resume' else 'starting'} in {folder}")
+    train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, args.class_num)
+    val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=args.class_num)
+    steps_per_epoch = -(-len(split.y_train) // args.batch_size)
+    training.compile_classifier(network, args, steps_per_epoch)
+    history = training.fit_stage(network, train_data, val_data, folder, args)
+    best = training.load_model(os.path.join(folder, "model.h5"))
+    best.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    test_data = data.make_dataset(split.x_test, split.y_test, args.batch_size, class_num=args.class_num)
+    test_loss, test_accuracy = best.evaluate(test_data, verbose=0)
+    valid = [v for v in history["val_acc"] if v is not None]
+    results = {"best_val_acc": max(valid), "best_epoch": history["val_acc"].index(max(valid)) + 1,
+               "test_acc": float(test_accuracy), "test_loss": float(test_loss),
+               "parameters": resnet.count_parameters(best), "pretrained_layers_loaded": loaded_layers}
+    training.end_stage(folder, args, results=results)
+    training.discard_backup(folder)
+    print(f"best validation accuracy {results['best_val_acc']:.4f} (epoch {results['best_epoch']}); "
+          f"test accuracy {results['test_acc']:.4f}; saved {os.path.join(folder, 'model.h5')}")
+
+
+if __name__ == "__main__":
+    training.run(main)
