@@ -252,3 +252,79 @@ def count_macs(model):
 
 def copy_spec(spec):
     return copy.deepcopy(validate_spec(spec))
+
+
+def stage_block_names(stage_index):
+    """Names of the blocks of stage `stage_index` (0-3), in order."""
+    return [name for index, name in enumerate(block_names()) if stage_of_block(index) == stage_index]
+
+
+def channel_groups():
+    """Every prunable channel group of the network, described by layer names only.
+
+    A group is a set of channels that must be removed together:
+      name         key of the group (the post-ReLU layer for conv1/conv2, '<stage>_residual')
+      kind         'inner' (conv1 or conv2 of one block) or 'residual' (one stage's residual stream)
+      activations  post-ReLU layers whose channels are the group's channels (scored by APoZ)
+      producers    layers whose OUTPUT channels are the group (conv kernels' last axis, their BatchNorms)
+      consumers    layers whose INPUT channels are the group (the kernel's second-to-last axis)
+      spec_key     where the group's width lives in the width spec: ('blocks', block, 0|1) or ('stages', stage)
+
+    The residual stream of a stage is shared through the Adds by every conv3 and the shortcut
+    conv of the stage, and read by the conv1 of the stage's later blocks, by the next stage's
+    first conv1 and shortcut conv, or (last stage) by the classifier's rows.
+    """
+    groups = []
+    for index, block in enumerate(block_names()):
+        for part, consumer in ((1, f"{block}_2_conv"), (2, f"{block}_3_conv")):
+            groups.append({
+                "name": f"{block}_{part}_relu",
+                "kind": "inner",
+                "activations": [f"{block}_{part}_relu"],
+                "producers": [f"{block}_{part}_conv", f"{block}_{part}_bn"],
+                "consumers": [consumer],
+                "spec_key": ("blocks", index, part - 1),
+            })
+    for stage_index, stage in enumerate(STAGE_NAMES):
+        blocks = stage_block_names(stage_index)
+        producers = [f"{stage}_block1_0_conv", f"{stage}_block1_0_bn"]
+        for block in blocks:
+            producers += [f"{block}_3_conv", f"{block}_3_bn"]
+        consumers = [f"{block}_1_conv" for block in blocks[1:]]
+        if stage_index + 1 < len(STAGE_NAMES):
+            following = STAGE_NAMES[stage_index + 1]
+            consumers += [f"{following}_block1_1_conv", f"{following}_block1_0_conv"]
+        else:
+            consumers.append("predictions")
+        groups.append({
+            "name": f"{stage}_residual",
+            "kind": "residual",
+            "activations": [f"{block}_out" for block in blocks],
+            "producers": producers,
+            "consumers": consumers,
+            "spec_key": ("stages", stage_index),
+        })
+    return groups
+
+
+def group_width(spec, group):
+    """Current number of channels of `group` (from `channel_groups`) under `spec`."""
+    value = spec
+    for key in group["spec_key"]:
+        value = value[key]
+    return int(value)
+
+
+def resize_spec(spec, widths):
+    """A copy of `spec` with the groups named in `widths` ({group name: channels}) resized."""
+    groups = {group["name"]: group for group in channel_groups()}
+    resized = copy_spec(spec)
+    for name, width in widths.items():
+        if name not in groups:
+            raise ValueError(f"no channel group named {name!r}")
+        *path, last = groups[name]["spec_key"]
+        target = resized
+        for key in path:
+            target = target[key]
+        target[last] = int(width)
+    return validate_spec(resized)

@@ -97,11 +97,15 @@ def add_model_flags(parser):
     return group
 
 
-def add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=None):
-    """Optimiser and schedule flags of every stage that fine-tunes or trains."""
+def add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=None, learning_rate_flag="--learning_rate"):
+    """Optimiser and schedule flags of every stage that fine-tunes or trains.
+
+    `learning_rate_flag` renames the SGD rate's flag (distillation's is --student_learning_rate);
+    pass the parsed value to `make_optimizer(..., learning_rate=...)`.
+    """
     group = parser.add_argument_group("training")
     group.add_argument("--epoch_num", type=positive_int, default=epoch_num, help="epoch ceiling")
-    group.add_argument("--learning_rate", type=positive_float, default=learning_rate, help="peak learning rate of SGD")
+    group.add_argument(learning_rate_flag, type=positive_float, default=learning_rate, help="peak learning rate of SGD")
     group.add_argument("--momentum", type=number, default=0.9)
     group.add_argument("--weight_decay", type=non_negative_float, default=5e-4,
                        help="decoupled weight decay of conv and dense kernels (the original used none)")
@@ -116,6 +120,11 @@ def add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=None)
                        help="mixed_bfloat16 computes in bfloat16 (fast on CPUs with AVX512-BF16 and on TPUs/recent GPUs)")
     group.add_argument("--verbose", type=non_negative_int, default=1, help="Keras fit verbosity (0, 1 or 2)")
     return group
+
+
+def choice_text(text):
+    """A choice flag's value without the original README's stray trailing comma; pair with `choices=`."""
+    return text.strip().rstrip(",")
 
 
 def fraction_or_zero(text):
@@ -215,10 +224,10 @@ def write_json(path, payload):
 
 
 def _json_default(value):
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    if hasattr(value, "tolist"):
+    if hasattr(value, "tolist"):  # numpy arrays and scalars (an array's .item() fails beyond one element)
         return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
@@ -298,31 +307,36 @@ def set_precision(policy):
     keras.mixed_precision.set_global_policy(policy)
 
 
-def learning_rate_schedule(args, steps_per_epoch):
-    """The learning-rate schedule named by --lr_schedule, stepped per batch."""
+def learning_rate_schedule(args, steps_per_epoch, learning_rate=None):
+    """The learning-rate schedule named by --lr_schedule, stepped per batch.
+
+    Its peak is `learning_rate`, by default args.learning_rate.
+    """
     import keras
 
+    peak = args.learning_rate if learning_rate is None else learning_rate
     total = max(1, args.epoch_num * steps_per_epoch)
     if args.lr_schedule == "step":
         boundaries = [epoch * steps_per_epoch for epoch in range(args.step_epochs, args.epoch_num, args.step_epochs)]
-        values = [args.learning_rate * 0.1**index for index in range(len(boundaries) + 1)]
+        values = [peak * 0.1**index for index in range(len(boundaries) + 1)]
         if not boundaries:
-            return args.learning_rate
+            return peak
         return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
     warmup = min(args.warmup_epochs * steps_per_epoch, total - 1)
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else args.learning_rate,
+        initial_learning_rate=0.0 if warmup else peak,
         decay_steps=total - warmup,
-        warmup_target=args.learning_rate if warmup else None,
+        warmup_target=peak if warmup else None,
         warmup_steps=warmup,
     )
 
 
-def make_optimizer(args, steps_per_epoch):
+def make_optimizer(args, steps_per_epoch, learning_rate=None):
+    """SGD (Nesterov momentum, decoupled weight decay) on the --lr_schedule peaking at `learning_rate` (default args.learning_rate)."""
     import keras
 
     optimizer = keras.optimizers.SGD(
-        learning_rate=learning_rate_schedule(args, steps_per_epoch),
+        learning_rate=learning_rate_schedule(args, steps_per_epoch, learning_rate),
         momentum=args.momentum,
         nesterov=True,
         weight_decay=args.weight_decay or None,
@@ -450,14 +464,16 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
 IGNORED_FOR_RESUME = ("verbose", "overwrite")
 
 
-def _comparable(arguments):
-    return {key: value for key, value in arguments.items() if key not in IGNORED_FOR_RESUME}
+def _comparable(arguments, ignore=()):
+    return {key: value for key, value in arguments.items() if key not in IGNORED_FOR_RESUME and key not in ignore}
 
 
-def begin_stage(folder, args):
+def begin_stage(folder, args, ignore=()):
     """Decide what a stage run does with `folder`: returns "fresh", "resume" or "done".
 
     A folder holding a run with other arguments is never overwritten without --overwrite.
+    Arguments named in `ignore` may differ on a rerun (e.g. prune_model.py's --prune_iter,
+    so a finished run can be extended).
     """
     check_output_folder(folder)
     config_path = os.path.join(folder, "config.json")
@@ -470,8 +486,8 @@ def begin_stage(folder, args):
                 os.remove(os.path.join(folder, name))
         previous = None
     if previous is not None:
-        before = _comparable(previous.get("arguments", {}))
-        now = _comparable(arguments)
+        before = _comparable(previous.get("arguments", {}), ignore)
+        now = _comparable(arguments, ignore)
         changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
         if changed:
             raise UserError(

@@ -1,0 +1,133 @@
+"""train_base_model.py and evaluate_model.py end to end, and their answers to bad input."""
+
+import json
+import os
+
+import keras
+import pytest
+
+import model as resnet
+import training
+from conftest import assert_one_line_error, run_script
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, data_flags):
+    folder = str(tmp_path_factory.mktemp("base") / "base_model")
+    completed = run_script(
+        "train_base_model.py", "--save_folder", folder, "--stem", "cifar", "--width", "0.125", "--train_size", "600",
+        "--epoch_num", "4", "--batch_size", "64", "--learning_rate", "0.05", "--verbose", "0", *data_flags,
+    )
+    return folder, completed
+
+
+def test_training_writes_a_plain_keras_model_and_history(base_run):
+    folder, completed = base_run
+    assert sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]  # backup removed
+    history = json.load(open(os.path.join(folder, "history.json")))
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert len(history[key]) == 4, key
+    assert max(history["train_acc"]) > 0.15  # ten classes: chance is 0.10
+    network = keras.models.load_model(os.path.join(folder, "model.h5"))  # plain Keras
+    spec, stem, class_num, _ = resnet.describe_model(network)
+    assert spec == resnet.width_spec(0.125) and stem == "cifar" and class_num == 10
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config["complete"] and config["arguments"]["width"] == 0.125
+    assert config["results"]["best_val_acc"] == max(history["val_acc"])
+    assert "tensorflow" in config["versions"]
+
+
+def test_rerun_skips_a_finished_run_and_refuses_other_arguments(base_run, data_flags):
+    folder, _ = base_run
+    before = os.path.getmtime(os.path.join(folder, "model.h5"))
+    again = run_script("train_base_model.py", "--save_folder", folder, "--stem", "cifar", "--width", "0.125", "--train_size", "600",
+                       "--epoch_num", "4", "--batch_size", "64", "--learning_rate", "0.05", "--verbose", "0", *data_flags)
+    assert "nothing to do" in again.stdout
+    other = run_script("train_base_model.py", "--save_folder", folder, "--stem", "cifar", "--width", "0.25", "--train_size", "600",
+                       "--epoch_num", "4", "--batch_size", "64", "--learning_rate", "0.05", "--verbose", "0", *data_flags,
+                       check=False)
+    assert "width" in assert_one_line_error(other)
+    assert os.path.getmtime(os.path.join(folder, "model.h5")) == before
+
+
+def test_evaluate_reports_accuracy_size_and_compression(base_run, data_flags, tmp_path):
+    folder, _ = base_run
+    small = resnet.build_resnet50(resnet.width_spec(0.0625))
+    small_path = str(tmp_path / "small.h5")
+    training.save_model(small, small_path)
+    report = str(tmp_path / "report.json")
+    completed = run_script("evaluate_model.py", "--model_path", small_path, "--base_model_path",
+                           os.path.join(folder, "model.h5"), "--latency_repeats", "2", "--json", report, *data_flags)
+    result = json.load(open(report))
+    assert 0 <= result["test_acc"] <= 1 and 0 <= result["val_acc"] <= 1
+    assert result["parameters"] == small.count_params()
+    expected_rate = resnet.parameter_count(resnet.width_spec(0.125), "cifar") / small.count_params()
+    assert result["compression_rate"] == pytest.approx(expected_rate)
+    assert result["mac_ratio"] > 1 and result["latency_ms_batch1"] > 0 and "speedup_batch128" in result
+    assert "compression rate" in completed.stdout and "test accuracy" in completed.stdout
+
+
+def test_original_pretrained_command_trains_from_scratch_when_the_file_is_absent(tmp_path, data_flags):
+    # The original README's command, with a small budget: no ./model/pretrained_resnet50.h5 here.
+    folder = str(tmp_path / "base_model")
+    completed = run_script("train_base_model.py", f"--save_folder={folder}", "--model_path=./model/pretrained_resnet50.h5",
+                           "--width", "0.0625", "--train_size", "100", "--epoch_num", "1", "--verbose", "0", *data_flags)
+    assert "training from scratch" in completed.stderr
+    assert os.path.exists(os.path.join(folder, "model.h5"))
+
+
+def test_pretrained_weights_load_by_name(tmp_path):
+    source = resnet.build_resnet50(resnet.width_spec(0.0625), class_num=5)
+    pretrained = str(tmp_path / "pretrained.h5")
+    training.save_model(source, pretrained)
+    completed = run_script("train_base_model.py", "--save_folder", str(tmp_path / "out"), "--model_path", pretrained,
+                           "--width", "0.0625", "--dataset", "sample", "--train_size", "100", "--epoch_num", "1",
+                           "--verbose", "0")
+    layers_with_weights = sum(1 for layer in source.layers if layer.weights)
+    assert f"loaded {layers_with_weights - 1} layers by name" in completed.stdout
+    assert "skipped 1 of another shape (predictions)" in completed.stdout
+
+
+def bad_h5_files(tmp_path):
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.h5"
+    text.write_text("not an HDF5 file")
+    truncated = tmp_path / "truncated.h5"
+    whole = tmp_path / "whole.h5"
+    training.save_model(resnet.build_resnet50(resnet.width_spec(0.0625)), str(whole))
+    truncated.write_bytes(whole.read_bytes()[:5000])
+    foreign = tmp_path / "foreign.h5"
+    keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]).save(str(foreign))
+    return {"missing": str(tmp_path / "missing.h5"), "empty": str(empty), "text": str(text),
+            "truncated": str(truncated), "foreign": str(foreign), "folder": str(tmp_path)}
+
+
+def test_evaluate_rejects_bad_models_in_one_line(tmp_path):
+    for case, path in bad_h5_files(tmp_path).items():
+        completed = run_script("evaluate_model.py", "--model_path", path, "--dataset", "sample", check=False)
+        line = assert_one_line_error(completed)
+        assert path in line or case == "missing" and "no model" in line, (case, line)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch_size", "0"], "--batch_size"),
+    (["--width", "0"], "--width"),
+    (["--width", "nan"], "--width"),
+    (["--learning_rate", "-1"], "--learning_rate"),
+    (["--epoch_num", "inf"], "--epoch_num"),
+    (["--data_dir", "/no/such/folder"], "--data_dir"),
+])
+def test_train_rejects_bad_flags_in_one_line(tmp_path, flags, expected):
+    completed = run_script("train_base_model.py", "--save_folder", str(tmp_path / "out"), "--epoch_num", "1", *flags,
+                           check=False)
+    assert expected in assert_one_line_error(completed)
+    assert not os.path.exists(tmp_path / "out" / "model.h5")
+
+
+def test_train_rejects_an_output_folder_that_is_a_file(tmp_path):
+    target = tmp_path / "occupied"
+    target.write_text("keep me")
+    completed = run_script("train_base_model.py", "--save_folder", str(target), "--dataset", "sample", check=False)
+    assert "not a folder" in assert_one_line_error(completed)
+    assert target.read_text() == "keep me"

@@ -1,0 +1,127 @@
+"""data.py: finding CIFAR-10, the fixed split, the bundled sample and the tf.data pipeline."""
+
+import hashlib
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import data
+
+
+def write_fake_cifar(folder, per_batch=20, seed=0):
+    """A tiny cifar-10-batches-py with the official pickled layout (uint8 CHW rows, b'labels')."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    batches = {}
+    for name in data.TRAIN_FILES + [data.TEST_FILE]:
+        images = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [index % 10 for index in range(per_batch)]
+        with open(os.path.join(folder, name), "wb") as handle:
+            pickle.dump({b"data": images, b"labels": labels, b"batch_label": name.encode()}, handle)
+        batches[name] = (images, labels)
+    return batches
+
+
+def test_fake_folder_is_read_in_official_layout(tmp_path):
+    folder = str(tmp_path / "cifar-10-batches-py")
+    batches = write_fake_cifar(folder)
+    x_train, y_train, x_test, y_test, source = data.load_cifar10(str(tmp_path))  # parent folder works too
+    assert source == folder
+    assert x_train.shape == (100, 32, 32, 3) and x_test.shape == (20, 32, 32, 3)
+    first = batches["data_batch_1"][0][0]
+    # Row layout is 1024 red, 1024 green, 1024 blue values, row-major.
+    np.testing.assert_array_equal(x_train[0, :, :, 0].ravel(), first[:1024])
+    np.testing.assert_array_equal(x_train[0, 0, 1], first[[1, 1025, 2049]])
+    assert list(y_test) == batches["test_batch"][1]
+
+
+def test_tarball_is_read(tmp_path):
+    import tarfile
+
+    folder = str(tmp_path / "cifar-10-batches-py")
+    write_fake_cifar(folder)
+    tarball = str(tmp_path / "cifar-10-python.tar.gz")
+    with tarfile.open(tarball, "w:gz") as archive:
+        archive.add(folder, arcname="cifar-10-batches-py")
+    from_tar = data.load_cifar10(tarball)
+    from_folder = data.load_cifar10(folder)
+    for a, b in zip(from_tar[:4], from_folder[:4]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_environment_variable_is_used(tmp_path, monkeypatch):
+    write_fake_cifar(str(tmp_path / "cifar-10-batches-py"))
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path))
+    assert data.load_cifar10()[4].endswith("cifar-10-batches-py")
+
+
+def test_missing_data_says_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    with pytest.raises(data.DataError, match="--data_dir"):
+        data.load_cifar10(str(tmp_path / "nowhere"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DataError, match="neither"):
+        data.load_cifar10(str(empty))
+
+
+def test_stratified_indices_are_exact_and_balanced():
+    labels = np.repeat(np.arange(10), 50)
+    chosen = data.stratified_indices(labels, 123, seed=1)
+    assert len(chosen) == len(set(chosen)) == 123
+    counts = np.bincount(labels[chosen], minlength=10)
+    assert counts.max() - counts.min() <= 1
+    np.testing.assert_array_equal(chosen, data.stratified_indices(labels, 123, seed=1))
+
+
+def test_real_split_sizes_balance_and_disjointness(cifar10_dir):
+    split = data.load_split("cifar10", cifar10_dir)
+    assert split.sizes() == {"train": 45000, "val": 5000, "test": 10000}
+    assert split.x_train.shape[1:] == (32, 32, 3) and split.x_train.dtype == np.uint8
+    assert np.bincount(split.y_test).tolist() == [1000] * 10
+    assert np.bincount(split.y_val).tolist() == [500] * 10
+    digests = [{hashlib.md5(image.tobytes()).digest() for image in images}
+               for images in (split.x_train, split.x_val, split.x_test)]
+    assert not digests[0] & digests[1] and not digests[0] & digests[2] and not digests[1] & digests[2]
+    # The validation split never moves with --seed; --train_size subsets are stratified.
+    other = data.load_split("cifar10", cifar10_dir, train_size=500, seed=5)
+    np.testing.assert_array_equal(other.y_val, split.y_val)
+    assert np.bincount(other.y_train).tolist() == [50] * 10
+
+
+def test_bundled_sample_matches_its_recorded_md5():
+    recorded = open(data.SAMPLE_MD5_PATH).read().split()[0]
+    assert data.file_md5(data.SAMPLE_PATH) == recorded
+    assert os.path.getsize(data.SAMPLE_PATH) <= 10 * 1024 * 1024
+    split = data.load_split("sample")
+    assert split.sizes() == {"train": 1800, "val": 200, "test": 500}
+    assert np.bincount(split.y_val).tolist() == [20] * 10
+
+
+def test_pipeline_augments_training_only():
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(16) % 10
+    evaluation = next(iter(data.make_dataset(images, labels, 16)))
+    np.testing.assert_array_equal(evaluation[0].numpy(), images.astype("float32"))
+    assert evaluation[1].shape == (16, 10)
+    np.testing.assert_array_equal(np.argmax(evaluation[1].numpy(), axis=1), labels)
+    augmented, onehot = next(iter(data.make_dataset(images, labels, 16, training=True, seed=0)))
+    assert augmented.shape == (16, 32, 32, 3)
+    assert not np.array_equal(augmented.numpy(), images.astype("float32"))
+    # Every augmented image is a flipped or unflipped 32x32 window of its zero-padded original.
+    order = np.argmax(onehot.numpy(), axis=1)
+    for crop, label in zip(augmented.numpy(), order):
+        candidates = [i for i in range(16) if labels[i] == label]
+        assert any(_is_window(crop, images[i]) for i in candidates)
+
+
+def _is_window(crop, image):
+    padded = np.pad(image.astype("float32"), ((4, 4), (4, 4), (0, 0)))
+    for view in (crop, crop[:, ::-1]):
+        for row in range(9):
+            for col in range(9):
+                if np.array_equal(padded[row:row + 32, col:col + 32], view):
+                    return True
+    return False
