@@ -1,0 +1,320 @@
+"""Stage 5: draw training histories and the result figures.
+
+    python plot_train_history.py --history_path=./model/pruned_model/iter1/history.json
+    python plot_train_history.py --figures            # every figure under images/ from model/
+
+A history figure shows loss and accuracy (training and validation) per epoch; several
+--history_path values overlay on one figure.
+"""
+
+import difflib
+import glob
+import os
+
+import training
+
+FIGURE_NAMES = ("pruning_result.png", "3d_apoz.jpg", "apoz_heatmap.png", "accuracy_result.png", "compression_result.png")
+
+
+def parse_args(argv=None):
+    parser = training.Parser(description="Plot training histories and result figures.")
+    parser.add_argument("--history_path", action="append", default=[], help="a history.json (repeat to overlay)")
+    parser.add_argument("--out", default=None, help="PNG to write (default: history.png beside the first history)")
+    parser.add_argument("--figures", action="store_true", help="draw the result figures from --model_root into --images_dir")
+    parser.add_argument("--model_root", default="./model", help="where the stages wrote their folders")
+    parser.add_argument("--images_dir", default="./images")
+    args = parser.parse_args(argv)
+    if not args.history_path and not args.figures:
+        parser.error("give --history_path (one or more) or --figures")
+    return args
+
+
+def nearest_history(path):
+    """The existing history.json whose path is closest to `path` (for a typo like `prued_model`)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    candidates = [os.path.relpath(found) for found in glob.glob(os.path.join(folder, "**", "history.json"), recursive=True)]
+    matches = difflib.get_close_matches(os.path.relpath(os.path.abspath(path)), candidates, n=1, cutoff=0.0)
+    return matches[0] if matches else None
+
+
+def read_history(path):
+    if not os.path.isfile(path):
+        suggestion = nearest_history(path)
+        hint = f"; did you mean {suggestion}?" if suggestion else "; no history.json exists under this folder yet"
+        raise training.UserError(f"no history at {path}{hint}")
+    history = training.read_json(path, "history")
+    if not isinstance(history, dict) or not any(isinstance(history.get(key), list) for key in ("train_loss", "val_loss")):
+        raise training.UserError(f"{path} is not a training history (no train_loss or val_loss lists)")
+    return history
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 10})
+    return plt
+
+
+def _label(path):
+    parts = os.path.normpath(os.path.dirname(path)).split(os.sep)
+    return "/".join(parts[-2:]) if len(parts) > 1 else parts[-1]
+
+
+def plot_histories(paths, out):
+    plt = _pyplot()
+    histories = [(path, read_history(path)) for path in paths]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (path, history) in enumerate(histories):
+        colour = colours[index % len(colours)]
+        label = _label(path) if len(histories) > 1 else ""
+        for axis, key in ((loss_axis, "loss"), (accuracy_axis, "acc")):
+            for split, style in (("train", "-"), ("val", "--")):
+                values = history.get(f"{split}_{key}") or []
+                epochs = range(1, len(values) + 1)
+                scale = 100 if key == "acc" else 1
+                points = [None if v is None else v * scale for v in values]
+                axis.plot(epochs, points, style, color=colour, marker="." if len(values) < 30 else None,
+                          label=f"{label} {'training' if split == 'train' else 'validation'}".strip())
+    loss_axis.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss")
+    accuracy_axis.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for axis in (loss_axis, accuracy_axis):
+        axis.legend(fontsize=8)
+    title = "Training history" if len(histories) > 1 else f"Training history: {_label(paths[0])}"
+    figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, out)
+    return out
+
+
+def _save(figure, path):
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    extension = os.path.splitext(path)[1]
+    training._atomic(path, lambda temporary: figure.savefig(temporary, format=extension.lstrip(".").replace("jpg", "jpeg"),
+                                                            bbox_inches="tight"))
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# Result figures
+
+
+def load_pruning(model_root):
+    summary_path = os.path.join(model_root, "pruned_model", "summary.json")
+    if not os.path.isfile(summary_path):
+        return None
+    summary = training.read_json(summary_path, "pruning summary")
+    apoz = {}
+    for entry in summary.get("iterations", []):
+        path = os.path.join(model_root, "pruned_model", f"iter{entry['iteration']}", "apoz.json")
+        if os.path.isfile(path):
+            apoz[entry["iteration"]] = training.read_json(path, "APoZ record")
+    return summary, apoz
+
+
+def plot_pruning(summary, out):
+    plt = _pyplot()
+    iterations = [entry["iteration"] for entry in summary["iterations"]]
+    entries = summary["iterations"]
+    figure, accuracy_axis = plt.subplots(figsize=(9, 4.8))
+    base = summary["base"]
+    series = (("val_acc_pruned", "validation, right after pruning", "C0", ":", "v"),
+              ("test_acc_pruned", "test, right after pruning", "C1", ":", "v"),
+              ("val_acc", "validation, after fine-tuning", "C0", "-", "o"),
+              ("test_acc", "test, after fine-tuning", "C1", "-", "o"))
+    for key, label, colour, style, marker in series:
+        accuracy_axis.plot(iterations, [100 * e[key] for e in entries], style, color=colour, marker=marker, label=label)
+    if base.get("test_acc") is not None:
+        accuracy_axis.axhline(100 * base["test_acc"], color="C1", alpha=0.5, lw=1, label="base model, test")
+    accuracy_axis.set(xlabel="pruning iteration", ylabel="accuracy (%)", ylim=(0, 100))
+    accuracy_axis.set_xticks(iterations)
+    rate_axis = accuracy_axis.twinx()
+    rate_axis.bar(iterations, [e["compression_rate"] for e in entries], color="C2", alpha=0.25, width=0.6,
+                  label="compression rate (parameters)")
+    rate_axis.set_ylabel("compression rate (x fewer parameters)")
+    rate_axis.grid(False)
+    accuracy_axis.set_zorder(rate_axis.get_zorder() + 1)
+    accuracy_axis.patch.set_visible(False)
+    handles = accuracy_axis.get_legend_handles_labels()
+    extra = rate_axis.get_legend_handles_labels()
+    accuracy_axis.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="lower left")
+    figure.suptitle("Iterative APoZ pruning: accuracy and compression per iteration")
+    figure.tight_layout()
+    _save(figure, out)
+
+
+def removed_matrix(apoz):
+    """(layer names, iterations, channels removed[layer][iteration]) from the per-iteration APoZ records."""
+    iterations = sorted(apoz)
+    layers = []
+    for iteration in iterations:
+        for name in apoz[iteration].get("layers", {}):
+            if name not in layers:
+                layers.append(name)
+    counts = [[len(apoz[i].get("layers", {}).get(name, {}).get("removed", [])) for i in iterations] for name in layers]
+    return layers, iterations, counts
+
+
+def _short(name):
+    return name.replace("_block", ".").replace("_relu", "").replace("conv", "c")
+
+
+def plot_apoz_bars(apoz, out):
+    plt = _pyplot()
+    layers, iterations, counts = removed_matrix(apoz)
+    figure = plt.figure(figsize=(11, 6.5))
+    axis = figure.add_subplot(projection="3d")
+    colours = plt.get_cmap("viridis")
+    for layer_index, row in enumerate(counts):
+        axis.bar3d([layer_index] * len(iterations), iterations, [0] * len(iterations), 0.7, 0.7, row,
+                   color=colours(layer_index / max(1, len(layers) - 1)), shade=True, alpha=0.9)
+    axis.set_xticks(range(len(layers)))
+    axis.set_xticklabels([_short(name) for name in layers], rotation=90, fontsize=6)
+    axis.set_ylabel("pruning iteration")
+    axis.set_zlabel("channels removed")
+    axis.set_title("Channels removed per layer and iteration (APoZ)")
+    axis.view_init(elev=28, azim=-60)
+    _save(figure, out)
+
+
+def plot_apoz_heatmap(apoz, out):
+    import numpy as np
+
+    plt = _pyplot()
+    layers, iterations, counts = removed_matrix(apoz)
+    figure, axis = plt.subplots(figsize=(11, 4.5))
+    image = axis.imshow(np.array(counts).T, aspect="auto", cmap="magma_r", origin="lower",
+                        extent=(-0.5, len(layers) - 0.5, iterations[0] - 0.5, iterations[-1] + 0.5))
+    axis.set_xticks(range(len(layers)))
+    axis.set_xticklabels([_short(name) for name in layers], rotation=90, fontsize=7)
+    axis.set_ylabel("pruning iteration")
+    axis.set_xlabel("layer (stage.block_conv)")
+    axis.grid(False)
+    figure.colorbar(image, ax=axis, label="channels removed")
+    axis.set_title("Channels removed per layer and iteration (APoZ)")
+    figure.tight_layout()
+    _save(figure, out)
+
+
+VARIANT_ORDER = ("student alone", "L_b", "L_b + L_inter", "L_b + L_inter + L_adv")
+
+
+def variant_name(arguments):
+    if arguments.get("no_teacher"):
+        return "student alone"
+    terms = ["L_b"]
+    if arguments.get("lambda2", 0) > 0:
+        terms.append("L_inter")
+    if arguments.get("lambda3", 0) > 0:
+        terms.append("L_adv")
+    if arguments.get("lambda1", 0) <= 0:
+        terms.remove("L_b")
+    return " + ".join(terms)
+
+
+def load_students(model_root):
+    """{variant: config} of every finished distillation run under model_root/kd_model."""
+    students = {}
+    for config_path in sorted(glob.glob(os.path.join(model_root, "kd_model", "**", "config.json"), recursive=True)):
+        config = training.read_json(config_path, "config")
+        if config.get("complete") and "results" in config:
+            config["folder"] = os.path.dirname(config_path)
+            students[variant_name(config.get("arguments", {}))] = config
+    return students
+
+
+def plot_students(students, teacher, out):
+    plt = _pyplot()
+    names = [name for name in VARIANT_ORDER if name in students] + sorted(set(students) - set(VARIANT_ORDER))
+    values = [100 * students[name]["results"]["test_acc"] for name in names]
+    colours = ["C7"] + ["C0"] * (len(names) - 1) if names and names[0] == "student alone" else ["C0"] * len(names)
+    if teacher is not None:
+        names.append("teacher (pruned)")
+        values.append(100 * teacher["test_acc"])
+        colours.append("C3")
+    figure, axis = plt.subplots(figsize=(8.5, 4.5))
+    bars = axis.bar(range(len(names)), values, color=colours)
+    for bar, value in zip(bars, values):
+        axis.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=9)
+    axis.set_xticks(range(len(names)))
+    axis.set_xticklabels(names, rotation=15)
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylim(0, max(values + [1]) * 1.12)
+    axis.set_title("Distilled student by loss terms, against the student alone and its teacher")
+    figure.tight_layout()
+    _save(figure, out)
+
+
+def plot_compression(summary, students, out):
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8.5, 4.8))
+    base = summary["base"] if summary else None
+    if base is not None:
+        axis.scatter([1.0], [100 * base["test_acc"]], s=80, marker="*", color="C3", label="base", zorder=3)
+        entries = summary["iterations"]
+        rates = [1.0] + [e["compression_rate"] for e in entries]
+        accuracies = [100 * base["test_acc"]] + [100 * e["test_acc"] for e in entries]
+        axis.plot(rates, accuracies, "-o", color="C0", ms=4, label="pruning iterations (fine-tuned)")
+        for entry in entries[4::5]:
+            axis.annotate(f"it {entry['iteration']}", (entry["compression_rate"], 100 * entry["test_acc"]),
+                          textcoords="offset points", xytext=(4, 4), fontsize=8)
+    markers = iter("sD^vP")
+    for name in [n for n in VARIANT_ORDER if n in students] + sorted(set(students) - set(VARIANT_ORDER)):
+        results = students[name]["results"]
+        rate = results.get("compression_rate")
+        if rate is None:
+            continue
+        axis.scatter([rate], [100 * results["test_acc"]], s=60, marker=next(markers, "o"), label=f"student: {name}", zorder=3)
+    axis.set_xscale("log")
+    axis.set_xlabel("compression rate (x fewer parameters than the base, log scale)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title("Test accuracy against compression")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    _save(figure, out)
+
+
+def draw_figures(model_root, images_dir):
+    """Every result figure whose inputs exist; returns the paths written."""
+    written = []
+    pruning = load_pruning(model_root)
+    students = load_students(model_root)
+    summary = pruning[0] if pruning else None
+    if summary and summary.get("iterations"):
+        plot_pruning(summary, os.path.join(images_dir, "pruning_result.png"))
+        written.append("pruning_result.png")
+        if pruning[1]:
+            plot_apoz_bars(pruning[1], os.path.join(images_dir, "3d_apoz.jpg"))
+            plot_apoz_heatmap(pruning[1], os.path.join(images_dir, "apoz_heatmap.png"))
+            written += ["3d_apoz.jpg", "apoz_heatmap.png"]
+    if students:
+        teacher = next((config["results"].get("teacher") for config in students.values() if config["results"].get("teacher")), None)
+        plot_students(students, teacher, os.path.join(images_dir, "accuracy_result.png"))
+        written.append("accuracy_result.png")
+    if summary or students:
+        plot_compression(summary, students, os.path.join(images_dir, "compression_result.png"))
+        written.append("compression_result.png")
+    if not written:
+        raise training.UserError(f"nothing to draw: no pruning summary or finished distillation run under {model_root}")
+    return [os.path.join(images_dir, name) for name in written]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.history_path:
+        out = args.out or os.path.join(os.path.dirname(args.history_path[0]) or ".", "history.png")
+        print(f"wrote {plot_histories(args.history_path, out)}")
+    if args.figures:
+        for path in draw_figures(args.model_root, args.images_dir):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    training.run(main)
