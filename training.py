@@ -202,6 +202,7 @@ def use_fused_batch_norm():
         return outputs
 
     call.fused = True
+    call.keras_call = keras_call  # kept for benchmarks/train_speed.py's comparison
     layer_class.call = call
 
 
@@ -481,7 +482,9 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
 
     backup = os.path.join(folder, "backup")
     recorder = make_stage_recorder(folder, model_to_save)
-    callbacks = [keras.callbacks.BackupAndRestore(backup, double_checkpoint=True), recorder,
+    # The recorder writes history.json and model.h5 before the backup records the epoch as done,
+    # so a kill between the two redoes that epoch instead of losing it from the history.
+    callbacks = [recorder, keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
                  keras.callbacks.TerminateOnNaN(), *extra_callbacks]
     if args.patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=args.patience))

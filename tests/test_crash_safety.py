@@ -1,0 +1,59 @@
+"""SIGKILL a real stage run, rerun the same command: it resumes and the files stay whole."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+from conftest import REPO, run_script
+
+
+def kill_when(arguments, condition, timeout=300):
+    """Start `arguments` as a script run and SIGKILL it as soon as `condition()` holds."""
+    process = subprocess.Popen([sys.executable, *arguments], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not condition():
+            if process.poll() is not None:
+                pytest.fail(f"{arguments[0]} finished before it could be killed")
+            if time.time() > deadline:
+                pytest.fail(f"{arguments[0]} never reached the kill point")
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def epochs_recorded(folder):
+    try:
+        with open(os.path.join(folder, "history.json")) as handle:
+            return len(json.load(handle)["train_loss"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_base_training_resumes_after_sigkill_with_whole_files(tmp_path, data_flags):
+    folder = str(tmp_path / "base_model")
+    arguments = ["train_base_model.py", "--save_folder", folder, "--width", "0.0625", "--train_size", "256",
+                 "--epoch_num", "4", "--batch_size", "64", "--warmup_epochs", "0", "--verbose", "0", *data_flags]
+    # Killed before any epoch finished: nothing usable yet, the rerun starts over.
+    kill_when(arguments, lambda: os.path.exists(os.path.join(folder, "config.json")))
+    assert not os.path.exists(os.path.join(folder, "model.h5"))
+    # Killed after two finished epochs: the rerun continues from epoch 3.
+    kill_when(arguments, lambda: epochs_recorded(folder) >= 2)
+    assert keras.models.load_model(os.path.join(folder, "model.h5"), compile=False)  # last good checkpoint is whole
+    completed = run_script(*arguments)
+    assert "resuming" in completed.stdout
+    history = json.load(open(os.path.join(folder, "history.json")))
+    assert all(len(history[key]) == 4 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"))
+    # The schedule continued where it stopped: cosine decay per step over 4 epochs of 4 steps.
+    schedule = keras.optimizers.schedules.CosineDecay(0.01, decay_steps=16)
+    expected = [float(schedule(4 * (epoch + 1))) for epoch in range(4)]
+    assert history["lr"] == pytest.approx(expected, abs=1e-7)
+    assert sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]
+    assert json.load(open(os.path.join(folder, "config.json")))["complete"]
