@@ -23,6 +23,8 @@ def parse_args(argv=None):
     parser.add_argument("--figures", action="store_true", help="draw the result figures from --model_root into --images_dir")
     parser.add_argument("--model_root", default="./model", help="where the stages wrote their folders")
     parser.add_argument("--images_dir", default="./images")
+    parser.add_argument("--table", default=None, metavar="PATH",
+                        help="with --figures: also write the results table (Markdown) to PATH")
     args = parser.parse_args(argv)
     if not args.history_path and not args.figures:
         parser.error("give --history_path (one or more) or --figures")
@@ -219,6 +221,10 @@ def variant_name(arguments):
     return " + ".join(terms)
 
 
+def ordered_variants(students):
+    return [name for name in VARIANT_ORDER if name in students] + sorted(set(students) - set(VARIANT_ORDER))
+
+
 def load_students(model_root):
     """{variant: config} of every finished distillation run under model_root/kd_model."""
     students = {}
@@ -232,12 +238,12 @@ def load_students(model_root):
 
 def plot_students(students, teacher, out):
     plt = _pyplot()
-    names = [name for name in VARIANT_ORDER if name in students] + sorted(set(students) - set(VARIANT_ORDER))
+    names = ordered_variants(students)
     values = [100 * students[name]["results"]["test_acc"] for name in names]
     colours = ["C7"] + ["C0"] * (len(names) - 1) if names and names[0] == "student alone" else ["C0"] * len(names)
     if teacher is not None:
         names.append("teacher (pruned)")
-        values.append(100 * teacher["test_acc"])
+        values.append(100 * teacher)
         colours.append("C3")
     figure, axis = plt.subplots(figsize=(8.5, 4.5))
     bars = axis.bar(range(len(names)), values, color=colours)
@@ -266,11 +272,11 @@ def plot_compression(summary, students, out):
             axis.annotate(f"it {entry['iteration']}", (entry["compression_rate"], 100 * entry["test_acc"]),
                           textcoords="offset points", xytext=(4, 4), fontsize=8)
     markers = iter("sD^vP")
-    for name in [n for n in VARIANT_ORDER if n in students] + sorted(set(students) - set(VARIANT_ORDER)):
+    for name in ordered_variants(students):
         results = students[name]["results"]
-        rate = results.get("compression_rate")
-        if rate is None:
+        if base is None:
             continue
+        rate = base["parameters"] / results["parameters"]
         axis.scatter([rate], [100 * results["test_acc"]], s=60, marker=next(markers, "o"), label=f"student: {name}", zorder=3)
     axis.set_xscale("log")
     axis.set_xlabel("compression rate (x fewer parameters than the base, log scale)")
@@ -279,6 +285,41 @@ def plot_compression(summary, students, out):
     axis.legend(fontsize=8)
     figure.tight_layout()
     _save(figure, out)
+
+
+def results_rows(model_root):
+    """Rows (name, test acc, val acc, parameters, compression, MACs) for the base, every pruning
+    iteration and every finished student found under model_root."""
+    import model as resnet
+
+    rows = []
+    pruning = load_pruning(model_root)
+    base = pruning[0]["base"] if pruning else None
+    if base is not None:
+        rows.append(("base", base.get("test_acc"), base.get("val_acc"), base["parameters"], 1.0, base["macs"]))
+        for entry in pruning[0].get("iterations", []):
+            rows.append((f"pruned, iteration {entry['iteration']}", entry["test_acc"], entry["val_acc"],
+                         entry["parameters"], entry["compression_rate"], entry["macs"]))
+    students = load_students(model_root)
+    for name in ordered_variants(students):
+        results = students[name]["results"]
+        student = training.load_model(os.path.join(students[name]["folder"], "model.h5"))
+        rate = base["parameters"] / results["parameters"] if base else None
+        rows.append((f"student, {name}", results["test_acc"], results.get("best_val_acc"), results["parameters"],
+                     rate, resnet.count_macs(student)[1]))
+    return rows
+
+
+def format_table(rows):
+    def percent(value):
+        return "" if value is None else f"{100 * value:.2f}%"
+
+    lines = ["| model | test accuracy | validation accuracy | parameters | compression | MACs |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, test, val, parameters, rate, macs in rows:
+        lines.append(f"| {name} | {percent(test)} | {percent(val)} | {parameters:,} | "
+                     f"{'' if rate is None else f'{rate:.2f}x'} | {macs / 1e6:.2f} M |")
+    return "\n".join(lines)
 
 
 def draw_figures(model_root, images_dir):
@@ -295,7 +336,8 @@ def draw_figures(model_root, images_dir):
             plot_apoz_heatmap(pruning[1], os.path.join(images_dir, "apoz_heatmap.png"))
             written += ["3d_apoz.jpg", "apoz_heatmap.png"]
     if students:
-        teacher = next((config["results"].get("teacher") for config in students.values() if config["results"].get("teacher")), None)
+        teacher = next((config["results"]["teacher_test_acc"] for config in students.values()
+                        if config["results"].get("teacher_test_acc") is not None), None)
         plot_students(students, teacher, os.path.join(images_dir, "accuracy_result.png"))
         written.append("accuracy_result.png")
     if summary or students:
@@ -314,6 +356,10 @@ def main(argv=None):
     if args.figures:
         for path in draw_figures(args.model_root, args.images_dir):
             print(f"wrote {path}")
+        table = format_table(results_rows(args.model_root))
+        print(table)
+        if args.table:
+            training._atomic(args.table, lambda temporary: open(temporary, "w").write(table + "\n"))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+import model as resnet
+import training
 from conftest import assert_one_line_error, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,13 +42,15 @@ def project(tmp_path):
     summary = {"base": {"parameters": 1_000_000, "macs": 2e6, "val_acc": 0.62, "test_acc": 0.61}, "iterations": entries}
     with open(root / "pruned_model" / "summary.json", "w") as handle:
         json.dump(summary, handle)
+    student = resnet.build_resnet50(resnet.width_spec(0.0625))
     for name, arguments, accuracy in (("alone", {"no_teacher": True}, 0.4),
                                       ("all", {"lambda1": 0.7, "lambda2": 0.3, "lambda3": 0.2}, 0.5)):
         folder = root / "kd_model" / name
         folder.mkdir(parents=True)
         config = {"arguments": arguments, "complete": True,
-                  "results": {"test_acc": accuracy, "compression_rate": 12.9, "teacher": {"test_acc": 0.59}}}
+                  "results": {"test_acc": accuracy, "parameters": student.count_params(), "teacher_test_acc": 0.59}}
         (folder / "config.json").write_text(json.dumps(config))
+        training.save_model(student, str(folder / "model.h5"))
     return tmp_path
 
 
@@ -76,8 +80,13 @@ def test_a_history_that_is_not_json_is_rejected(tmp_path):
 
 def test_result_figures_are_drawn_from_the_model_tree(project):
     images = os.path.join(project, "images")
+    table = os.path.join(project, "results.md")
     completed = run_script("plot_train_history.py", "--figures", "--model_root", os.path.join(project, "model"),
-                           "--images_dir", images)
+                           "--images_dir", images, "--table", table)
+    rows = open(table).read().splitlines()
+    assert rows[2].startswith("| base | 61.00% | 62.00% | 1,000,000 | 1.00x |")
+    assert rows[4].startswith("| pruned, iteration 2 | 59.00% |")
+    assert rows[5].startswith("| student, student alone | 40.00% |") and rows[6].startswith("| student, L_b + L_inter + L_adv | 50.00% |")
     for name in ("pruning_result.png", "apoz_heatmap.png", "accuracy_result.png", "compression_result.png"):
         with open(os.path.join(images, name), "rb") as handle:
             assert handle.read(8) == PNG_SIGNATURE, name
