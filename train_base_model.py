@@ -46,18 +46,21 @@ def main(argv=None):
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     training.set_seed(args.seed)
     training.set_precision(args.precision)
-    network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
+    strategy = training.distribution_strategy(args)
+    steps_per_epoch = -(-len(split.y_train) // args.batch_size)
+    with strategy.scope():
+        network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
+        training.compile_classifier(network, args, steps_per_epoch)
     loaded_layers = None
     if pretrained and state == "fresh":
         loaded_layers, skipped = training.load_weights_by_name(network, pretrained)
         print(f"loaded {loaded_layers} layers by name from {pretrained}"
               + (f"; skipped {len(skipped)} of another shape ({', '.join(skipped)})" if skipped else ""))
     print(f"data: {split.sizes()} from {split.source}; parameters: {resnet.count_parameters(network):,}; "
-          f"{'resuming' if state == 'resume' else 'starting'} in {folder}")
+          f"{'resuming' if state == 'resume' else 'starting'} in {folder}"
+          + (f"; {strategy.num_replicas_in_sync} replicas" if args.distribute != "none" else ""))
     train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, args.class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=args.class_num)
-    steps_per_epoch = -(-len(split.y_train) // args.batch_size)
-    training.compile_classifier(network, args, steps_per_epoch)
     history = training.fit_stage(network, train_data, val_data, folder, args)
     best = training.load_model(os.path.join(folder, "model.h5"))
     best.compile(loss="categorical_crossentropy", metrics=["accuracy"])

@@ -119,6 +119,11 @@ def add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=None,
     group.add_argument("--precision", choices=("float32", "mixed_bfloat16"), default="float32",
                        help="mixed_bfloat16 computes in bfloat16 (fast on CPUs with AVX512-BF16 and on TPUs/recent GPUs)")
     group.add_argument("--verbose", type=non_negative_int, default=1, help="Keras fit verbosity (0, 1 or 2)")
+    group.add_argument("--distribute", choices=("none", "mirrored"), default="none",
+                       help="mirrored: data-parallel training on every local GPU (tf.distribute.MirroredStrategy); "
+                            "--batch_size is the global batch")
+    group.add_argument("--cpu_devices", type=positive_int, default=1,
+                       help="split the CPU into this many logical devices (to run --distribute mirrored without GPUs)")
     return group
 
 
@@ -150,6 +155,12 @@ def _silenced_stderr():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def silenced_stderr():
+    """Hide what C++ code writes straight to file descriptor 2 (TensorFlow Lite's converter and
+    interpreter log progress lines there); Python exceptions still carry their messages."""
+    return _silenced_stderr()
 
 
 def import_tensorflow():
@@ -266,6 +277,17 @@ def write_json(path, payload):
     _atomic(path, write)
 
 
+def write_bytes(path, content):
+    """Write `content` (bytes, e.g. a .tflite flatbuffer) to `path` atomically."""
+    def write(temporary):
+        with open(temporary, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _atomic(path, write)
+
+
 def _json_default(value):
     if hasattr(value, "tolist"):  # numpy arrays and scalars (an array's .item() fails beyond one element)
         return value.tolist()
@@ -342,6 +364,28 @@ def set_seed(seed):
     import keras
 
     keras.utils.set_random_seed(seed)
+
+
+def distribution_strategy(args):
+    """The tf.distribute strategy of --distribute: build and compile models inside its scope().
+
+    With --distribute mirrored, MirroredStrategy replicates the model on every local GPU, or, on a
+    machine without GPUs, on the --cpu_devices logical CPUs. For several machines, the same code
+    runs under tf.distribute.MultiWorkerMirroredStrategy (see the README).
+    """
+    import tensorflow as tf
+
+    if args.cpu_devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.cpu_devices)
+        except RuntimeError:
+            raise UserError("--cpu_devices must be set before TensorFlow starts; it cannot change within a run") from None
+    if args.distribute == "none":
+        return tf.distribute.get_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [device.name for device in (gpus or tf.config.list_logical_devices("CPU"))]
+    return tf.distribute.MirroredStrategy(devices=devices)
 
 
 def set_precision(policy):
