@@ -57,3 +57,34 @@ def test_base_training_resumes_after_sigkill_with_whole_files(tmp_path, data_fla
     assert history["lr"] == pytest.approx(expected, abs=1e-7)
     assert sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]
     assert json.load(open(os.path.join(folder, "config.json")))["complete"]
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    import data
+    import model as resnet
+    import training
+
+    split = data.load_split("sample", train_size=128)
+    args = argparse.Namespace(epoch_num=4, learning_rate=0.01, momentum=0.9, weight_decay=0.0, label_smoothing=0.0,
+                              lr_schedule="cosine", warmup_epochs=0, step_epochs=60, patience=None, verbose=0)
+    network = resnet.build_resnet50(resnet.width_spec(0.0625))
+    training.compile_classifier(network, args, steps_per_epoch=2)
+
+    class PoisonAtSecondEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                kernel = self.model.get_layer("predictions").kernel
+                kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+    folder = str(tmp_path / "stage")
+    train = data.make_dataset(split.x_train, split.y_train, 64, training=True)
+    val = data.make_dataset(split.x_val, split.y_val, 64)
+    with pytest.raises(training.TrainingDiverged, match="NaN in epoch 2.*last good checkpoint"):
+        training.fit_stage(network, train, val, folder, args, extra_callbacks=[PoisonAtSecondEpoch()])
+    kept = keras.models.load_model(os.path.join(folder, "model.h5"), compile=False)
+    assert np.isfinite(kept.get_layer("predictions").get_weights()[0]).all()
+    assert not os.path.exists(os.path.join(folder, "backup"))  # a rerun must not resume from NaN weights
