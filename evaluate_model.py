@@ -4,6 +4,7 @@
 
 Prints test and validation accuracy, parameters, MACs, file size and CPU latency (batch 1 and
 128); against --base_model_path also the compression rate, MAC ratio and measured speed-up.
+--export_tflite also writes float32 and int8 TFLite models beside the model (see export_model.py).
 """
 
 import os
@@ -23,6 +24,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--latency_repeats", type=training.non_negative_int, default=20,
                         help="timed repeats per batch size after warm-up (0 skips latency)")
+    parser.add_argument("--export_tflite", action="store_true",
+                        help="also write float32 and int8 TFLite models beside the model (export_model.py with its defaults)")
     training.add_data_flags(parser)
     return parser.parse_args(argv)
 
@@ -101,6 +104,12 @@ def main(argv=None):
     print(format_report(result))
     if args.json:
         training.write_json(args.json, result)
+    if args.export_tflite:
+        import export_model
+
+        exported = export_model.export_tflite(args.model_path, split, batch_size=args.batch_size, seed=args.seed,
+                                              keras_test_acc=result["test_acc"])
+        print(export_model.format_report(exported))
 
 
 def format_report(result):

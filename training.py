@@ -144,7 +144,9 @@ def fraction_or_zero(text):
 
 
 @contextlib.contextmanager
-def _silenced_stderr():
+def silenced_stderr():
+    """Hide what C++ code writes straight to file descriptor 2 (TensorFlow's start-up lines, TensorFlow
+    Lite's converter and interpreter); Python exceptions still carry their messages."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -157,15 +159,9 @@ def _silenced_stderr():
         os.close(devnull)
 
 
-def silenced_stderr():
-    """Hide what C++ code writes straight to file descriptor 2 (TensorFlow Lite's converter and
-    interpreter log progress lines there); Python exceptions still carry their messages."""
-    return _silenced_stderr()
-
-
 def import_tensorflow():
     """Import TensorFlow and Keras without the C++ start-up lines it writes to stderr on every run."""
-    with _silenced_stderr():
+    with silenced_stderr():
         import absl.logging
         import keras  # noqa: F401
         import tensorflow as tf
