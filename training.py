@@ -521,6 +521,7 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
     import keras
 
     backup = os.path.join(folder, "backup")
+    repair_backup(folder)
     recorder = make_stage_recorder(folder, model_to_save)
     # The recorder writes history.json and model.h5 before the backup records the epoch as done,
     # so a kill between the two redoes that epoch instead of losing it from the history.
@@ -586,6 +587,44 @@ def begin_stage(folder, args, ignore=()):
 
 def end_stage(folder, args, **results):
     write_config(folder, args, complete=True, **results)
+
+
+def repair_backup(folder):
+    """Make `folder/backup` safe for BackupAndRestore to resume from, or remove it.
+
+    A kill while Keras writes its checkpoint leaves a weights file it cannot open; Keras then
+    raises on every rerun unless an older copy (`.bkp`, which exists only from the second epoch
+    on) is readable. Fall back to that copy, else drop the backup so the fit starts afresh.
+    Returns "ok", "restored", "discarded" or "none".
+    """
+    import h5py
+
+    backup = os.path.join(folder, "backup")
+    latest = os.path.join(backup, "latest.weights.h5")
+    metadata = os.path.join(backup, "training_metadata.json")
+
+    def readable(weights, epoch_file):
+        try:
+            with h5py.File(weights, "r") as archive:  # read every array: a truncated file may open
+                archive.visititems(lambda name, item: item[()] if isinstance(item, h5py.Dataset) else None)
+            with open(epoch_file) as handle:
+                int(json.load(handle)["epoch"])
+            return True
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+            return False
+
+    if not os.path.isdir(backup):
+        return "none"
+    if readable(latest, metadata):
+        return "ok"
+    if readable(latest + ".bkp", metadata + ".bkp"):
+        import shutil
+
+        shutil.copyfile(latest + ".bkp", latest)
+        shutil.copyfile(metadata + ".bkp", metadata)
+        return "restored"
+    discard_backup(folder)
+    return "discarded"
 
 
 def discard_backup(folder):

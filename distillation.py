@@ -1,0 +1,460 @@
+"""Knowledge distillation from a (pruned) teacher ResNet50 into a small student ResNet50.
+
+The objective is the original project's three-part loss with its defects fixed:
+
+    L = lambda1 * L_backbone + lambda2 * L_intermediate + lambda3 * L_adversarial
+
+- L_backbone: (1 - beta) * CE(labels, student) + beta * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
+  averaged over the batch.
+- L_intermediate: the sum over the four stage outputs of a regressor's error against the teacher's
+  stage output (MSE, or the Gaussian negative log-likelihood of variational information distillation).
+  Trainable regressors are updated by the student's optimizer.
+- L_adversarial: the non-saturating generator loss of a discriminator on logits that learns, with
+  its own optimizer, to tell the teacher's logits from the student's. Its gradient reaches the student.
+
+Every loss is a small pure function of tensors (keras.ops, so numpy arrays work too). `Distiller`
+is a keras.Model whose `train_step` makes the student/regressor update and the discriminator
+update, so training is plain `fit` with callbacks.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+import model as resnet
+
+REGRESSORS = ("conv1x1", "constant", "vid")
+VID_EPSILON = 1e-5  # variance floor of VID (Ahn et al. 2019; RepDistiller's value)
+VID_INITIAL_VARIANCE = 5.0  # RepDistiller's init_pred_var
+DISCRIMINATOR_SLOPE = 0.25  # the original's LeakyReLU(0.25)
+LOSS_TERMS = ("backbone_loss", "intermediate_loss", "adversarial_loss")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss terms: pure functions
+
+
+def _as_list(outputs):
+    # A functional model with one output returns a tensor, not a one-element list.
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def _float32(x):
+    # Mixed precision computes the networks in bfloat16; the losses stay in float32.
+    return ops.cast(x, "float32")
+
+
+def cross_entropy(labels, logits, label_smoothing=0.0):
+    """Per-example categorical cross-entropy of one-hot `labels` against `logits`."""
+    return keras.losses.categorical_crossentropy(
+        _float32(labels), _float32(logits), from_logits=True, label_smoothing=label_smoothing
+    )
+
+
+def softened_kl_divergence(teacher_logits, student_logits, temperature):
+    """Per-example KL(softmax(teacher / T) || softmax(student / T)), summed over classes."""
+    teacher_log_p = ops.log_softmax(_float32(teacher_logits) / temperature, axis=-1)
+    student_log_p = ops.log_softmax(_float32(student_logits) / temperature, axis=-1)
+    return ops.sum(ops.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
+
+
+def backbone_loss(labels, student_logits, teacher_logits, temperature=4.0, beta=0.9, label_smoothing=0.0):
+    """(1 - beta) * CE + beta * T^2 * KL, averaged over the batch (Hinton et al. 2015).
+
+    T^2 keeps the soft term's gradients on the scale of the hard term's whatever T is.
+    """
+    per_example = 0.0
+    if beta < 1:
+        per_example = (1 - beta) * cross_entropy(labels, student_logits, label_smoothing)
+    if beta > 0:
+        per_example = per_example + beta * temperature**2 * softened_kl_divergence(teacher_logits, student_logits, temperature)
+    return ops.mean(per_example)
+
+
+def feature_mse(prediction, target):
+    """Mean squared error over every element (PyTorch's MSELoss, as the original)."""
+    return ops.mean(ops.square(_float32(prediction) - _float32(target)))
+
+
+def gaussian_negative_log_likelihood(target, mean, variance):
+    """VID's loss: 0.5 * ((t - mu)^2 / sigma^2 + log sigma^2), averaged over every element.
+
+    The constant 0.5 * log(2 pi) is left out; `variance` broadcasts (one value per channel).
+    """
+    variance = _float32(variance)
+    return ops.mean(0.5 * (ops.square(_float32(target) - _float32(mean)) / variance + ops.log(variance)))
+
+
+def discriminator_loss(teacher_scores, student_scores):
+    """Binary cross-entropy of the discriminator's logits: teacher = 1 (real), student = 0 (fake)."""
+    return ops.mean(ops.softplus(-_float32(teacher_scores))) + ops.mean(ops.softplus(_float32(student_scores)))
+
+
+def generator_loss(student_scores):
+    """Non-saturating generator loss -log D(student): small when the student passes for the teacher."""
+    return ops.mean(ops.softplus(-_float32(student_scores)))
+
+
+def weighted_total(terms, lambdas):
+    """lambda1 * L_backbone + lambda2 * L_intermediate + lambda3 * L_adversarial over the terms present."""
+    return sum(weight * terms[name] for name, weight in zip(LOSS_TERMS, lambdas) if name in terms)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+
+
+def softplus_inverse(value):
+    return math.log(math.expm1(value))
+
+
+class Regressor(keras.layers.Layer):
+    """Maps a student stage output (C_s channels) onto the teacher's (C_t channels), same spatial size.
+
+    conv1x1: 1x1 convs C_s -> (C_s + C_t) / 2 -> (C_s + C_t) / 2 -> C_t with ReLU between (the original's).
+    constant: a fixed projection giving every teacher channel the mean of the student's channels.
+    vid: the conv1x1 mean plus a learnt per-channel variance softplus(alpha) + eps (Ahn et al. 2019).
+    """
+
+    def __init__(self, kind, student_channels, teacher_channels, **kwargs):
+        super().__init__(**kwargs)
+        if kind not in REGRESSORS:
+            raise ValueError(f"unknown regressor {kind!r}; choose one of {', '.join(REGRESSORS)}")
+        self.kind = kind
+        self.student_channels = int(student_channels)
+        self.teacher_channels = int(teacher_channels)
+        self.convs = []
+        self.alpha = None
+        input_shape = (None, None, None, self.student_channels)
+        if kind == "constant":
+            self.projection = self.add_weight(
+                shape=(self.student_channels, self.teacher_channels), name="projection", trainable=False,
+                initializer=keras.initializers.Constant(1.0 / self.student_channels),
+            )
+        else:
+            hidden = max(1, (self.student_channels + self.teacher_channels) // 2)
+            for index, (width, activation) in enumerate(((hidden, "relu"), (hidden, "relu"), (self.teacher_channels, None))):
+                conv = keras.layers.Conv2D(width, 1, activation=activation, name=f"{self.name}_conv{index + 1}")
+                conv.build(input_shape)
+                input_shape = (None, None, None, width)
+                self.convs.append(conv)
+        if kind == "vid":
+            self.alpha = self.add_weight(
+                shape=(self.teacher_channels,), name="alpha",
+                initializer=keras.initializers.Constant(softplus_inverse(VID_INITIAL_VARIANCE - VID_EPSILON)),
+            )
+        self.built = True
+
+    def call(self, features):
+        if self.kind == "constant":
+            return ops.matmul(features, ops.cast(self.projection, features.dtype))
+        for conv in self.convs:
+            features = conv(features)
+        return features
+
+    def variance(self):
+        """VID's per-channel variance (only for kind 'vid')."""
+        return ops.softplus(self.alpha) + VID_EPSILON
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "student_channels": self.student_channels,
+                "teacher_channels": self.teacher_channels}
+
+
+def build_discriminator(class_num=10, name="discriminator"):
+    """The original's MLP on logits: class_num -> 512 -> 256 -> 1, BatchNorm + LeakyReLU(0.25).
+
+    It returns a logit (the original's sigmoid is folded into the losses for numerical stability).
+    """
+    inputs = keras.Input(shape=(class_num,), name=f"{name}_input")
+    x = inputs
+    for index, width in enumerate((512, 256)):
+        x = keras.layers.Dense(width, name=f"{name}_dense{index + 1}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{index + 1}")(x)
+        x = keras.layers.LeakyReLU(negative_slope=DISCRIMINATOR_SLOPE, name=f"{name}_relu{index + 1}")(x)
+    outputs = keras.layers.Dense(1, name=f"{name}_score")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def student_spec(teacher_spec, base_stage_widths, divisor=32, stage_widths=None):
+    """The student's width spec: the teacher's stem and conv1/conv2 widths; stage widths = base // divisor.
+
+    `stage_widths` (four ints) overrides the division.
+    """
+    if stage_widths is None:
+        if divisor < 1:
+            raise ValueError(f"the student divisor must be at least 1, got {divisor}")
+        stage_widths = [max(1, int(width) // divisor) for width in base_stage_widths]
+    spec = resnet.copy_spec(teacher_spec)
+    spec["stages"] = [int(width) for width in stage_widths]
+    return resnet.validate_spec(spec)
+
+
+def build_student(teacher, base_stage_widths, divisor=32, stage_widths=None):
+    """A fresh student ResNet50 with the teacher's stem, classes, input and conv1/conv2 widths."""
+    spec, stem, class_num, input_shape = resnet.describe_model(teacher)
+    return resnet.build_resnet50(student_spec(spec, base_stage_widths, divisor, stage_widths), stem, class_num,
+                                 input_shape, name="student")
+
+
+# ---------------------------------------------------------------------------------------------
+# The distiller
+
+
+class Distiller(keras.Model):
+    """Trains `student` against a frozen `teacher` with `fit`; `student` is the model to keep.
+
+    A lambda of 0 removes its term and its cost: no regressors or teacher stage outputs without
+    lambda2, no discriminator without lambda3. `teacher=None` trains the student on labels alone
+    (cross-entropy), the baseline distillation is measured against.
+    """
+
+    def __init__(self, student, teacher=None, lambdas=(0.7, 0.3, 0.2), regressor_name="conv1x1",
+                 temperature=4.0, kd_beta=0.9, label_smoothing=0.0, **kwargs):
+        super().__init__(**kwargs)
+        lambdas = tuple(float(value) for value in lambdas)
+        if len(lambdas) != 3 or not all(math.isfinite(value) and value >= 0 for value in lambdas):
+            raise ValueError(f"lambdas must be three finite numbers >= 0, got {lambdas}")
+        if teacher is not None and not any(lambdas):
+            raise ValueError("at least one lambda must be positive (or pass no teacher to train on labels alone)")
+        if regressor_name not in REGRESSORS:
+            raise ValueError(f"unknown regressor {regressor_name!r}; choose one of {', '.join(REGRESSORS)}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if not 0 <= kd_beta <= 1:
+            raise ValueError(f"kd_beta must lie in [0, 1], got {kd_beta}")
+        self.student = student
+        self.teacher = teacher
+        self.lambdas = lambdas if teacher is not None else (0.0, 0.0, 0.0)
+        self.regressor_name = regressor_name
+        self.temperature = float(temperature)
+        self.kd_beta = float(kd_beta)
+        self.label_smoothing = float(label_smoothing)
+        use_features = self.lambdas[1] > 0
+        stage_names = resnet.stage_output_names() if use_features else []
+        # One model per network returning [logits, stage outputs...]: each network runs once per step.
+        self.student_features = resnet.feature_model(student, ["predictions"] + stage_names)
+        self.teacher_features = None
+        self.regressors = []
+        self.discriminator = None
+        if teacher is not None:
+            teacher.trainable = False
+            self.teacher_features = resnet.feature_model(teacher, ["predictions"] + stage_names)
+            self.teacher_features.trainable = False
+            if use_features:
+                for index, name in enumerate(stage_names):
+                    student_channels = student.get_layer(name).output.shape[-1]
+                    teacher_channels = teacher.get_layer(name).output.shape[-1]
+                    self.regressors.append(Regressor(regressor_name, student_channels, teacher_channels,
+                                                     name=f"regressor{index + 1}"))
+            if self.lambdas[2] > 0:
+                self.discriminator = build_discriminator(resnet.describe_model(student)[2])
+        self.discriminator_optimizer = None
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.logged_terms()}
+        self.accuracy_metric = keras.metrics.CategoricalAccuracy(name="accuracy")
+        self.built = True
+
+    def logged_terms(self):
+        """Names of the per-batch means logged besides 'accuracy'."""
+        names = ["loss"]
+        if self.teacher is not None:
+            names.append("cross_entropy")
+            names += [name for name, weight in zip(LOSS_TERMS, self.lambdas) if weight > 0]
+            if self.discriminator is not None:
+                names.append("discriminator_loss")
+        return names
+
+    @property
+    def metrics(self):
+        return [*self.trackers.values(), self.accuracy_metric]
+
+    def student_variables(self):
+        """What the student optimizer trains: the student and the trainable regressors."""
+        return list(self.student.trainable_variables) + [v for r in self.regressors for v in r.trainable_variables]
+
+    def compile(self, optimizer, discriminator_optimizer=None, **kwargs):
+        super().compile(optimizer=optimizer, **kwargs)
+        if self.discriminator is not None:
+            self.discriminator_optimizer = discriminator_optimizer or keras.optimizers.Adam(1e-4)
+            self.discriminator_optimizer.build(self.discriminator.trainable_variables)
+        # Built here on what it trains (not on every variable of the Distiller, as fit would).
+        self.optimizer.build(self.student_variables())
+
+    def call(self, images, training=False):
+        return _as_list(self.student_features(images, training=training))[0]
+
+    def compute_terms(self, images, labels, training=True):
+        """Student logits, the loss terms {name: scalar} and the discriminator's loss (or None)."""
+        student_outputs = _as_list(self.student_features(images, training=training))
+        student_logits = student_outputs[0]
+        terms = {"cross_entropy": ops.mean(cross_entropy(labels, student_logits, self.label_smoothing))}
+        if self.teacher is None:
+            return student_logits, terms, None
+        teacher_outputs = _as_list(self.teacher_features(images, training=False))  # frozen BatchNorm statistics
+        teacher_logits = ops.stop_gradient(teacher_outputs[0])
+        lambda1, lambda2, lambda3 = self.lambdas
+        if lambda1 > 0:
+            terms["backbone_loss"] = backbone_loss(labels, student_logits, teacher_logits, self.temperature,
+                                                   self.kd_beta, self.label_smoothing)
+        if lambda2 > 0:
+            stage_losses = []
+            for regressor, student_map, teacher_map in zip(self.regressors, student_outputs[1:], teacher_outputs[1:]):
+                prediction = regressor(student_map, training=training)
+                teacher_map = ops.stop_gradient(teacher_map)
+                if regressor.kind == "vid":
+                    stage_losses.append(gaussian_negative_log_likelihood(teacher_map, prediction, regressor.variance()))
+                else:
+                    stage_losses.append(feature_mse(prediction, teacher_map))
+            terms["intermediate_loss"] = sum(stage_losses)
+        d_loss = None
+        if lambda3 > 0:
+            # One discriminator pass over teacher and student logits together serves both updates
+            # (its BatchNorm sees one batch of both); the student's logits are NOT detached.
+            batch = ops.shape(student_logits)[0]
+            scores = self.discriminator(ops.concatenate([_float32(teacher_logits), _float32(student_logits)], axis=0),
+                                        training=training)
+            teacher_scores, student_scores = scores[:batch], scores[batch:]
+            terms["adversarial_loss"] = generator_loss(student_scores)
+            d_loss = discriminator_loss(teacher_scores, student_scores)
+        return student_logits, terms, d_loss
+
+    def total_loss(self, terms):
+        if self.teacher is None:
+            return terms["cross_entropy"]
+        return weighted_total(terms, self.lambdas)
+
+    def student_gradients(self, images, labels):
+        """Gradients of the weighted loss with respect to `student_variables()` (for inspection)."""
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            _, terms, _ = self.compute_terms(images, labels, training=True)
+            loss = self.total_loss(terms)
+        return tape.gradient(loss, self.student_variables())
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        student_variables = self.student_variables()
+        with tf.GradientTape(persistent=self.discriminator is not None) as tape:
+            student_logits, terms, d_loss = self.compute_terms(images, labels, training=True)
+            loss = self.total_loss(terms)
+        self.optimizer.apply(tape.gradient(loss, student_variables), student_variables)
+        if d_loss is not None:
+            # The student's loss depends on the discriminator too; only d_loss trains it.
+            d_variables = self.discriminator.trainable_variables
+            self.discriminator_optimizer.apply(tape.gradient(d_loss, d_variables), d_variables)
+            terms["discriminator_loss"] = d_loss
+        del tape
+        terms["loss"] = loss
+        for name, tracker in self.trackers.items():
+            tracker.update_state(terms[name])
+        self.accuracy_metric.update_state(labels, student_logits)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def test_step(self, data):
+        # Validation measures the student alone: cross-entropy on labels and accuracy.
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        logits = _as_list(self.student_features(images, training=False))[0]
+        self.trackers["loss"].update_state(ops.mean(cross_entropy(labels, logits)))
+        self.accuracy_metric.update_state(labels, logits)
+        return {"loss": self.trackers["loss"].result(), "accuracy": self.accuracy_metric.result()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The base model's stage widths (what --student_divisor divides)
+
+
+def base_mismatch(base_description, teacher_description):
+    """Why `base` cannot be the model `teacher` was pruned from (None when it can be)."""
+    base_spec, base_stem, base_classes, base_shape = base_description
+    spec, stem, classes, shape = teacher_description
+    if (base_stem, base_classes, base_shape) != (stem, classes, shape):
+        return f"its stem/classes/input ({base_stem}, {base_classes}, {base_shape}) differ from the teacher's ({stem}, {classes}, {shape})"
+    if base_spec["stem"] != spec["stem"]:
+        return f"its stem width {base_spec['stem']} differs from the teacher's {spec['stem']}"
+    # Pruning only removes channels: every teacher width is at most the base's.
+    wider = [f"block {index + 1}" for index, (b, t) in enumerate(zip(base_spec["blocks"], spec["blocks"]))
+             if t[0] > b[0] or t[1] > b[1]]
+    wider += [f"stage {index + 1}" for index, (b, t) in enumerate(zip(base_spec["stages"], spec["stages"])) if t > b]
+    if wider:
+        return f"the teacher is wider than it in {', '.join(wider[:4])}{' ...' if len(wider) > 4 else ''}"
+    return None
+
+
+def _pruning_records(root_folder):
+    """config.json files of the pruning run that wrote `root_folder` (the iteration folder, then its root)."""
+    import json
+    import os
+
+    folder = os.path.abspath(root_folder)
+    for candidate in (folder, os.path.dirname(folder)):
+        path = os.path.join(candidate, "config.json")
+        try:
+            with open(path) as handle:
+                record = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        arguments = record.get("arguments") if isinstance(record, dict) else None
+        if isinstance(arguments, dict):
+            yield path, arguments
+
+
+def resolve_base_stage_widths(teacher, root_folder, base_model_path=None, default_base_path=None):
+    """The base (unpruned) model's four stage widths and where they came from: (widths, source, notes).
+
+    In order: an explicit `base_model_path` (must be the teacher's base, else ValueError); the
+    default base path when it exists and fits the teacher; the base recorded in the pruning run's
+    config.json; the teacher's own stage widths when that run did not prune them (no
+    --prune_residual), or, with no record at all, with a note. --prune_residual makes the
+    teacher's stage widths smaller than the base's, so they are the last resort.
+    """
+    import os
+
+    import training
+
+    teacher_description = resnet.describe_model(teacher)
+    notes = []
+
+    def from_file(path, what):
+        base = training.load_model(path, what)
+        description = resnet.describe_model(base)
+        return description, base_mismatch(description, teacher_description)
+
+    if base_model_path:
+        description, mismatch = from_file(base_model_path, "base model")
+        if mismatch:
+            raise ValueError(f"--base_model_path {base_model_path} is not the teacher's base model: {mismatch}")
+        return description[0]["stages"], base_model_path, notes
+    candidates = []
+    if default_base_path and os.path.exists(default_base_path):
+        candidates.append((default_base_path, "default base model"))
+    records = list(_pruning_records(root_folder))
+    for record_path, arguments in records:
+        recorded = arguments.get("base_model_path")
+        if isinstance(recorded, str) and os.path.exists(recorded):
+            candidates.append((recorded, f"base model recorded in {record_path}"))
+    for path, what in candidates:
+        try:
+            description, mismatch = from_file(path, what)
+        except training.UserError as error:
+            notes.append(f"ignoring {what}: {error}")
+            continue
+        if mismatch:
+            notes.append(f"ignoring {what} {path}: {mismatch}")
+            continue
+        return description[0]["stages"], path, notes
+    teacher_stages = teacher_description[0]["stages"]
+    for record_path, arguments in records:
+        if "prune_residual" in arguments:
+            if arguments["prune_residual"]:
+                raise ValueError(
+                    f"the teacher's stage widths were pruned (--prune_residual in {record_path}) and its base model "
+                    "is not found: pass --base_model_path or --student_stage_widths"
+                )
+            return teacher_stages, f"teacher (stage widths unpruned per {record_path})", notes
+    notes.append("no base model found: taking the teacher's stage widths as the base's "
+                 "(pass --base_model_path or --student_stage_widths if its residual stream was pruned)")
+    return teacher_stages, "teacher", notes

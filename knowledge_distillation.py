@@ -1,0 +1,146 @@
+"""Stage 3: distil a pruned teacher into a small student ResNet50.
+
+    python knowledge_distillation.py --root_folder=./model/pruned_model/iter15 --lambda1=0.7, --lambda2=0.3, --lambda3=0.2, --regressor_name=conv1x1
+
+(the original README's stray commas are accepted). The teacher is <root_folder>/model.h5, frozen
+and run in inference mode. Writes <save_folder>/model.h5 (the best-validation student alone, an
+ordinary ResNet50), history.json (per epoch: the base keys plus every loss term) and config.json.
+--no_teacher trains the same student on labels alone, the baseline. Rerunning resumes.
+"""
+
+import math
+import os
+import sys
+
+import training
+
+DEFAULT_BASE = "./model/base_model/model.h5"
+
+
+def stage_widths(text):
+    """Four positive stage widths, e.g. 8,16,32,64."""
+    import argparse
+
+    parts = [part for part in text.strip().rstrip(",").split(",")]
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not four comma-separated widths")
+    return [training.positive_int(part) for part in parts]
+
+
+def unit_interval(text):
+    return training.number(text, float, minimum=0, maximum=1)
+
+
+def parse_args(argv=None):
+    import distillation
+
+    parser = training.Parser(description="Distil a (pruned) teacher ResNet50 into a small student ResNet50.")
+    parser.add_argument("--root_folder", required=True, help="a pruning iteration folder holding the teacher's model.h5")
+    parser.add_argument("--save_folder", default="./model/kd_model")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --save_folder")
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--lambda1", type=training.non_negative_float, default=0.7, help="weight of L_backbone (0: off)")
+    loss.add_argument("--lambda2", type=training.non_negative_float, default=0.3, help="weight of L_intermediate (0: off)")
+    loss.add_argument("--lambda3", type=training.non_negative_float, default=0.2, help="weight of L_adversarial (0: off)")
+    loss.add_argument("--regressor_name", type=training.choice_text, choices=distillation.REGRESSORS, default="conv1x1",
+                      help="conv1x1: trained 1x1 convs; constant: fixed channel average; vid: variational information distillation")
+    loss.add_argument("--temperature", type=training.positive_float, default=4.0, help="softmax temperature T of L_backbone")
+    loss.add_argument("--kd_beta", type=unit_interval, default=0.9,
+                      help="share of the soft (KL) term in L_backbone; 1 - kd_beta goes to label cross-entropy")
+    loss.add_argument("--discriminator_learning_rate", type=training.positive_float, default=1e-4, help="Adam's rate for the discriminator")
+    loss.add_argument("--no_teacher", action="store_true",
+                      help="train the same student on labels alone (cross-entropy): the baseline")
+    student = parser.add_argument_group("student")
+    student.add_argument("--student_divisor", type=training.positive_int, default=32,
+                         help="student stage widths = the base model's stage widths // this")
+    student.add_argument("--student_stage_widths", type=stage_widths, default=None, metavar="W1,W2,W3,W4",
+                         help="explicit student stage widths (overrides --student_divisor)")
+    student.add_argument("--base_model_path", default=None,
+                         help=f"the unpruned base model whose stage widths are divided (default {DEFAULT_BASE} when it fits the teacher)")
+    training.add_data_flags(parser)
+    training.add_training_flags(parser, epoch_num=200, learning_rate=0.01, learning_rate_flag="--student_learning_rate")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import keras
+
+    import data
+    import distillation
+    import model as resnet
+
+    if getattr(args, "distribute", "none") != "none":
+        # The Distiller's losses are per-replica batch means; not yet scaled for a global batch.
+        raise training.UserError("--distribute is not supported by distillation yet; run without it")
+    lambdas = (args.lambda1, args.lambda2, args.lambda3)
+    if not args.no_teacher and not any(lambdas):
+        raise training.UserError("--lambda1, --lambda2 and --lambda3 are all 0: nothing to distil "
+                                 "(pass --no_teacher to train the student on labels alone)")
+    teacher_path = os.path.join(args.root_folder, "model.h5")
+    if not os.path.exists(teacher_path) and "prued_model" in teacher_path:
+        raise training.UserError(f"no teacher model at {teacher_path} (the original README's typo: pruned_model?)")
+    teacher = training.load_model(teacher_path, "teacher model")
+    try:
+        base_widths, base_source, notes = distillation.resolve_base_stage_widths(
+            teacher, args.root_folder, args.base_model_path, DEFAULT_BASE)
+        spec, stem, class_num, _ = resnet.describe_model(teacher)
+        student_spec = distillation.student_spec(spec, base_widths, args.student_divisor, args.student_stage_widths)
+    except ValueError as error:
+        raise training.UserError(str(error)) from None
+    if args.student_stage_widths is None:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+
+    folder = args.save_folder
+    state = training.begin_stage(folder, args)
+    if state == "done":
+        print(f"{folder} already holds a finished run with these arguments: nothing to do")
+        return
+    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
+    training.set_seed(args.seed)
+    training.set_precision(args.precision)
+    student = resnet.build_resnet50(student_spec, stem, class_num, name="student")
+    distiller = distillation.Distiller(
+        student, None if args.no_teacher else teacher, lambdas, args.regressor_name,
+        args.temperature, args.kd_beta, args.label_smoothing,
+    )
+    teacher_parameters = resnet.count_parameters(teacher)
+    student_parameters = resnet.count_parameters(student)
+    print(f"data: {split.sizes()} from {split.source}; teacher {teacher_parameters:,} parameters, student "
+          f"{student_parameters:,} ({teacher_parameters / student_parameters:.2f}x smaller), stage widths "
+          f"{student_spec['stages']} (base {base_widths} from {base_source}); "
+          f"{'labels only' if args.no_teacher else 'terms ' + ', '.join(distiller.logged_terms()[2:])}; "
+          f"{'resuming' if state == 'resume' else 'starting'} in {folder}")
+    train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, class_num)
+    val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=class_num)
+    steps_per_epoch = math.ceil(len(split.y_train) / args.batch_size)
+    distiller.compile(
+        optimizer=training.make_optimizer(args, steps_per_epoch, args.student_learning_rate),
+        discriminator_optimizer=keras.optimizers.Adam(args.discriminator_learning_rate),
+    )
+    history = training.fit_stage(distiller, train_data, val_data, folder, args, model_to_save=student)
+
+    test_data = data.make_dataset(split.x_test, split.y_test, args.batch_size, class_num=class_num)
+    best = training.load_model(os.path.join(folder, "model.h5"))
+    best.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    test_loss, test_accuracy = best.evaluate(test_data, verbose=0)
+    teacher.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    _, teacher_accuracy = teacher.evaluate(test_data, verbose=0)
+    valid = [v for v in history["val_acc"] if v is not None]
+    results = {
+        "best_val_acc": max(valid), "best_epoch": history["val_acc"].index(max(valid)) + 1,
+        "test_acc": float(test_accuracy), "test_loss": float(test_loss), "teacher_test_acc": float(teacher_accuracy),
+        "parameters": student_parameters, "teacher_parameters": teacher_parameters,
+        "compression_vs_teacher": teacher_parameters / student_parameters,
+        "student_spec": student_spec, "base_stage_widths": base_widths, "base_stage_widths_from": base_source,
+    }
+    training.end_stage(folder, args, results=results)
+    training.discard_backup(folder)
+    print(f"best validation accuracy {results['best_val_acc']:.4f} (epoch {results['best_epoch']}); "
+          f"student test accuracy {results['test_acc']:.4f} (teacher {results['teacher_test_acc']:.4f}); "
+          f"saved {os.path.join(folder, 'model.h5')}")
+
+
+if __name__ == "__main__":
+    training.run(main)
