@@ -338,14 +338,19 @@ class Distiller(keras.Model):
 
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         student_variables = self.student_variables()
+        # Under a tf.distribute strategy the replicas' gradients are summed: each replica's loss
+        # (a mean over its share of the batch) is scaled so the sum is the global batch mean.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape(persistent=self.discriminator is not None) as tape:
             student_logits, terms, d_loss = self.compute_terms(images, labels, training=True)
             loss = self.total_loss(terms)
-        self.optimizer.apply(tape.gradient(loss, student_variables), student_variables)
+            scaled_loss = loss / replicas
+            scaled_d_loss = None if d_loss is None else d_loss / replicas
+        self.optimizer.apply(tape.gradient(scaled_loss, student_variables), student_variables)
         if d_loss is not None:
             # The student's loss depends on the discriminator too; only d_loss trains it.
             d_variables = self.discriminator.trainable_variables
-            self.discriminator_optimizer.apply(tape.gradient(d_loss, d_variables), d_variables)
+            self.discriminator_optimizer.apply(tape.gradient(scaled_d_loss, d_variables), d_variables)
             terms["discriminator_loss"] = d_loss
         del tape
         terms["loss"] = loss

@@ -70,9 +70,6 @@ def main(argv=None):
     import distillation
     import model as resnet
 
-    if getattr(args, "distribute", "none") != "none":
-        # The Distiller's losses are per-replica batch means; not yet scaled for a global batch.
-        raise training.UserError("--distribute is not supported by distillation yet; run without it")
     lambdas = (args.lambda1, args.lambda2, args.lambda3)
     if not args.no_teacher and not any(lambdas):
         raise training.UserError("--lambda1, --lambda2 and --lambda3 are all 0: nothing to distil "
@@ -80,7 +77,9 @@ def main(argv=None):
     teacher_path = os.path.join(args.root_folder, "model.h5")
     if not os.path.exists(teacher_path) and "prued_model" in teacher_path:
         raise training.UserError(f"no teacher model at {teacher_path} (the original README's typo: pruned_model?)")
-    teacher = training.load_model(teacher_path, "teacher model")
+    strategy = training.distribution_strategy(args)
+    with strategy.scope():
+        teacher = training.load_model(teacher_path, "teacher model")
     try:
         base_widths, base_source, notes = distillation.resolve_base_stage_widths(
             teacher, args.root_folder, args.base_model_path, DEFAULT_BASE)
@@ -100,11 +99,17 @@ def main(argv=None):
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     training.set_seed(args.seed)
     training.set_precision(args.precision)
-    student = resnet.build_resnet50(student_spec, stem, class_num, name="student")
-    distiller = distillation.Distiller(
-        student, None if args.no_teacher else teacher, lambdas, args.regressor_name,
-        args.temperature, args.kd_beta, args.label_smoothing,
-    )
+    steps_per_epoch = math.ceil(len(split.y_train) / args.batch_size)
+    with strategy.scope():
+        student = resnet.build_resnet50(student_spec, stem, class_num, name="student")
+        distiller = distillation.Distiller(
+            student, None if args.no_teacher else teacher, lambdas, args.regressor_name,
+            args.temperature, args.kd_beta, args.label_smoothing,
+        )
+        distiller.compile(
+            optimizer=training.make_optimizer(args, steps_per_epoch, args.student_learning_rate),
+            discriminator_optimizer=keras.optimizers.Adam(args.discriminator_learning_rate),
+        )
     teacher_parameters = resnet.count_parameters(teacher)
     student_parameters = resnet.count_parameters(student)
     print(f"data: {split.sizes()} from {split.source}; teacher {teacher_parameters:,} parameters, student "
@@ -114,11 +119,6 @@ def main(argv=None):
           f"{'resuming' if state == 'resume' else 'starting'} in {folder}")
     train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=class_num)
-    steps_per_epoch = math.ceil(len(split.y_train) / args.batch_size)
-    distiller.compile(
-        optimizer=training.make_optimizer(args, steps_per_epoch, args.student_learning_rate),
-        discriminator_optimizer=keras.optimizers.Adam(args.discriminator_learning_rate),
-    )
     history = training.fit_stage(distiller, train_data, val_data, folder, args, model_to_save=student)
 
     test_data = data.make_dataset(split.x_test, split.y_test, args.batch_size, class_num=class_num)

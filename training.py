@@ -499,7 +499,9 @@ def make_stage_recorder(folder, model_to_save=None, monitor="val_acc"):
             for key, value in row.items():
                 self.history.setdefault(key, []).append(None if value is None else float(value))
             score = row.get(monitor)
-            if score is not None and math.isfinite(score) and score > self.best:
+            loss = row.get("train_loss")
+            diverged = loss is None or not math.isfinite(loss)  # NaN weights can still score on validation
+            if not diverged and score is not None and math.isfinite(score) and score > self.best:
                 self.best = score
                 save_model(model_to_save or self.model, model_path)
             write_json(history_path, self.history)
@@ -574,7 +576,8 @@ def begin_stage(folder, args, ignore=()):
     if previous is not None:
         before = _comparable(previous.get("arguments", {}), ignore)
         now = _comparable(arguments, ignore)
-        changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
+        # A flag the stored run does not know was added later: that run used its default.
+        changed = sorted(key for key in before if before[key] != now.get(key))
         if changed:
             raise UserError(
                 f"{folder} holds a run with other arguments ({', '.join(changed)}); "

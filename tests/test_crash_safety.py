@@ -71,6 +71,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     split = data.load_split("sample", train_size=128)
     args = argparse.Namespace(epoch_num=4, learning_rate=0.01, momentum=0.9, weight_decay=0.0, label_smoothing=0.0,
                               lr_schedule="cosine", warmup_epochs=0, step_epochs=60, patience=None, verbose=0)
+    training.set_seed(0)
     network = resnet.build_resnet50(resnet.width_spec(0.0625))
     training.compile_classifier(network, args, steps_per_epoch=2)
 

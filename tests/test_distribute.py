@@ -26,3 +26,33 @@ def test_base_training_mirrored_on_two_cpus_matches_single_device(tmp_path):
     assert stage_files(single) == stage_files(mirrored)
     saved = keras.models.load_model(os.path.join(mirrored, "model.h5"), compile=False)
     assert resnet.describe_model(saved)[0] == resnet.width_spec(0.0625)
+
+
+def test_distillation_mirrored_on_two_cpus_matches_single_device(tmp_path):
+    import training
+
+    teacher_folder = tmp_path / "iter1"
+    teacher_folder.mkdir()
+    training.save_model(resnet.build_resnet50(resnet.width_spec(0.125)), str(teacher_folder / "model.h5"))
+    common = [f"--root_folder={teacher_folder}", "--student_stage_widths", "4,4,8,8", *TINY[:2], *TINY[4:]]
+    single, mirrored = str(tmp_path / "single"), str(tmp_path / "mirrored")
+    run_script("knowledge_distillation.py", *common, "--save_folder", single)
+    run_script("knowledge_distillation.py", *common, "--save_folder", mirrored, "--distribute", "mirrored", "--cpu_devices", "2")
+    assert stage_files(single) == stage_files(mirrored)
+    history = json.load(open(os.path.join(mirrored, "history.json")))
+    assert {"train_backbone_loss", "train_intermediate_loss", "train_adversarial_loss"} <= set(history)
+
+
+def test_pruning_fine_tunes_mirrored_on_two_cpus_like_single_device(tmp_path):
+    import training
+
+    base = str(tmp_path / "base.h5")
+    training.save_model(resnet.build_resnet50(resnet.width_spec(0.0625)), base)
+    common = ["--base_model_path", base, "--prune_iter", "1", "--criterion", "fraction", "--prune_fraction", "0.25",
+              *TINY[:2], *TINY[4:]]
+    single, mirrored = str(tmp_path / "single"), str(tmp_path / "mirrored")
+    run_script("prune_model.py", *common, "--root_folder", single)
+    run_script("prune_model.py", *common, "--root_folder", mirrored, "--distribute", "mirrored", "--cpu_devices", "2")
+    assert stage_files(os.path.join(single, "iter1")) == stage_files(os.path.join(mirrored, "iter1"))
+    widths = [json.load(open(os.path.join(folder, "summary.json")))["iterations"][0]["width_spec"] for folder in (single, mirrored)]
+    assert widths[0] == widths[1]

@@ -1,0 +1,95 @@
+"""Time the pruning primitives: the APoZ pass against a predict pass, and weight surgery.
+
+    .venv/bin/python benchmarks/prune_speed.py --data_dir /work/shared/data/cifar-10-batches-py
+
+Both passes run over the same (cached) validation images with the same batch size, each timed
+once with its function already traced and once including its tracing (as for every new pruned
+model); repeats are interleaved and the best of --repeats is reported for each, so the load of
+other processes hits all of them alike. Surgery is timed on a full-width ResNet50 keeping a
+random half of the channels of every group (inner only, then inner and residual).
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import training  # noqa: E402
+
+
+def best_time(function, repeats):
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        timings.append(time.perf_counter() - start)
+    return min(timings)
+
+
+def main():
+    parser = training.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_path", default=None, help="a model to measure (default: a fresh --width ResNet50)")
+    parser.add_argument("--width", type=training.positive_float, default=1.0)
+    parser.add_argument("--images", type=training.positive_int, default=2000, help="validation images per pass")
+    parser.add_argument("--repeats", type=training.positive_int, default=5)
+    training.add_data_flags(parser)
+    args = parser.parse_args()
+    import numpy as np
+
+    import data
+    import model as resnet
+    import prune
+
+    network = training.load_model(args.model_path) if args.model_path else resnet.build_resnet50(resnet.width_spec(args.width))
+    split = data.load_split(args.dataset, args.data_dir, None, args.seed)
+    images = split.x_val[: args.images]
+    dataset = data.make_dataset(images, split.y_val[: args.images], args.batch_size).map(lambda x, y: x).cache()
+    for batch in dataset:  # fill the cache so neither pass pays for the input pipeline's first run
+        pass
+    print(f"model: {resnet.count_parameters(network):,} parameters; {len(images)} images, batch {args.batch_size}")
+
+    def predict_cold():
+        network.predict_function = None  # Keras traces it again, as for each new pruned model
+        network.predict(dataset, verbose=0)
+
+    network.predict(dataset.take(1), verbose=0)  # warm-up: trace
+    passes = {"predict, traced already": lambda: network.predict(dataset, verbose=0),
+              "predict, including its tracing": predict_cold}
+    for residual in (False, True):
+        names = [name for group in prune.prunable_groups(residual) for name in group["activations"]]
+        label = f"apoz {'inner+residual' if residual else 'inner'} ({len(names)} layers)"
+        count = prune.zero_counter(network, names)
+        prune.apoz(network, names, dataset.take(1), verbose=0, count=count)  # trace
+        passes[f"{label}, traced already"] = lambda names=names, count=count: prune.apoz(
+            network, names, dataset, verbose=0, count=count)
+        passes[f"{label}, including its tracing"] = lambda names=names: prune.apoz(network, names, dataset, verbose=0)
+    # Interleaved repeats, best of each: load from other processes then hits every pass alike.
+    timings = {name: [] for name in passes}
+    for _ in range(args.repeats):
+        for name, function in passes.items():
+            timings[name].append(best_time(function, 1))
+    results = {name: min(values) for name, values in timings.items()}
+    for name, seconds in results.items():
+        reference = results["predict, " + name.split(", ")[-1]]
+        ratio = "" if name.startswith("predict") else f"  {seconds / reference:.2f}x predict"
+        print(f"{name:<52} {seconds:7.2f} s{ratio}")
+
+    full_width = resnet.width_spec(1.0)
+    full = network if resnet.describe_model(network)[0] == full_width else resnet.build_resnet50(full_width)
+    rng = np.random.default_rng(0)
+    full_spec = resnet.describe_model(full)[0]
+    for residual in (False, True):
+        keep = {}
+        for group in prune.prunable_groups(residual):
+            width = resnet.group_width(full_spec, group)
+            keep[group["name"]] = rng.choice(width, max(1, width // 2), replace=False)
+        start = time.perf_counter()
+        smaller = prune.prune_model(full, keep)
+        seconds = time.perf_counter() - start
+        print(f"surgery, {'inner+residual' if residual else 'inner'} halved, {resnet.count_parameters(full):,} -> "
+              f"{resnet.count_parameters(smaller):,} parameters: {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    training.run(main)

@@ -1,0 +1,393 @@
+"""APoZ pruning: scores against numpy, surgery invariants, selection rules, the iterative script."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import model as resnet
+import prune
+import prune_model
+import training
+from conftest import REPO, assert_one_line_error, run_script
+
+WIDTH = 0.0625  # stem 4, blocks 4..32, stages 16..128: every layer prunable, cheap to trace
+
+
+@pytest.fixture(scope="module")
+def network():
+    """A tiny ResNet50 whose BatchNorms are perturbed so that channels differ in APoZ."""
+    training.set_seed(0)
+    built = resnet.build_resnet50(resnet.width_spec(WIDTH), "imagenet", 10)
+    rng = np.random.default_rng(0)
+    for layer in built.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype("float32"),
+                               rng.uniform(-0.5, 0.3, beta.shape).astype("float32"),
+                               rng.normal(0, 0.1, mean.shape).astype("float32"),
+                               rng.uniform(0.8, 1.2, variance.shape).astype("float32")])
+    return built
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(1).integers(0, 256, (40, 32, 32, 3)).astype(np.uint8)
+
+
+def copy_of(network):
+    """An independent copy (same weights) to make channels dead in."""
+    return prune.prune_model(network, {})
+
+
+def logits(network, images):
+    # eager: tracing a predict function costs more than running this tiny model on 40 images
+    return keras.ops.convert_to_numpy(resnet.logits_model(network)(images.astype("float32"), training=False))
+
+
+def post_relu(network, names, images):
+    outputs = resnet.feature_model(network, names)(images.astype("float32"), training=False)
+    return dict(zip(names, [keras.ops.convert_to_numpy(output) for output in outputs]))
+
+
+def kill_channels(network, layer_names, channels):
+    """BatchNorm gamma 0, beta -1: the channel's post-ReLU output is 0 for every input."""
+    for name in layer_names:
+        layer = network.get_layer(name)
+        gamma, beta, mean, variance = layer.get_weights()
+        gamma[channels], beta[channels] = 0.0, -1.0
+        layer.set_weights([gamma, beta, mean, variance])
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def test_apoz_matches_numpy_reference(network, images):
+    groups = prune.prunable_groups(residual=True)
+    names = [name for group in groups for name in group["activations"]]
+    # batch 16 over 40 images: the last, partial batch must be counted exactly too
+    measured = prune.apoz(network, names, images, batch_size=16, verbose=0)
+    activations = resnet.feature_model(network, names).predict(images.astype("float32"), batch_size=16, verbose=0)
+    for name, activation in zip(names, activations):
+        reference = np.mean(activation == 0, axis=(0, 1, 2))
+        np.testing.assert_allclose(measured[name], reference, rtol=0, atol=1e-12, err_msg=name)
+    inner = np.concatenate([measured[name] for name in resnet.inner_activation_names()])
+    assert 0.05 < inner.mean() < 0.95 and inner.std() > 0.05  # a real spread, not all 0 or all 1
+    scores = prune.group_scores(measured, groups)
+    stage_blocks = resnet.stage_block_names(2)
+    np.testing.assert_allclose(scores["conv4_residual"], np.mean([measured[f"{b}_out"] for b in stage_blocks], axis=0))
+    assert set(scores) == {group["name"] for group in groups} and len(scores) == 32 + 4
+
+
+def test_apoz_accepts_a_labelled_dataset(network, images):
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(len(images), np.int64))).batch(32)
+    names = ["conv2_block1_1_relu", "conv5_block3_out"]
+    from_array = prune.apoz(network, names, images, batch_size=8, verbose=0)
+    from_dataset = prune.apoz(network, names, dataset, verbose=0)
+    for name in names:
+        np.testing.assert_allclose(from_dataset[name], from_array[name], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Surgery
+
+
+def test_removing_dead_inner_channels_leaves_logits_unchanged(network, images, tmp_path):
+    dead_network = copy_of(network)
+    spec = resnet.describe_model(dead_network)[0]
+    rng = np.random.default_rng(2)
+    keep, dead = {}, {}
+    for group in prune.prunable_groups(residual=False):
+        width = resnet.group_width(spec, group)
+        dead[group["name"]] = np.sort(rng.choice(width, int(rng.integers(1, width)), replace=False))
+        kill_channels(dead_network, [group["producers"][1]], dead[group["name"]])
+        keep[group["name"]] = prune.removed_channels(width, dead[group["name"]])
+    outputs = post_relu(dead_network, list(dead), images)
+    assert all(np.all(outputs[name][..., channels] == 0) for name, channels in dead.items())
+    before = logits(dead_network, images)
+    pruned = prune.prune_model(dead_network, keep)
+    assert np.abs(logits(pruned, images) - before).max() < 1e-4
+    new_spec = resnet.describe_model(pruned)[0]
+    assert new_spec["blocks"] == [[len(keep[f"{b}_1_relu"]), len(keep[f"{b}_2_relu"])] for b in resnet.block_names()]
+    assert pruned.count_params() == resnet.parameter_count(new_spec) < network.count_params()
+    # the result is an ordinary Keras model: plain load_model, no custom objects, same outputs
+    training.save_model(pruned, str(tmp_path / "pruned.h5"))
+    reopened = keras.models.load_model(str(tmp_path / "pruned.h5"), compile=False)
+    np.testing.assert_allclose(logits(reopened, images), before, atol=1e-4)
+
+
+def test_removing_dead_residual_channels_leaves_logits_unchanged(network, images):
+    dead_network = copy_of(network)
+    spec = resnet.describe_model(dead_network)[0]
+    keep = {}
+    for group in prune.prunable_groups(residual=True):
+        if group["kind"] != "residual":
+            continue
+        width = resnet.group_width(spec, group)
+        dead = np.arange(1, width, 3)  # a third of the stream, first and last stages included
+        norms = [name for name in group["producers"] if name.endswith("_bn")]  # every conv3 BN and the shortcut BN
+        kill_channels(dead_network, norms, dead)
+        keep[group["name"]] = prune.removed_channels(width, dead)
+    outputs = post_relu(dead_network, [f"{b}_out" for b in resnet.block_names()], images)
+    for index, block in enumerate(resnet.block_names()):
+        stage = resnet.STAGE_NAMES[resnet.stage_of_block(index)]
+        output = outputs[f"{block}_out"]
+        removed = prune.removed_channels(output.shape[-1], keep[f"{stage}_residual"])
+        assert np.all(output[..., removed] == 0) and np.any(output > 0), block
+    before = logits(dead_network, images)
+    pruned = prune.prune_model(dead_network, keep)
+    assert np.abs(logits(pruned, images) - before).max() < 1e-4
+    new_spec = resnet.describe_model(pruned)[0]
+    assert new_spec["stages"] == [len(keep[f"{stage}_residual"]) for stage in resnet.STAGE_NAMES]
+    assert pruned.get_layer("predictions").kernel.shape == (new_spec["stages"][-1], 10)
+    assert pruned.count_params() == resnet.parameter_count(new_spec)
+
+
+def test_pruned_parameter_count_matches_the_width_spec(network):
+    spec = resnet.describe_model(network)[0]
+    rng = np.random.default_rng(3)
+    keep = {}
+    for group in prune.prunable_groups(residual=True):
+        width = resnet.group_width(spec, group)
+        keep[group["name"]] = rng.choice(width, int(rng.integers(1, width + 1)), replace=False)  # unsorted on purpose
+    pruned = prune.prune_model(network, keep)
+    expected = resnet.resize_spec(spec, {name: len(indices) for name, indices in keep.items()})
+    assert resnet.describe_model(pruned)[0] == expected
+    assert pruned.count_params() == resnet.parameter_count(expected)
+    # the kept filters are the chosen ones, in index order
+    kept = np.sort(keep["conv3_block2_2_relu"])
+    np.testing.assert_array_equal(pruned.get_layer("conv3_block2_2_conv").kernel.numpy(),
+                                  network.get_layer("conv3_block2_2_conv").kernel.numpy()[:, :, np.sort(keep["conv3_block2_1_relu"])][..., kept])
+
+
+def test_prune_model_rejects_bad_indices(network):
+    with pytest.raises(prune.EmptyLayerError):
+        prune.prune_model(network, {"conv2_block1_1_relu": []})
+    with pytest.raises(ValueError, match="within"):
+        prune.prune_model(network, {"conv2_block1_1_relu": [0, 4]})
+    with pytest.raises(ValueError, match="distinct"):
+        prune.prune_model(network, {"conv2_block1_1_relu": [1, 1]})
+    with pytest.raises(ValueError, match="no channel group"):
+        prune.prune_model(network, {"conv2_block1_3_relu": [0]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+
+
+def test_std_rule_removes_channels_above_mean_plus_k_std():
+    scores = np.array([0.1, 0.2, 0.15, 0.9, 0.12, 0.95, 0.1, 0.11])
+    threshold = scores.mean() + scores.std()
+    np.testing.assert_array_equal(prune.select_channels(scores), np.flatnonzero(scores <= threshold))
+    np.testing.assert_array_equal(prune.select_channels(scores), [0, 1, 2, 4, 6, 7])
+    assert len(prune.select_channels(scores, std_k=3.0)) == 8
+    np.testing.assert_array_equal(prune.select_channels(np.full(5, 0.4)), np.arange(5))  # equal scores: nothing exceeds
+
+
+def test_fraction_rule_min_channels_and_round_to():
+    scores = np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])
+    np.testing.assert_array_equal(prune.select_channels(scores, "fraction", fraction=0.3), [0, 1, 3, 5, 7, 8, 9])
+    np.testing.assert_array_equal(prune.select_channels(scores, "fraction", fraction=0.9, min_channels=3), [1, 5, 9])
+    assert len(prune.select_channels(scores, "fraction", fraction=0.5, round_to=4)) == 8  # 5 kept -> 8
+    assert len(prune.select_channels(scores, "fraction", fraction=0.1, round_to=4)) == 10  # 9 -> 12, capped at the width
+    np.testing.assert_array_equal(prune.select_channels([0.3, 0.3, 0.3], "fraction", fraction=0.5), [0])  # ties: lower index kept
+    assert len(prune.select_channels([0.9], "fraction", fraction=0.9)) == 1  # the default floor keeps one channel
+    with pytest.raises(prune.EmptyLayerError, match="remove all 4 channels"):
+        prune.select_channels(scores[:4], "fraction", fraction=0.9, min_channels=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# prune_model.py
+
+
+def run_in_process(capfd, *arguments):
+    """prune_model.py's main through training.run: (exit code, stderr)."""
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        training.run(lambda: prune_model.main([str(argument) for argument in arguments]))
+    return exited.value.code, capfd.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "base.h5"
+    training.set_seed(0)
+    training.save_model(resnet.build_resnet50(resnet.width_spec(WIDTH), "imagenet", 10), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def foreign_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("foreign")
+    inputs = keras.Input((32, 32, 3))
+    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(str(folder / "other.h5"))
+    (folder / "text.h5").write_text("not a model\n")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["no base model", "prune_iter 0", "fraction 1.5", "fraction 0",
+                                  "not our ResNet50", "not HDF5", "would empty a layer"])
+def test_bad_input_is_one_line_and_writes_nothing(case, base_path, foreign_files, tmp_path, capfd):
+    root = tmp_path / "root"
+    flags = {
+        "no base model": ["--base_model_path", tmp_path / "missing.h5"],
+        "prune_iter 0": ["--base_model_path", base_path, "--prune_iter", "0"],
+        "fraction 1.5": ["--base_model_path", base_path, "--criterion", "fraction", "--prune_fraction", "1.5"],
+        "fraction 0": ["--base_model_path", base_path, "--prune_fraction", "0"],
+        "not our ResNet50": ["--base_model_path", foreign_files / "other.h5"],
+        "not HDF5": ["--base_model_path", foreign_files / "text.h5"],
+        "would empty a layer": ["--base_model_path", base_path, "--criterion", "fraction", "--prune_fraction", "0.9",
+                                "--min_channels", "0"],
+    }[case]
+    code, stderr = run_in_process(capfd, "--root_folder", root, *flags)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert {"no base model": "no base model", "prune_iter 0": "--prune_iter", "fraction 1.5": "--prune_fraction",
+            "fraction 0": "--prune_fraction", "not our ResNet50": "not a ResNet50", "not HDF5": "not an HDF5",
+            "would empty a layer": "remove all 4 channels of conv2_block1_1_relu"}[case] in lines[0]
+    assert not root.exists()
+
+
+def test_a_backup_half_written_by_a_kill_is_restored_or_dropped(tmp_path):
+    """Resuming an interrupted fine-tuning must survive a kill during Keras' backup write
+    (found by the SIGKILL test below: Keras alone then fails on every rerun)."""
+    import h5py
+
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    with h5py.File(backup / "latest.weights.h5", "w") as archive:
+        archive["weights"] = np.arange(20000, dtype="float32")
+    whole = (backup / "latest.weights.h5").read_bytes()
+    (backup / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    assert training.repair_backup(str(tmp_path)) == "ok"
+    # killed while writing epoch 3's weights: epoch 2's pair survives as .bkp
+    (backup / "latest.weights.h5.bkp").write_bytes(whole)
+    (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": 0}')
+    (backup / "latest.weights.h5").write_bytes(whole[: len(whole) // 2])
+    assert training.repair_backup(str(tmp_path)) == "restored"
+    assert (backup / "latest.weights.h5").read_bytes() == whole
+    # killed while writing the first epoch's weights: nothing to fall back on, start afresh
+    (backup / "latest.weights.h5.bkp").unlink()
+    (backup / "latest.weights.h5").write_bytes(whole[: len(whole) // 2])
+    assert training.repair_backup(str(tmp_path)) == "discarded" and not backup.exists()
+    assert training.repair_backup(str(tmp_path)) == "none"
+
+
+def folder_state(root):
+    """{relative path: bytes} of every file under root."""
+    state = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                state[os.path.relpath(path, root)] = handle.read()
+    return state
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, base_path, data_flags):
+    """Two iterations with --prune_residual, SIGKILLed after the first fine-tuning epoch of
+    iteration 2, then rerun with the same command."""
+    root = tmp_path_factory.mktemp("pruning") / "run"
+    arguments = ["--base_model_path", base_path, "--root_folder", root, "--prune_iter", 2, "--prune_residual",
+                 "--epoch_num", 2, "--train_size", 256, "--apoz_samples", 256, "--batch_size", 256, "--verbose", 2,
+                 *data_flags]
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "prune_model.py"), *map(str, arguments)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill once iteration 2's first fine-tuning epoch is fully backed up (the metadata is the
+    # backup's last write), so the rerun must resume at epoch 2.
+    marker = root / "iter2" / "backup" / "training_metadata.json"
+
+    def first_epoch_backed_up():
+        try:
+            return json.loads(marker.read_text())["epoch"] == 1
+        except (OSError, ValueError, KeyError):
+            return False
+
+    deadline = time.monotonic() + 600
+    while not first_epoch_backed_up() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    still_running = process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert still_running and first_epoch_backed_up(), "the run ended or stalled before iteration 2 fine-tuned an epoch"
+    at_kill = {
+        "summary": json.loads((root / "summary.json").read_text()),
+        "pruned": json.loads((root / "iter2" / "pruned.json").read_text()),
+        "apoz": (root / "iter2" / "apoz.json").read_bytes(),
+        "iter1": {name: (root / "iter1" / name).read_bytes() for name in ("model.h5", "history.json", "apoz.json")},
+    }
+    rerun = run_script("prune_model.py", *arguments)
+    return root, arguments, at_kill, rerun
+
+
+def test_interrupted_run_resumes_and_completes(interrupted_run):
+    root, _, at_kill, rerun = interrupted_run
+    assert [record["iteration"] for record in at_kill["summary"]["iterations"]] == [1]
+    # iteration 1 was complete and is reused as is; iteration 2 resumes its fine-tuning at epoch 2
+    assert all((root / "iter1" / name).read_bytes() == content for name, content in at_kill["iter1"].items())
+    assert (root / "iter2" / "apoz.json").read_bytes() == at_kill["apoz"]
+    assert "resuming the fine-tuning" in rerun.stdout
+    assert "Epoch 2/2" in rerun.stdout and "Epoch 1/2" not in rerun.stdout
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["iterations"][1]["val_acc_pruned"] == at_kill["pruned"]["val_acc_pruned"]
+    assert summary["base"] == at_kill["summary"]["base"]
+    assert json.loads((root / "config.json").read_text())["complete"] is True
+
+
+def test_finished_run_files_are_complete_and_consistent(interrupted_run):
+    root, _, _, _ = interrupted_run
+    summary = json.loads((root / "summary.json").read_text())
+    base = summary["base"]
+    assert set(base) == {"model_path", "parameters", "macs", "val_acc", "test_acc", "width_spec"}
+    assert [record["iteration"] for record in summary["iterations"]] == [1, 2]
+    assert summary["arguments"]["prune_residual"] is True
+    previous_spec, previous_parameters = base["width_spec"], base["parameters"]
+    groups = {group["name"]: group for group in prune.prunable_groups(residual=True)}
+    for record in summary["iterations"]:
+        folder = root / f"iter{record['iteration']}"
+        assert sorted(os.listdir(folder)) == ["apoz.json", "history.json", "model.h5", "pruned.json"]
+        network = keras.models.load_model(str(folder / "model.h5"), compile=False)  # plain Keras
+        spec = resnet.describe_model(network)[0]
+        assert spec == record["width_spec"]
+        assert record["parameters"] == network.count_params() == resnet.parameter_count(spec) < previous_parameters
+        assert record["macs"] == resnet.count_macs(network)[1]
+        assert record["compression_rate"] == pytest.approx(base["parameters"] / record["parameters"])
+        assert record["mac_ratio"] == pytest.approx(base["macs"] / record["macs"])
+        history = json.loads((folder / "history.json").read_text())
+        assert tuple(history) == training.HISTORY_KEYS and record["epochs"] == len(history["val_acc"]) == 2
+        assert record["val_acc"] == pytest.approx(max(history["val_acc"]), abs=2e-4)  # the best-val checkpoint
+        for key in ("val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc"):
+            assert 0 <= record[key] <= 1
+        apoz = json.loads((folder / "apoz.json").read_text())
+        assert apoz["iteration"] == record["iteration"] and apoz["criterion"] == "std"
+        assert set(apoz["layers"]) == set(groups)
+        removed = 0
+        for name, layer in apoz["layers"].items():
+            assert sorted(layer["kept"] + layer["removed"]) == list(range(layer["width_before"]))
+            assert layer["width_before"] == len(layer["apoz"]) == resnet.group_width(previous_spec, groups[name])
+            assert layer["width_after"] == len(layer["kept"]) == resnet.group_width(spec, groups[name]) >= 1
+            removed += len(layer["removed"])
+        assert record["channels_removed"] == removed > 0
+        previous_spec, previous_parameters = spec, record["parameters"]
+
+
+def test_rerun_of_a_finished_run_changes_nothing(interrupted_run, capfd):
+    root, arguments, _, _ = interrupted_run
+    before = folder_state(root)
+    again = run_script("prune_model.py", *arguments)
+    assert "nothing to do" in again.stdout
+    refused = run_script("prune_model.py", *arguments, "--std_k", 2, check=False)
+    assert "--overwrite" in assert_one_line_error(refused)
+    # a bad base model with --overwrite must not destroy the finished run either
+    code, stderr = run_in_process(capfd, *arguments, "--overwrite", "--base_model_path", root / "missing.h5")
+    assert code == 2 and "no base model" in stderr
+    assert folder_state(root) == before
