@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := demo
-DEMO_FLAGS := --dataset sample --width 0.125 --batch_size 64
+DEMO_FLAGS := --dataset sample --batch_size 64
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test figures clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +15,29 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 
 install: $(VENV)/.installed
 
-# The quickstart: every stage on the bundled real-CIFAR-10 sample, offline, a few minutes on 2 CPU cores.
+# The quickstart: all five stages on the bundled real-CIFAR-10 sample, offline, a few minutes on
+# 2 CPU cores. Outputs go to demo/, figures to images/demo/, and a results table ends the run.
+DEMO_KD := --root_folder=$(DEMO)/model/pruned_model/iter3 --base_model_path=$(DEMO)/model/base_model/model.h5 \
+	$(DEMO_FLAGS) --epoch_num 4 --student_learning_rate 0.05 --verbose 2
 demo: install
-	$(PY) train_base_model.py --save_folder=$(DEMO)/model/base_model $(DEMO_FLAGS) --stem cifar --epoch_num 8 --learning_rate 0.05 --verbose 2
-	$(PY) evaluate_model.py --model_path=$(DEMO)/model/base_model/model.h5 --base_model_path=$(DEMO)/model/base_model/model.h5 --dataset sample --json $(DEMO)/model/base_model/evaluation.json
+	$(PY) train_base_model.py --save_folder=$(DEMO)/model/base_model $(DEMO_FLAGS) --width 0.125 --stem cifar --epoch_num 8 --learning_rate 0.05 --verbose 2
+	$(PY) prune_model.py --root_folder=$(DEMO)/model/pruned_model --base_model_path=$(DEMO)/model/base_model/model.h5 \
+		--prune_iter=3 $(DEMO_FLAGS) --epoch_num 2 --patience 1 --warmup_epochs 0 --verbose 2
+	$(PY) knowledge_distillation.py $(DEMO_KD) --save_folder=$(DEMO)/model/kd_model/student_alone --no_teacher
+	$(PY) knowledge_distillation.py $(DEMO_KD) --save_folder=$(DEMO)/model/kd_model/backbone --lambda1=0.7 --lambda2=0 --lambda3=0
+	$(PY) knowledge_distillation.py $(DEMO_KD) --save_folder=$(DEMO)/model/kd_model/backbone_intermediate --lambda1=0.7 --lambda2=0.3 --lambda3=0 --regressor_name=vid
+	$(PY) knowledge_distillation.py $(DEMO_KD) --save_folder=$(DEMO)/model/kd_model/all_three --lambda1=0.7 --lambda2=0.3 --lambda3=0.2 --regressor_name=vid
+	$(PY) evaluate_model.py --model_path=$(DEMO)/model/kd_model/all_three/model.h5 --base_model_path=$(DEMO)/model/base_model/model.h5 \
+		--dataset sample --latency_repeats 5
+	$(PY) plot_train_history.py --history_path=$(DEMO)/model/pruned_model/iter1/history.json
+	$(PY) plot_train_history.py --figures --model_root=$(DEMO)/model --images_dir=images/demo --table=$(DEMO)/results.md
+
+# Figures and results table of the reference run (model/ -> images/, results.md).
+figures: install
+	$(PY) plot_train_history.py --figures --table results.md
 
 test: install
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf $(DEMO)
+	rm -rf $(DEMO) images/demo

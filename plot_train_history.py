@@ -278,7 +278,12 @@ def plot_compression(summary, students, out):
             continue
         rate = base["parameters"] / results["parameters"]
         axis.scatter([rate], [100 * results["test_acc"]], s=60, marker=next(markers, "o"), label=f"student: {name}", zorder=3)
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
     axis.set_xscale("log")
+    axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     axis.set_xlabel("compression rate (x fewer parameters than the base, log scale)")
     axis.set_ylabel("test accuracy (%)")
     axis.set_title("Test accuracy against compression")

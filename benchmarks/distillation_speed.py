@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import training  # noqa: E402
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher_path", default=None)
     parser.add_argument("--width", type=float, default=0.25, help="width of the random teacher without --teacher_path")
@@ -27,7 +27,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--regressor_name", default="conv1x1")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     training.import_tensorflow()
     import keras
     import numpy as np

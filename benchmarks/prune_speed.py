@@ -27,14 +27,14 @@ def best_time(function, repeats):
     return min(timings)
 
 
-def main():
+def main(argv=None):
     parser = training.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_path", default=None, help="a model to measure (default: a fresh --width ResNet50)")
     parser.add_argument("--width", type=training.positive_float, default=1.0)
     parser.add_argument("--images", type=training.positive_int, default=2000, help="validation images per pass")
     parser.add_argument("--repeats", type=training.positive_int, default=5)
     training.add_data_flags(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import numpy as np
 
     import data

@@ -16,7 +16,8 @@ def base_run(tmp_path_factory, data_flags):
     folder = str(tmp_path_factory.mktemp("base") / "base_model")
     completed = run_script(
         "train_base_model.py", "--save_folder", folder, "--stem", "cifar", "--width", "0.125", "--train_size", "600",
-        "--epoch_num", "4", "--batch_size", "64", "--learning_rate", "0.05", "--verbose", "0", *data_flags,
+        "--epoch_num", "6", "--batch_size", "64", "--learning_rate", "0.05", "--warmup_epochs", "0", "--verbose", "0",
+        *data_flags,
     )
     return folder, completed
 
@@ -41,11 +42,12 @@ def test_rerun_skips_a_finished_run_and_refuses_other_arguments(base_run, data_f
     folder, _ = base_run
     before = os.path.getmtime(os.path.join(folder, "model.h5"))
     again = run_script("train_base_model.py", "--save_folder", folder, "--stem", "cifar", "--width", "0.125", "--train_size", "600",
-                       "--epoch_num", "4", "--batch_size", "64", "--learning_rate", "0.05", "--verbose", "0", *data_flags)
+                       "--epoch_num", "6", "--batch_size", "64", "--learning_rate", "0.05", "--warmup_epochs", "0",
+                       "--verbose", "0", *data_flags)
     assert "nothing to do" in again.stdout
     other = run_script("train_base_model.py", "--save_folder", folder, "--stem", "cifar", "--width", "0.25", "--train_size", "600",
-                       "--epoch_num", "4", "--batch_size", "64", "--learning_rate", "0.05", "--verbose", "0", *data_flags,
-                       check=False)
+                       "--epoch_num", "6", "--batch_size", "64", "--learning_rate", "0.05", "--warmup_epochs", "0",
+                       "--verbose", "0", *data_flags, check=False)
     assert "width" in assert_one_line_error(other)
     assert os.path.getmtime(os.path.join(folder, "model.h5")) == before
 
@@ -122,6 +124,14 @@ def test_train_rejects_bad_flags_in_one_line(tmp_path, flags, expected):
     completed = run_script("train_base_model.py", "--save_folder", str(tmp_path / "out"), "--epoch_num", "1", *flags,
                            check=False)
     assert expected in assert_one_line_error(completed)
+    assert not os.path.exists(tmp_path / "out" / "model.h5")
+
+
+def test_train_rejects_an_empty_data_folder(tmp_path):
+    empty = tmp_path / "cifar-10-batches-py"
+    empty.mkdir()
+    completed = run_script("train_base_model.py", "--save_folder", str(tmp_path / "out"), "--data_dir", str(empty), check=False)
+    assert "holds neither" in assert_one_line_error(completed)
     assert not os.path.exists(tmp_path / "out" / "model.h5")
 
 
