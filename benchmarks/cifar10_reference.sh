@@ -14,7 +14,8 @@ PY=${PY:-.venv/bin/python}
 # Stages compare their arguments on resume: keep this string the same across sittings.
 DATA_DIR=${DATA_DIR:-../shared/data/cifar-10-batches-py}
 TEACHER=./model/pruned_model/iter15
-KD="--data_dir $DATA_DIR --epoch_num 15 --student_learning_rate 0.05 --verbose 2"
+# --student_divisor 8: the original's absolute student widths (8/16/32/64) from our width-0.25 base.
+KD="--data_dir $DATA_DIR --epoch_num 15 --student_learning_rate 0.05 --student_divisor 8 --verbose 2"
 
 $PY train_base_model.py --save_folder=./model/base_model --width 0.25 --epoch_num 30 --learning_rate 0.05 \
     --data_dir "$DATA_DIR" --verbose 2
