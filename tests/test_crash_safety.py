@@ -89,3 +89,23 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     kept = keras.models.load_model(os.path.join(folder, "model.h5"), compile=False)
     assert np.isfinite(kept.get_layer("predictions").get_weights()[0]).all()
     assert not os.path.exists(os.path.join(folder, "backup"))  # a rerun must not resume from NaN weights
+
+
+def test_distillation_resumes_after_sigkill_with_whole_files(tmp_path, data_flags):
+    import training
+    import model as resnet
+
+    teacher = tmp_path / "iter1"
+    teacher.mkdir()
+    training.save_model(resnet.build_resnet50(resnet.width_spec(0.125)), str(teacher / "model.h5"))
+    folder = str(tmp_path / "kd_model")
+    arguments = ["knowledge_distillation.py", f"--root_folder={teacher}", "--save_folder", folder,
+                 "--student_stage_widths", "4,4,8,8", "--train_size", "256", "--epoch_num", "3", "--batch_size", "64",
+                 "--verbose", "0", *data_flags]
+    kill_when(arguments, lambda: epochs_recorded(folder) >= 1)
+    assert keras.models.load_model(os.path.join(folder, "model.h5"), compile=False)
+    completed = run_script(*arguments)
+    assert "resuming" in completed.stdout
+    history = json.load(open(os.path.join(folder, "history.json")))
+    assert all(len(values) == 3 for values in history.values())
+    assert sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]
