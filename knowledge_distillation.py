@@ -92,13 +92,10 @@ def main(argv=None):
             print(f"note: {note}", file=sys.stderr)
 
     folder = args.save_folder
-    state = training.begin_stage(folder, args)
-    if state == "done":
-        print(f"{folder} already holds a finished run with these arguments: nothing to do")
+    state = training.open_stage(folder, args)
+    if state is None:
         return
-    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
-    training.set_seed(args.seed)
-    training.set_precision(args.precision)
+    split = training.prepare_training(args)
     steps_per_epoch = math.ceil(len(split.y_train) / args.batch_size)
     with strategy.scope():
         student = resnet.build_resnet50(student_spec, stem, class_num, name="student")
@@ -122,21 +119,13 @@ def main(argv=None):
     history = training.fit_stage(distiller, train_data, val_data, folder, args, model_to_save=student)
 
     test_data = data.make_dataset(split.x_test, split.y_test, args.batch_size, class_num=class_num)
-    best = training.load_model(os.path.join(folder, "model.h5"))
-    best.compile(loss="categorical_crossentropy", metrics=["accuracy"])
-    test_loss, test_accuracy = best.evaluate(test_data, verbose=0)
-    teacher.compile(loss="categorical_crossentropy", metrics=["accuracy"])
-    _, teacher_accuracy = teacher.evaluate(test_data, verbose=0)
-    valid = [v for v in history["val_acc"] if v is not None]
-    results = {
-        "best_val_acc": max(valid), "best_epoch": history["val_acc"].index(max(valid)) + 1,
-        "test_acc": float(test_accuracy), "test_loss": float(test_loss), "teacher_test_acc": float(teacher_accuracy),
-        "parameters": student_parameters, "teacher_parameters": teacher_parameters,
-        "compression_vs_teacher": teacher_parameters / student_parameters,
-        "student_spec": student_spec, "base_stage_widths": base_widths, "base_stage_widths_from": base_source,
-    }
-    training.end_stage(folder, args, results=results)
-    training.discard_backup(folder)
+    results = training.close_stage(
+        folder, args, history, test_data,
+        teacher_test_acc=training.test_loss_and_accuracy(teacher, test_data)[1],
+        parameters=student_parameters, teacher_parameters=teacher_parameters,
+        compression_vs_teacher=teacher_parameters / student_parameters,
+        student_spec=student_spec, base_stage_widths=base_widths, base_stage_widths_from=base_source,
+    )
     print(f"best validation accuracy {results['best_val_acc']:.4f} (epoch {results['best_epoch']}); "
           f"student test accuracy {results['test_acc']:.4f} (teacher {results['teacher_test_acc']:.4f}); "
           f"saved {os.path.join(folder, 'model.h5')}")

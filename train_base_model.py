@@ -39,13 +39,10 @@ def main(argv=None):
         print(f"note: no pretrained weights at {pretrained}; training from scratch "
               "(save keras.applications.ResNet50(weights='imagenet') there to start from ImageNet)", file=sys.stderr)
         pretrained = None
-    state = training.begin_stage(folder, args)
-    if state == "done":
-        print(f"{folder} already holds a finished run with these arguments: nothing to do")
+    state = training.open_stage(folder, args)
+    if state is None:
         return
-    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
-    training.set_seed(args.seed)
-    training.set_precision(args.precision)
+    split = training.prepare_training(args)
     strategy = training.distribution_strategy(args)
     steps_per_epoch = -(-len(split.y_train) // args.batch_size)
     with strategy.scope():
@@ -62,16 +59,9 @@ def main(argv=None):
     train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, args.class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=args.class_num)
     history = training.fit_stage(network, train_data, val_data, folder, args)
-    best = training.load_model(os.path.join(folder, "model.h5"))
-    best.compile(loss="categorical_crossentropy", metrics=["accuracy"])
     test_data = data.make_dataset(split.x_test, split.y_test, args.batch_size, class_num=args.class_num)
-    test_loss, test_accuracy = best.evaluate(test_data, verbose=0)
-    valid = [v for v in history["val_acc"] if v is not None]
-    results = {"best_val_acc": max(valid), "best_epoch": history["val_acc"].index(max(valid)) + 1,
-               "test_acc": float(test_accuracy), "test_loss": float(test_loss),
-               "parameters": resnet.count_parameters(best), "pretrained_layers_loaded": loaded_layers}
-    training.end_stage(folder, args, results=results)
-    training.discard_backup(folder)
+    results = training.close_stage(folder, args, history, test_data, parameters=resnet.count_parameters(network),
+                                   pretrained_layers_loaded=loaded_layers)
     print(f"best validation accuracy {results['best_val_acc']:.4f} (epoch {results['best_epoch']}); "
           f"test accuracy {results['test_acc']:.4f}; saved {os.path.join(folder, 'model.h5')}")
 

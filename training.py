@@ -592,6 +592,44 @@ def end_stage(folder, args, **results):
     write_config(folder, args, complete=True, **results)
 
 
+def open_stage(folder, args):
+    """begin_stage for a single-model stage; None (after saying so) when the folder is already done."""
+    state = begin_stage(folder, args)
+    if state == "done":
+        print(f"{folder} already holds a finished run with these arguments: nothing to do")
+        return None
+    return state
+
+
+def prepare_training(args):
+    """The data split, with the seed and the precision policy set: how every training stage starts."""
+    import data
+
+    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
+    set_seed(args.seed)
+    set_precision(args.precision)
+    return split
+
+
+def test_loss_and_accuracy(network, test_data):
+    network.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    loss, accuracy = network.evaluate(test_data, verbose=0)
+    return float(loss), float(accuracy)
+
+
+def close_stage(folder, args, history, test_data, **extra_results):
+    """Measure the stage's best checkpoint on the test set (once, after all choices were made on
+    validation), mark the stage complete in config.json and drop the resume backup."""
+    best = load_model(os.path.join(folder, "model.h5"))
+    test_loss, test_accuracy = test_loss_and_accuracy(best, test_data)
+    valid = [score for score in history["val_acc"] if score is not None]
+    results = {"best_val_acc": max(valid), "best_epoch": history["val_acc"].index(max(valid)) + 1,
+               "test_acc": test_accuracy, "test_loss": test_loss, **extra_results}
+    end_stage(folder, args, results=results)
+    discard_backup(folder)
+    return results
+
+
 def repair_backup(folder):
     """Make `folder/backup` safe for BackupAndRestore to resume from, or remove it.
 
