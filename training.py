@@ -168,6 +168,7 @@ def import_tensorflow():
 
         tf.config.list_physical_devices()  # the CUDA probe logs on first use
         absl.logging.set_verbosity(absl.logging.ERROR)  # Keras' "HDF5 is legacy" notice on every save
+        tf.get_logger().setLevel("ERROR")  # "triggered tf.function retracing": expected when stages build new models
     use_fused_batch_norm()
 
 
