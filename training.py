@@ -169,49 +169,6 @@ def import_tensorflow():
         tf.config.list_physical_devices()  # the CUDA probe logs on first use
         absl.logging.set_verbosity(absl.logging.ERROR)  # Keras' "HDF5 is legacy" notice on every save
         tf.get_logger().setLevel("ERROR")  # "triggered tf.function retracing": expected when stages build new models
-    use_fused_batch_norm()
-
-
-def use_fused_batch_norm():
-    """Run keras.layers.BatchNormalization through TensorFlow's fused kernel.
-
-    Keras 3 computes BatchNorm from separate moments and element-wise ops; TensorFlow's
-    FusedBatchNormV3 (oneDNN on CPU, cuDNN on GPU) does the same maths in one kernel and made
-    ResNet50 training markedly faster here (benchmarks/train_speed.py). Only the computation
-    changes: the layer, its weights and its saved config stay Keras' own, so every .h5 still opens
-    with plain keras.models.load_model. Cases the fused kernel does not cover (masks, renorm,
-    non-float32 inputs, other axes) keep Keras' path.
-    """
-    import keras
-    import tensorflow as tf
-
-    layer_class = keras.layers.BatchNormalization
-    if getattr(layer_class.call, "fused", False) or keras.backend.backend() != "tensorflow":
-        return
-    keras_call = layer_class.call
-
-    def call(self, inputs, training=None, mask=None):
-        if (mask is not None or self.renorm or not (self.scale and self.center) or len(inputs.shape) != 4
-                or self.axis not in (-1, 3) or inputs.dtype != tf.float32):
-            return keras_call(self, inputs, training=training, mask=mask)
-        empty = tf.constant([], tf.float32)
-        if training and self.trainable:
-            outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-                x=inputs, scale=self.gamma.value, offset=self.beta.value, mean=empty, variance=empty,
-                epsilon=self.epsilon, data_format="NHWC", is_training=True)
-            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:3]), tf.float32)
-            variance = variance * (count - 1.0) / tf.maximum(count, 1.0)  # the kernel returns it unbiased; Keras tracks the biased one
-            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-            return outputs
-        outputs, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=inputs, scale=self.gamma.value, offset=self.beta.value, mean=self.moving_mean.value,
-            variance=self.moving_variance.value, epsilon=self.epsilon, data_format="NHWC", is_training=False)
-        return outputs
-
-    call.fused = True
-    call.keras_call = keras_call  # kept for benchmarks/train_speed.py's comparison
-    layer_class.call = call
 
 
 def run(main):
