@@ -99,7 +99,7 @@ def _save(figure, path):
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     extension = os.path.splitext(path)[1]
-    training._atomic(path, lambda temporary: figure.savefig(temporary, format=extension.lstrip(".").replace("jpg", "jpeg"),
+    training.write_atomically(path, lambda temporary: figure.savefig(temporary, format=extension.lstrip(".").replace("jpg", "jpeg"),
                                                             bbox_inches="tight"))
     plt.close(figure)
 
@@ -364,7 +364,7 @@ def main(argv=None):
         table = format_table(results_rows(args.model_root))
         print(table)
         if args.table:
-            training._atomic(args.table, lambda temporary: open(temporary, "w").write(table + "\n"))
+            training.write_text(args.table, table + "\n")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,9 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _atomic(path, write):
+def write_atomically(path, write):
+    """Call `write(temporary_path)`, then rename the result onto `path`: readers see the old file or
+    the whole new one, never a partial write."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = os.path.splitext(path)[1]
@@ -228,7 +230,15 @@ def write_json(path, payload):
             handle.flush()
             os.fsync(handle.fileno())
 
-    _atomic(path, write)
+    write_atomically(path, write)
+
+
+def write_text(path, text):
+    def write(temporary):
+        with open(temporary, "w") as handle:
+            handle.write(text)
+
+    write_atomically(path, write)
 
 
 def write_bytes(path, content):
@@ -239,7 +249,7 @@ def write_bytes(path, content):
             handle.flush()
             os.fsync(handle.fileno())
 
-    _atomic(path, write)
+    write_atomically(path, write)
 
 
 def _json_default(value):
@@ -267,7 +277,7 @@ def save_model(model, path):
     """
     compile_config = getattr(model, "_compile_config", None)
     saved = dict(compile_config.config) if compile_config is not None else None
-    _atomic(path, lambda temporary: model.save(temporary, include_optimizer=False))
+    write_atomically(path, lambda temporary: model.save(temporary, include_optimizer=False))
     if saved is not None:
         compile_config.config = saved
 
