@@ -77,6 +77,19 @@ def main():
                 base_seconds, seconds = alternating_latency(base, network, batch_size, args.rounds)
                 speedups.append(base_seconds / seconds)
             print(f"{folder:40s} {mac_ratio:8.2f}x {speedups[0]:10.2f}x {speedups[1]:12.2f}x {speedups[1] / mac_ratio:15.2f}x")
+        # The same comparison at full width, where arithmetic rather than per-layer overhead dominates.
+        import numpy as np
+
+        import prune
+
+        full = resnet.build_resnet50()
+        keep = {group["name"]: np.arange(max(1, resnet.group_width(resnet.full_width_spec(), group) // 2))
+                for group in prune.prunable_groups(False)}
+        halved = prune.prune_model(full, keep)
+        mac_ratio = resnet.count_macs(full)[1] / resnet.count_macs(halved)[1]
+        base_seconds, seconds = alternating_latency(full, halved, 128, args.rounds)
+        speedup = base_seconds / seconds
+        print(f"{'full width, inner channels halved':40s} {mac_ratio:8.2f}x {'':>11s} {speedup:12.2f}x {speedup / mac_ratio:15.2f}x")
 
 
 if __name__ == "__main__":
