@@ -259,6 +259,7 @@ def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_i
         network = training.load_model(model_path)
     out_dir = out_dir or os.path.dirname(os.path.abspath(model_path))
     training.check_output_folder(out_dir)
+    training.remove_temporaries(out_dir)  # of a killed earlier export
     if keras_test_acc is None:
         import evaluate_model
 
@@ -280,17 +281,19 @@ def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_i
         "data_source": split.source,
         "keras": {"path": model_path, "file_mb": os.path.getsize(model_path) / 1e6, "test_acc": keras_test_acc},
     }
-    for kind, content, seconds, extra in (("float32", float_model, float_seconds, {}),
-                                          ("int8", int8_model, int8_seconds, int8_details)):
-        path = os.path.join(out_dir, FLOAT_NAME if kind == "float32" else INT8_NAME)
-        training.write_bytes(path, content)
+    contents = {"float32": float_model, "int8": int8_model}
+    for kind, seconds, extra in (("float32", float_seconds, {}), ("int8", int8_seconds, int8_details)):
         started = time.perf_counter()
-        test_acc = tflite_accuracy(content, split.x_test, split.y_test, batch_size)
-        result[kind] = {"path": path, "file_mb": len(content) / 1e6, "test_acc": test_acc, "conversion_seconds": seconds,
+        test_acc = tflite_accuracy(contents[kind], split.x_test, split.y_test, batch_size)
+        result[kind] = {"path": os.path.join(out_dir, FLOAT_NAME if kind == "float32" else INT8_NAME),
+                        "file_mb": len(contents[kind]) / 1e6, "test_acc": test_acc, "conversion_seconds": seconds,
                         "test_seconds": time.perf_counter() - started, **extra}
     if result["int8"]["test_acc"] is not None:
         result["int8_minus_float32_points"] = 100 * (result["int8"]["test_acc"] - result["float32"]["test_acc"])
     result["versions"] = training.versions()
+    # All measured first, then written back to back (each atomically), the report last.
+    for kind, content in contents.items():
+        training.write_bytes(result[kind]["path"], content)
     training.write_json(os.path.join(out_dir, REPORT_NAME), result)
     return result
 

@@ -178,7 +178,6 @@ def run_iteration(k, network, apoz_images, split, train_data, val_data, base, ar
     with strategy.scope():
         training.compile_classifier(pruned, args, steps_per_epoch)
     history = training.fit_stage(pruned, train_data, val_data, folder, args)
-    training.discard_backup(folder)
     best = training.load_model(os.path.join(folder, "model.h5"))
     measured = describe(best, split, args)
     record = {
@@ -250,6 +249,7 @@ def main(argv=None):
     if state == "done":
         training.write_config(root, args, complete=False)  # extended with a larger --prune_iter
     for k in range(1, len(done) + 1):  # resume aids of finished iterations
+        training.discard_backup(iteration_folder(root, k))
         stale = os.path.join(iteration_folder(root, k), "pruned.h5")
         if os.path.exists(stale):
             os.remove(stale)
@@ -271,6 +271,7 @@ def main(argv=None):
         summary["iterations"].append(record)
         summary["arguments"] = vars(args)
         training.write_json(summary_path, summary)  # the iteration counts as complete from here on
+        training.discard_backup(iteration_folder(root, k))
         os.remove(os.path.join(iteration_folder(root, k), "pruned.h5"))
         print(f"iteration {k}: compression {record['compression_rate']:.2f}x, validation accuracy "
               f"{record['val_acc_pruned']:.4f} after pruning, {record['val_acc']:.4f} after fine-tuning; "

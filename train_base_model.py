@@ -49,7 +49,7 @@ def main(argv=None):
         network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
         training.compile_classifier(network, args, steps_per_epoch)
     loaded_layers = None
-    if pretrained and state == "fresh":
+    if pretrained:  # also on a resume: a backup, if there is one, then replaces these weights
         loaded_layers, skipped = training.load_weights_by_name(network, pretrained)
         print(f"loaded {loaded_layers} layers by name from {pretrained}"
               + (f"; skipped {len(skipped)} of another shape ({', '.join(skipped)})" if skipped else ""))

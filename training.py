@@ -32,6 +32,12 @@ class Parser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        # Only once the flags are good: a typo or --help answers at once, not after TensorFlow's import.
+        import_tensorflow()
+        return parsed
+
 
 def number(text, kind=float, minimum=None, strictly_above=None, maximum=None):
     """Parse a finite number; tolerate the trailing comma of the original README (`--lambda1=0.7,`)."""
@@ -171,16 +177,22 @@ def import_tensorflow():
         tf.get_logger().setLevel("ERROR")  # "triggered tf.function retracing": expected when stages build new models
 
 
+def is_user_error(error):
+    """Bad input rather than a bug: ours, the data's, or a model file that is not our ResNet50."""
+    data, model = sys.modules.get("data"), sys.modules.get("model")  # TensorFlow-free until a script needs them
+    return (isinstance(error, UserError)
+            or (data is not None and isinstance(error, data.DataError))
+            or (model is not None and isinstance(error, model.NotOurResNetError)))
+
+
 def run(main):
     """Run a script's `main()`: bad input becomes one line on stderr and exit code 2."""
-    import_tensorflow()
-    import data
-    import model
-
     prog = os.path.basename(sys.argv[0])
     try:
         main()
-    except (UserError, data.DataError, model.NotOurResNetError) as error:
+    except Exception as error:
+        if not is_user_error(error):
+            raise
         sys.stderr.write(f"{prog}: error: {error}\n")
         sys.exit(2)
     except KeyboardInterrupt:
@@ -481,27 +493,38 @@ class TrainingDiverged(UserError):
     pass
 
 
+FIT_FINISHED = "fit_finished.json"
+
+
 def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, extra_callbacks=()):
     """`model.fit` with the stage's callbacks; resumable mid-stage through BackupAndRestore.
 
     Writes `folder/model.h5` (best validation accuracy) and `folder/history.json`. Returns the
     history dict. A NaN loss stops training and raises TrainingDiverged; the last good
-    checkpoint stays.
+    checkpoint stays. The backup, marked finished, stays until the caller has written its
+    results and calls `discard_backup`: a kill in between never trains again.
     """
     import keras
 
     backup = os.path.join(folder, "backup")
+    remove_temporaries(folder)
     repair_backup(folder)
+    finished = os.path.join(backup, FIT_FINISHED)
+    if os.path.exists(finished) and os.path.exists(os.path.join(folder, "model.h5")):
+        # Killed after the fit, before the caller closed the stage: the checkpoint and history are final.
+        return read_history(os.path.join(folder, "history.json"))
     recorder = make_stage_recorder(folder, model_to_save)
     # The recorder writes history.json and model.h5 before the backup records the epoch as done,
-    # so a kill between the two redoes that epoch instead of losing it from the history.
-    callbacks = [recorder, keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
+    # so a kill between the two redoes that epoch instead of losing it from the history. The
+    # backup outlives the fit (delete_checkpoint=False) until the caller's results are written.
+    callbacks = [recorder, keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
                  keras.callbacks.TerminateOnNaN(), *extra_callbacks]
     if args.patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=args.patience))
     model.fit(train_data, validation_data=val_data, epochs=args.epoch_num, callbacks=callbacks,
               verbose=args.verbose, shuffle=False)  # the pipeline shuffles
-    history = recorder.history or {}
+    # None when the backup already held the last epoch (a kill just before the finish mark)
+    history = recorder.history if recorder.history is not None else read_history(os.path.join(folder, "history.json"))
     losses = history.get("train_loss", [])
     if losses and (losses[-1] is None or not math.isfinite(losses[-1])):
         discard_backup(folder)  # it holds the NaN weights; a rerun must not resume from them
@@ -511,6 +534,7 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
         )
     if not os.path.exists(os.path.join(folder, "model.h5")):
         raise TrainingDiverged(f"no epoch produced a finite validation accuracy; nothing saved in {folder}")
+    write_json(finished, {"epochs": len(losses)})  # a rerun before discard_backup() skips straight to the results
     return history
 
 
@@ -532,6 +556,7 @@ def begin_stage(folder, args, ignore=()):
     so a finished run can be extended).
     """
     check_output_folder(folder)
+    remove_temporaries(folder)
     config_path = os.path.join(folder, "config.json")
     arguments = json.loads(json.dumps(vars(args), default=str))
     previous = read_json(config_path, "config") if os.path.exists(config_path) else None
@@ -551,7 +576,10 @@ def begin_stage(folder, args, ignore=()):
                 f"{folder} holds a run with other arguments ({', '.join(changed)}); "
                 "pass --overwrite to replace it or choose another folder"
             )
-        return "done" if previous.get("complete") else "resume"
+        if previous.get("complete"):
+            discard_backup(folder)  # a kill after the stage was marked complete can leave it behind
+            return "done"
+        return "resume"
     write_config(folder, args, complete=False)
     return "fresh"
 
@@ -640,6 +668,14 @@ def discard_backup(folder):
     import shutil
 
     shutil.rmtree(os.path.join(folder, "backup"), ignore_errors=True)
+
+
+def remove_temporaries(folder):
+    """Delete the temporary files of writes a kill interrupted (`write_atomically` names them .tmp-*)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(folder, name))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,3 +48,50 @@ def assert_one_line_error(completed):
     assert len(lines) == 1, completed.stderr
     assert "Traceback" not in completed.stderr
     return lines[0]
+
+
+def kill_when(arguments, condition, timeout=300, stdout=None):
+    """Start a script run (`arguments`: script, then flags) and SIGKILL it as soon as `condition()` holds.
+
+    Fails if the run ends or stalls first. `stdout`: an open file for the run's output (else discarded).
+    """
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, *map(str, arguments)], cwd=REPO,
+                               stdout=stdout or subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            if process.poll() is not None:
+                pytest.fail(f"{arguments[0]} ended (exit {process.returncode}) before it reached the kill point")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{arguments[0]} never reached the kill point")
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def temporaries(folder):
+    """Files of writes still in progress (training.write_atomically's .tmp-*) anywhere under `folder`."""
+    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.startswith(".tmp-")]
+
+
+def assert_files_whole(folder):
+    """Every checkpoint and JSON file under `folder` (Keras' own backup aside) opens completely."""
+    import json
+
+    import keras
+
+    for root, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if name != "backup"]
+        for name in names:
+            path = os.path.join(root, name)
+            if name.startswith(".tmp-"):
+                continue
+            if name.endswith(".h5"):
+                keras.models.load_model(path, compile=False)
+            elif name.endswith(".json"):
+                with open(path) as handle:
+                    json.load(handle)

@@ -1,32 +1,14 @@
-"""SIGKILL a real stage run, rerun the same command: it resumes and the files stay whole."""
+"""SIGKILL real stage runs at every phase, rerun the same command: each rerun resumes where the
+last good state was, the files stay whole, and a finished fit is never trained again."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import keras
 import pytest
 
-from conftest import REPO, run_script
-
-
-def kill_when(arguments, condition, timeout=300):
-    """Start `arguments` as a script run and SIGKILL it as soon as `condition()` holds."""
-    process = subprocess.Popen([sys.executable, *arguments], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    try:
-        while not condition():
-            if process.poll() is not None:
-                pytest.fail(f"{arguments[0]} finished before it could be killed")
-            if time.time() > deadline:
-                pytest.fail(f"{arguments[0]} never reached the kill point")
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+import training
+from conftest import assert_files_whole, kill_when, run_script, temporaries
 
 
 def epochs_recorded(folder):
@@ -37,26 +19,45 @@ def epochs_recorded(folder):
         return 0
 
 
-def test_base_training_resumes_after_sigkill_with_whole_files(tmp_path, data_flags):
+def read_files(folder, names):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in names}
+
+
+def kill_at_every_phase(arguments, folder, epochs):
+    """Kill a fitting stage run before its first epoch, mid-write (or at the latest after epoch 1),
+    after epoch 2 and after its fit, before the test evaluation closes the stage; check the files
+    after each kill. Returns model.h5 and history.json as they were at the last kill."""
+    kill_when(arguments, lambda: os.path.exists(os.path.join(folder, "config.json")))
+    assert not os.path.exists(os.path.join(folder, "model.h5"))  # nothing usable yet: the rerun starts over
+    kill_when(arguments, lambda: temporaries(folder) or epochs_recorded(folder) >= 1)
+    assert_files_whole(folder)
+    kill_when(arguments, lambda: epochs_recorded(folder) >= 2)
+    assert_files_whole(folder)
+    assert keras.models.load_model(os.path.join(folder, "model.h5"), compile=False)  # the last good checkpoint
+    kill_when(arguments, lambda: os.path.exists(os.path.join(folder, "backup", training.FIT_FINISHED)))
+    assert_files_whole(folder)
+    assert epochs_recorded(folder) == epochs
+    return read_files(folder, ["model.h5", "history.json"])
+
+
+def test_base_training_resumes_after_sigkill_at_every_phase_with_whole_files(tmp_path, data_flags):
     folder = str(tmp_path / "base_model")
     arguments = ["train_base_model.py", "--save_folder", folder, "--width", "0.0625", "--train_size", "256",
                  "--epoch_num", "4", "--batch_size", "64", "--warmup_epochs", "0", "--verbose", "0", *data_flags]
-    # Killed before any epoch finished: nothing usable yet, the rerun starts over.
-    kill_when(arguments, lambda: os.path.exists(os.path.join(folder, "config.json")))
-    assert not os.path.exists(os.path.join(folder, "model.h5"))
-    # Killed after two finished epochs: the rerun continues from epoch 3.
-    kill_when(arguments, lambda: epochs_recorded(folder) >= 2)
-    assert keras.models.load_model(os.path.join(folder, "model.h5"), compile=False)  # last good checkpoint is whole
+    fitted = kill_at_every_phase(arguments, folder, epochs=4)
     completed = run_script(*arguments)
     assert "resuming" in completed.stdout
+    # Killed after the fit: the rerun only evaluated and closed, it did not train again.
+    assert read_files(folder, ["model.h5", "history.json"]) == fitted
     history = json.load(open(os.path.join(folder, "history.json")))
     assert all(len(history[key]) == 4 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"))
-    # The schedule continued where it stopped: cosine decay per step over 4 epochs of 4 steps.
+    # The schedule continued across the kills: cosine decay per step over 4 epochs of 4 steps.
     schedule = keras.optimizers.schedules.CosineDecay(0.01, decay_steps=16)
     expected = [float(schedule(4 * (epoch + 1))) for epoch in range(4)]
     assert history["lr"] == pytest.approx(expected, abs=1e-7)
-    assert sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]
-    assert json.load(open(os.path.join(folder, "config.json")))["complete"]
+    assert sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]  # no backup, no temporaries
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config["complete"] and config["results"]["best_val_acc"] == max(history["val_acc"])
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -66,7 +67,6 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
     import data
     import model as resnet
-    import training
 
     split = data.load_split("sample", train_size=128)
     args = argparse.Namespace(epoch_num=4, learning_rate=0.01, momentum=0.9, weight_decay=0.0, label_smoothing=0.0,
@@ -91,8 +91,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(folder, "backup"))  # a rerun must not resume from NaN weights
 
 
-def test_distillation_resumes_after_sigkill_with_whole_files(tmp_path, data_flags):
-    import training
+def test_distillation_resumes_after_sigkill_at_every_phase_with_whole_files(tmp_path, data_flags):
     import model as resnet
 
     teacher = tmp_path / "iter1"
@@ -102,10 +101,11 @@ def test_distillation_resumes_after_sigkill_with_whole_files(tmp_path, data_flag
     arguments = ["knowledge_distillation.py", f"--root_folder={teacher}", "--save_folder", folder,
                  "--student_stage_widths", "4,4,8,8", "--train_size", "256", "--epoch_num", "3", "--batch_size", "64",
                  "--verbose", "0", *data_flags]
-    kill_when(arguments, lambda: epochs_recorded(folder) >= 1)
-    assert keras.models.load_model(os.path.join(folder, "model.h5"), compile=False)
+    fitted = kill_at_every_phase(arguments, folder, epochs=3)
     completed = run_script(*arguments)
     assert "resuming" in completed.stdout
+    assert read_files(folder, ["model.h5", "history.json"]) == fitted
     history = json.load(open(os.path.join(folder, "history.json")))
     assert all(len(values) == 3 for values in history.values())
     assert sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]
+    assert json.load(open(os.path.join(folder, "config.json")))["complete"]

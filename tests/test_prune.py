@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import keras
 import numpy as np
@@ -16,7 +12,7 @@ import model as resnet
 import prune
 import prune_model
 import training
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import REPO, assert_files_whole, assert_one_line_error, kill_when, run_script, temporaries
 
 WIDTH = 0.0625  # stem 4, blocks 4..32, stages 16..128: every layer prunable, cheap to trace
 
@@ -294,16 +290,21 @@ def folder_state(root):
 
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory, base_path, data_flags):
-    """Two iterations with --prune_residual, SIGKILLed after the first fine-tuning epoch of
-    iteration 2, then rerun with the same command."""
+    """Two iterations with --prune_residual, SIGKILLed three times: mid-pruning of iteration 1,
+    after the first fine-tuning epoch of iteration 2, and after iteration 2's fine-tuning but
+    before its record; then rerun with the same command."""
     root = tmp_path_factory.mktemp("pruning") / "run"
     arguments = ["--base_model_path", base_path, "--root_folder", root, "--prune_iter", 2, "--prune_residual",
                  "--epoch_num", 2, "--train_size", 256, "--apoz_samples", 256, "--batch_size", 256, "--verbose", 2,
                  *data_flags]
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, "prune_model.py"), *map(str, arguments)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill once iteration 2's first fine-tuning epoch is fully backed up (the metadata is the
-    # backup's last write), so the rerun must resume at epoch 2.
+    script = [os.path.join(REPO, "prune_model.py"), *arguments]
+    # 1. APoZ written, surgery not yet marked usable (pruned.json is the last write): redone on rerun.
+    kill_when(script, lambda: (root / "iter1" / "apoz.json").exists())
+    assert not (root / "summary.json").exists() or not json.loads((root / "summary.json").read_text())["iterations"]
+    assert_files_whole(root)
+
+    # 2. Once iteration 2's first fine-tuning epoch is fully backed up (the metadata is the backup's
+    # last write), so the rerun must resume at epoch 2.
     marker = root / "iter2" / "backup" / "training_metadata.json"
 
     def first_epoch_backed_up():
@@ -312,19 +313,20 @@ def interrupted_run(tmp_path_factory, base_path, data_flags):
         except (OSError, ValueError, KeyError):
             return False
 
-    deadline = time.monotonic() + 600
-    while not first_epoch_backed_up() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    still_running = process.poll() is None
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert still_running and first_epoch_backed_up(), "the run ended or stalled before iteration 2 fine-tuned an epoch"
+    kill_when(script, first_epoch_backed_up, timeout=600)
+    assert_files_whole(root)
     at_kill = {
         "summary": json.loads((root / "summary.json").read_text()),
         "pruned": json.loads((root / "iter2" / "pruned.json").read_text()),
         "apoz": (root / "iter2" / "apoz.json").read_bytes(),
         "iter1": {name: (root / "iter1" / name).read_bytes() for name in ("model.h5", "history.json", "apoz.json")},
     }
+    # 3. Fine-tuning finished, the iteration not yet recorded in summary.json.
+    with open(root.parent / "resumed.log", "w") as log:
+        kill_when(script, lambda: (root / "iter2" / "backup" / training.FIT_FINISHED).exists(), stdout=log)
+    assert_files_whole(root)
+    at_kill["resumed"] = (root.parent / "resumed.log").read_text()
+    at_kill["iter2"] = {name: (root / "iter2" / name).read_bytes() for name in ("model.h5", "history.json")}
     rerun = run_script("prune_model.py", *arguments)
     return root, arguments, at_kill, rerun
 
@@ -332,15 +334,19 @@ def interrupted_run(tmp_path_factory, base_path, data_flags):
 def test_interrupted_run_resumes_and_completes(interrupted_run):
     root, _, at_kill, rerun = interrupted_run
     assert [record["iteration"] for record in at_kill["summary"]["iterations"]] == [1]
-    # iteration 1 was complete and is reused as is; iteration 2 resumes its fine-tuning at epoch 2
+    # iteration 1 was complete and is reused as is; iteration 2 resumed its fine-tuning at epoch 2
     assert all((root / "iter1" / name).read_bytes() == content for name, content in at_kill["iter1"].items())
     assert (root / "iter2" / "apoz.json").read_bytes() == at_kill["apoz"]
-    assert "resuming the fine-tuning" in rerun.stdout
-    assert "Epoch 2/2" in rerun.stdout and "Epoch 1/2" not in rerun.stdout
+    assert "resuming the fine-tuning" in at_kill["resumed"]
+    assert "Epoch 2/2" in at_kill["resumed"] and "Epoch 1/2" not in at_kill["resumed"]
+    # the last rerun found the fine-tuning finished: no epoch again, the files as they were
+    assert "Epoch" not in rerun.stdout
+    assert all((root / "iter2" / name).read_bytes() == content for name, content in at_kill["iter2"].items())
     summary = json.loads((root / "summary.json").read_text())
     assert summary["iterations"][1]["val_acc_pruned"] == at_kill["pruned"]["val_acc_pruned"]
     assert summary["base"] == at_kill["summary"]["base"]
     assert json.loads((root / "config.json").read_text())["complete"] is True
+    assert not temporaries(root)
 
 
 def test_finished_run_files_are_complete_and_consistent(interrupted_run):
