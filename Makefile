@@ -37,7 +37,7 @@ figures: install
 	$(PY) plot_train_history.py --figures --table results.md
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean-demo:
 	rm -rf $(DEMO) images/demo

@@ -3,7 +3,8 @@
     python evaluate_model.py --model_path=./model/base_model/model.h5
 
 Prints test and validation accuracy, parameters, MACs, file size and CPU latency (batch 1 and
-128); against --base_model_path also the compression rate, MAC ratio and measured speed-up.
+128) in TensorFlow and as a float32 TFLite model; against --base_model_path also the compression
+rate, MAC ratio and measured speed-ups.
 --export_tflite also writes float32 and int8 TFLite models beside the model (see export_model.py).
 """
 
@@ -76,8 +77,15 @@ def measure(path, split, batch_size, repeats):
         "width_spec": spec,
     }
     if repeats:
+        import export_model
+
         result["latency_ms_batch1"] = 1e3 * measure_latency(network, 1, repeats)
         result["latency_ms_batch128"] = 1e3 * measure_latency(network, 128, max(3, repeats // 4))
+        # The deployed form: TFLite float32 (BatchNorm folded, XNNPACK), where per-op overhead is small.
+        content = export_model.float_tflite(network)
+        result["tflite_latency_ms_batch1"] = 1e3 * export_model.tflite_latency(content, 1, repeats, input_shape=network.input_shape[1:])
+        result["tflite_latency_ms_batch128"] = 1e3 * export_model.tflite_latency(content, 128, max(3, repeats // 4),
+                                                                                 input_shape=network.input_shape[1:])
     return result
 
 
@@ -98,9 +106,10 @@ def main(argv=None):
         result["base"] = {key: base[key] for key in base if key != "width_spec"}
         result["compression_rate"] = base["parameters"] / result["parameters"]
         result["mac_ratio"] = base["macs"] / result["macs"]
-        for batch in ("batch1", "batch128"):
-            if f"latency_ms_{batch}" in result:
-                result[f"speedup_{batch}"] = base[f"latency_ms_{batch}"] / result[f"latency_ms_{batch}"]
+        for runtime in ("", "tflite_"):
+            for batch in ("batch1", "batch128"):
+                if f"{runtime}latency_ms_{batch}" in result:
+                    result[f"{runtime}speedup_{batch}"] = base[f"{runtime}latency_ms_{batch}"] / result[f"{runtime}latency_ms_{batch}"]
     print(format_report(result))
     if args.json:
         training.write_json(args.json, result)
@@ -125,13 +134,14 @@ def format_report(result):
         f"file size        {result['file_mb']:.2f} MB",
     ]
     if "latency_ms_batch1" in result:
-        lines += [f"latency batch 1  {result['latency_ms_batch1']:.2f} ms",
-                  f"latency batch 128 {result['latency_ms_batch128']:.1f} ms"]
+        lines += [f"latency batch 1  {result['latency_ms_batch1']:.2f} ms TensorFlow, {result['tflite_latency_ms_batch1']:.2f} ms TFLite float32",
+                  f"latency batch 128 {result['latency_ms_batch128']:.1f} ms TensorFlow, {result['tflite_latency_ms_batch128']:.1f} ms TFLite float32"]
     if "base" in result:
         lines += [f"compression rate {result['compression_rate']:.2f}x parameters against {result['base']['model_path']}",
                   f"MAC ratio        {result['mac_ratio']:.2f}x"]
         if "speedup_batch1" in result:
-            lines += [f"speed-up         {result['speedup_batch1']:.2f}x at batch 1, {result['speedup_batch128']:.2f}x at batch 128"]
+            lines += [f"speed-up         {result['speedup_batch1']:.2f}x at batch 1, {result['speedup_batch128']:.2f}x at batch 128 (TensorFlow); "
+                      f"{result['tflite_speedup_batch1']:.2f}x, {result['tflite_speedup_batch128']:.2f}x (TFLite float32)"]
     return "\n".join(lines)
 
 

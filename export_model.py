@@ -78,6 +78,13 @@ def convert_float(saved_model_folder):
         return tf.lite.TFLiteConverter.from_saved_model(saved_model_folder).convert()
 
 
+def float_tflite(network):
+    """`network` as a float32 TFLite flatbuffer (BatchNorm folded into the convolutions by the converter)."""
+    with tempfile.TemporaryDirectory(prefix="export-") as saved_model_folder:
+        write_inference_saved_model(network, saved_model_folder)
+        return convert_float(saved_model_folder)
+
+
 def calibrate(float_model, images, batch_size):
     """`float_model` (a flatbuffer) with TFLite's calibration ranges recorded on `images` (raw 0-255 pixels).
 
@@ -203,6 +210,29 @@ def tflite_predict(content, images, batch_size):
     return np.concatenate(outputs)
 
 
+def tflite_latency(content, batch_size, repeats, warmup=2, input_shape=(32, 32, 3)):
+    """Median seconds of one interpreter invoke on `batch_size` images (all usable cores, XNNPACK)."""
+    import statistics
+
+    import numpy as np
+
+    interpreter = make_interpreter(content)
+    input_index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(input_index, (batch_size, *input_shape))
+    with training.silenced_stderr():
+        interpreter.allocate_tensors()
+    images = np.random.default_rng(0).integers(0, 256, (batch_size, *input_shape)).astype(np.float32)
+    interpreter.set_tensor(input_index, images)
+    for _ in range(warmup):
+        interpreter.invoke()
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        interpreter.invoke()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
 def tflite_accuracy(content, images, labels, batch_size):
     import numpy as np
 
@@ -266,9 +296,7 @@ def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_i
         keras_test_acc = evaluate_model.accuracy(network, split.x_test, split.y_test, batch_size)
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="export-") as saved_model_folder:
-        write_inference_saved_model(network, saved_model_folder)
-        float_model = convert_float(saved_model_folder)
+    float_model = float_tflite(network)
     float_seconds = time.perf_counter() - started
     started = time.perf_counter()
     int8_model, int8_details = convert_int8(float_model, split, calibration_images, calibration_percentile, seed, batch_size)

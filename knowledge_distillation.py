@@ -32,6 +32,7 @@ def unit_interval(text):
 
 
 def parse_args(argv=None):
+    training.import_tensorflow()  # quietly, before distillation (Keras) for its regressor names
     import distillation
 
     parser = training.Parser(description="Distil a (pruned) teacher ResNet50 into a small student ResNet50.")

@@ -21,6 +21,9 @@ $PY train_base_model.py --save_folder=./model/base_model --width 0.25 --epoch_nu
     --data_dir "$DATA_DIR" --verbose 2
 $PY prune_model.py --prune_iter=15 --epoch_num 4 --patience 2 --warmup_epochs 0 --learning_rate 0.01 \
     --data_dir "$DATA_DIR" --verbose 2
+# Residual streams pruned too: fewer iterations reach the same compression, and latency follows (README, "Speed").
+$PY prune_model.py --root_folder ./model/pruned_residual --prune_residual --prune_iter=6 --epoch_num 4 --patience 2 \
+    --warmup_epochs 0 --learning_rate 0.01 --data_dir "$DATA_DIR" --verbose 2
 $PY knowledge_distillation.py --root_folder=$TEACHER --save_folder=./model/kd_model/student_alone --no_teacher $KD
 $PY knowledge_distillation.py --root_folder=$TEACHER --save_folder=./model/kd_model/backbone \
     --lambda1=0.7 --lambda2=0 --lambda3=0 $KD
@@ -30,6 +33,7 @@ $PY knowledge_distillation.py --root_folder=$TEACHER --save_folder=./model/kd_mo
 $PY knowledge_distillation.py --root_folder=$TEACHER --save_folder=./model/kd_model/all_three \
     --lambda1=0.7 --lambda2=0.3 --lambda3=0.2 --regressor_name=vid $KD
 for model in ./model/base_model ./model/pruned_model/iter5 ./model/pruned_model/iter10 $TEACHER \
+             ./model/pruned_residual/iter3 ./model/pruned_residual/iter6 \
              ./model/kd_model/student_alone ./model/kd_model/backbone ./model/kd_model/backbone_intermediate \
              ./model/kd_model/all_three; do
     $PY evaluate_model.py --model_path=$model/model.h5 --data_dir "$DATA_DIR" --json $model/evaluation.json

@@ -6,9 +6,10 @@
    surgery time of a full-width ResNet50 (benchmarks/prune_speed.py);
 2. a distillation step against (teacher forward + student training step) (target <= 1.25x)
    (benchmarks/distillation_speed.py);
-3. the base model against each compressed model: MAC ratio and measured CPU latency speed-up at
-   batch 1 and batch 128 (target: speed-up >= 0.6x the MAC ratio at batch 128), base and model
-   timed alternately so that machine load hits both alike.
+3. the base model against each compressed model: MAC ratio, activation ratio (memory traffic) and
+   measured CPU latency speed-up at batch 1 and batch 128 (target: speed-up >= 0.6x the MAC ratio
+   at batch 128), in TensorFlow and as float32 TFLite, base and model timed alternately so that
+   machine load hits both alike.
 """
 
 import argparse
@@ -23,17 +24,24 @@ sys.path.insert(0, HERE)
 import training  # noqa: E402
 
 COMPRESSED = ("./model/pruned_model/iter5", "./model/pruned_model/iter10", "./model/pruned_model/iter15",
-              "./model/kd_model/all_three")
+              "./model/pruned_residual/iter3", "./model/pruned_residual/iter6", "./model/kd_model/all_three")
 
 
-def alternating_latency(first, second, batch_size, rounds):
-    """Median latency (s) of two models at `batch_size`, measured in alternating rounds."""
+def alternating_latency(first, second, batch_size, rounds, runtime="tensorflow"):
+    """Median latency (s) of two models at `batch_size`, measured in alternating rounds.
+
+    `first`/`second`: Keras models (runtime "tensorflow") or float32 TFLite flatbuffers ("tflite").
+    """
     import evaluate_model
+    import export_model
 
     timings = ([], [])
     for _ in range(rounds):
         for index, network in enumerate((first, second)):
-            timings[index].append(evaluate_model.measure_latency(network, batch_size, repeats=3, warmup=1))
+            if runtime == "tflite":
+                timings[index].append(export_model.tflite_latency(network, batch_size, repeats=5, warmup=1))
+            else:
+                timings[index].append(evaluate_model.measure_latency(network, batch_size, repeats=3, warmup=1))
     return statistics.median(timings[0]), statistics.median(timings[1])
 
 
@@ -59,24 +67,31 @@ def main():
         print(f"\n== distillation step against teacher forward + student step (teacher {teacher})")
         distillation_speed.main(["--teacher_path", teacher] if os.path.exists(teacher) else [])
     if "latency" not in args.skip:
+        import export_model
         import model as resnet
 
-        print("\n== base against compressed models: MAC ratio and CPU latency speed-up")
+        print("\n== base against compressed models: MAC ratio and CPU latency speed-up, in TensorFlow (tf.function)"
+              " and as float32 TFLite (XNNPACK)")
         base = training.load_model(args.base_model_path, "base model")
-        base_macs = resnet.count_macs(base)[1]
-        print(f"{'model':40s} {'MAC ratio':>9s} {'speed-up b1':>11s} {'speed-up b128':>13s} {'b128 / MAC ratio':>16s}")
+        base_tflite = export_model.float_tflite(base)
+        base_macs, base_activations = resnet.count_macs(base)[1], resnet.count_activations(base)
+        print(f"{'model':36s} {'MACs':>6s} {'activ.':>6s} {'TF b1':>6s} {'TF b128':>7s} {'/MACs':>5s} "
+              f"{'TFLite b1':>9s} {'TFLite b128':>11s} {'/MACs':>5s}")
         for folder in args.models:
             path = os.path.join(folder, "model.h5")
             if not os.path.exists(path):
-                print(f"{folder:40s} (missing)")
+                print(f"{folder:36s} (missing)")
                 continue
             network = training.load_model(path)
             mac_ratio = base_macs / resnet.count_macs(network)[1]
-            speedups = []
-            for batch_size in (1, 128):
-                base_seconds, seconds = alternating_latency(base, network, batch_size, args.rounds)
-                speedups.append(base_seconds / seconds)
-            print(f"{folder:40s} {mac_ratio:8.2f}x {speedups[0]:10.2f}x {speedups[1]:12.2f}x {speedups[1] / mac_ratio:15.2f}x")
+            activation_ratio = base_activations / resnet.count_activations(network)
+            row = []
+            for runtime, pair in (("tensorflow", (base, network)), ("tflite", (base_tflite, export_model.float_tflite(network)))):
+                for batch_size in (1, 128):
+                    base_seconds, seconds = alternating_latency(*pair, batch_size, args.rounds, runtime)
+                    row.append(base_seconds / seconds)
+            print(f"{folder:36s} {mac_ratio:5.2f}x {activation_ratio:5.2f}x {row[0]:5.2f}x {row[1]:6.2f}x {row[1] / mac_ratio:5.2f} "
+                  f"{row[2]:8.2f}x {row[3]:10.2f}x {row[3] / mac_ratio:5.2f}")
         # The same comparison at full width, where arithmetic rather than per-layer overhead dominates.
         import numpy as np
 
@@ -89,7 +104,7 @@ def main():
         mac_ratio = resnet.count_macs(full)[1] / resnet.count_macs(halved)[1]
         base_seconds, seconds = alternating_latency(full, halved, 128, args.rounds)
         speedup = base_seconds / seconds
-        print(f"{'full width, inner channels halved':40s} {mac_ratio:8.2f}x {'':>11s} {speedup:12.2f}x {speedup / mac_ratio:15.2f}x")
+        print(f"full width, inner channels halved: MACs {mac_ratio:.2f}x, TF b128 {speedup:.2f}x ({speedup / mac_ratio:.2f} of the MAC ratio)")
 
 
 if __name__ == "__main__":

@@ -50,10 +50,11 @@ def assert_one_line_error(completed):
     return lines[0]
 
 
-def kill_when(arguments, condition, timeout=300, stdout=None):
+def kill_when(arguments, condition, timeout=300, stdout=None, may_finish=False):
     """Start a script run (`arguments`: script, then flags) and SIGKILL it as soon as `condition()` holds.
 
-    Fails if the run ends or stalls first. `stdout`: an open file for the run's output (else discarded).
+    Fails if the run ends (unless `may_finish`: then returns False) or stalls first; returns True
+    once killed. `stdout`: an open file for the run's output (else discarded).
     """
     import signal
     import time
@@ -64,13 +65,17 @@ def kill_when(arguments, condition, timeout=300, stdout=None):
     try:
         while not condition():
             if process.poll() is not None:
+                if may_finish:
+                    return False
                 pytest.fail(f"{arguments[0]} ended (exit {process.returncode}) before it reached the kill point")
             if time.monotonic() > deadline:
                 pytest.fail(f"{arguments[0]} never reached the kill point")
             time.sleep(0.01)
     finally:
-        process.send_signal(signal.SIGKILL)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
         process.wait()
+    return True
 
 
 def temporaries(folder):

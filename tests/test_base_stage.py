@@ -66,6 +66,7 @@ def test_evaluate_reports_accuracy_size_and_compression(base_run, data_flags, tm
     expected_rate = resnet.parameter_count(resnet.width_spec(0.125), "cifar") / small.count_params()
     assert result["compression_rate"] == pytest.approx(expected_rate)
     assert result["mac_ratio"] > 1 and result["latency_ms_batch1"] > 0 and "speedup_batch128" in result
+    assert result["tflite_latency_ms_batch128"] > 0 and "tflite_speedup_batch128" in result
     assert "compression rate" in completed.stdout and "test accuracy" in completed.stdout
 
 

@@ -33,8 +33,12 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tiny_model):
     """One real export, by default beside the model."""
+    import time
+
     _, path = tiny_model
+    started = time.monotonic()
     completed = run_script("export_model.py", "--model_path", path, "--dataset", "sample", "--batch_size", "64")
+    completed.seconds = time.monotonic() - started  # the kill test aims at moments of such a run
     return os.path.dirname(path), completed
 
 
@@ -152,3 +156,26 @@ def test_bad_model_is_one_line_and_writes_nothing(case, tmp_path):
     line = assert_one_line_error(completed)
     assert {"missing": "no model at", "not_hdf5": "not an HDF5"}[case] in line
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_export_killed_at_any_moment_keeps_whole_files_and_reruns_clean(exported, tiny_model):
+    """SIGKILL re-exports late in their run (conversion, testing or the writes); every file stays
+    whole (the last good export, or the new one), and a rerun leaves no temporaries."""
+    import time
+
+    from conftest import kill_when, temporaries
+
+    out_dir, first = exported
+    arguments = ["export_model.py", "--model_path", tiny_model[1], "--dataset", "sample", "--batch_size", "64"]
+    duration = first.seconds
+    killed = []
+    for fraction in (0.6, 0.85):  # of the first run's duration: late, yet before the end under varying load
+        begun = time.monotonic()
+        killed.append(kill_when(arguments, lambda: time.monotonic() - begun > fraction * duration or temporaries(out_dir),
+                                may_finish=True))
+        for kind in ("float32", "int8"):
+            export_model.tflite_predict(read(os.path.join(out_dir, f"model_{kind}.tflite")), np.zeros((2, 32, 32, 3)), 2)
+        json.load(open(os.path.join(out_dir, "export.json")))
+    assert any(killed), "every re-export ended before its kill"
+    run_script(*arguments)
+    assert sorted(os.listdir(out_dir)) == ["export.json", "model.h5", "model_float32.tflite", "model_int8.tflite"]
