@@ -83,9 +83,8 @@ def measure(path, split, batch_size, repeats):
         result["latency_ms_batch128"] = 1e3 * measure_latency(network, 128, max(3, repeats // 4))
         # The deployed form: TFLite float32 (BatchNorm folded, XNNPACK), where per-op overhead is small.
         content = export_model.float_tflite(network)
-        result["tflite_latency_ms_batch1"] = 1e3 * export_model.tflite_latency(content, 1, repeats, input_shape=network.input_shape[1:])
-        result["tflite_latency_ms_batch128"] = 1e3 * export_model.tflite_latency(content, 128, max(3, repeats // 4),
-                                                                                 input_shape=network.input_shape[1:])
+        result["tflite_latency_ms_batch1"] = 1e3 * export_model.tflite_latency(content, 1, repeats)
+        result["tflite_latency_ms_batch128"] = 1e3 * export_model.tflite_latency(content, 128, max(3, repeats // 4))
     return result
 
 

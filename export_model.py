@@ -210,14 +210,15 @@ def tflite_predict(content, images, batch_size):
     return np.concatenate(outputs)
 
 
-def tflite_latency(content, batch_size, repeats, warmup=2, input_shape=(32, 32, 3)):
+def tflite_latency(content, batch_size, repeats, warmup=2):
     """Median seconds of one interpreter invoke on `batch_size` images (all usable cores, XNNPACK)."""
     import statistics
 
     import numpy as np
 
     interpreter = make_interpreter(content)
-    input_index = interpreter.get_input_details()[0]["index"]
+    details = interpreter.get_input_details()[0]
+    input_index, input_shape = details["index"], tuple(int(size) for size in details["shape"][1:])
     interpreter.resize_tensor_input(input_index, (batch_size, *input_shape))
     with training.silenced_stderr():
         interpreter.allocate_tensors()

@@ -73,15 +73,20 @@ def scale_width(width, multiplier):
     return max(1, int(round(width * multiplier)))
 
 
+def map_widths(spec, function):
+    """A copy of `spec` with `function(width)` for every filter count."""
+    return {
+        "stem": function(spec["stem"]),
+        "blocks": [[function(w) for w in pair] for pair in spec["blocks"]],
+        "stages": [function(w) for w in spec["stages"]],
+    }
+
+
 def scale_spec(spec, multiplier):
     """Multiply every filter count of `spec` by `multiplier` (at least one filter each)."""
     if not (np.isfinite(multiplier) and multiplier > 0):
         raise ValueError(f"width multiplier must be a positive number, got {multiplier}")
-    return {
-        "stem": scale_width(spec["stem"], multiplier),
-        "blocks": [[scale_width(w, multiplier) for w in pair] for pair in spec["blocks"]],
-        "stages": [scale_width(w, multiplier) for w in spec["stages"]],
-    }
+    return map_widths(spec, lambda width: scale_width(width, multiplier))
 
 
 def width_spec(multiplier=1.0):

@@ -213,6 +213,7 @@ def check_output_folder(folder):
 # Files: written whole or not at all
 
 
+TEMPORARY_PREFIX = ".tmp-"  # of write_atomically's files; a kill mid-write leaves them for remove_temporaries
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -223,7 +224,7 @@ def write_atomically(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = os.path.splitext(path)[1]
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=suffix)
     os.close(handle)
     try:
         write(temporary)
@@ -671,10 +672,10 @@ def discard_backup(folder):
 
 
 def remove_temporaries(folder):
-    """Delete the temporary files of writes a kill interrupted (`write_atomically` names them .tmp-*)."""
+    """Delete the temporary files of writes a kill interrupted (see `write_atomically`)."""
     if os.path.isdir(folder):
         for name in os.listdir(folder):
-            if name.startswith(".tmp-"):
+            if name.startswith(TEMPORARY_PREFIX):
                 os.remove(os.path.join(folder, name))
 
 

@@ -21,10 +21,10 @@ MODELS = ("./model/pruned_model/iter15", "./model/pruned_residual/iter6", "./mod
 
 
 def rounded_spec(spec, multiple):
-    """`spec` with every width rounded up to a multiple of `multiple` (what --round_to does at selection)."""
-    up = lambda width: int(math.ceil(width / multiple) * multiple)  # noqa: E731
-    return {"stem": up(spec["stem"]), "blocks": [[up(a), up(b)] for a, b in spec["blocks"]],
-            "stages": [up(width) for width in spec["stages"]]}
+    """`spec` with every width rounded up to a multiple of `multiple` (as --round_to rounds the pruned widths)."""
+    import model as resnet
+
+    return resnet.map_widths(spec, lambda width: int(math.ceil(width / multiple) * multiple))
 
 
 def main():

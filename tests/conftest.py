@@ -79,8 +79,9 @@ def kill_when(arguments, condition, timeout=300, stdout=None, may_finish=False):
 
 
 def temporaries(folder):
-    """Files of writes still in progress (training.write_atomically's .tmp-*) anywhere under `folder`."""
-    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.startswith(".tmp-")]
+    """Files of writes still in progress (training.write_atomically's temporaries) anywhere under `folder`."""
+    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+            if name.startswith(training.TEMPORARY_PREFIX)]
 
 
 def assert_files_whole(folder):
@@ -93,7 +94,7 @@ def assert_files_whole(folder):
         folders[:] = [name for name in folders if name != "backup"]
         for name in names:
             path = os.path.join(root, name)
-            if name.startswith(".tmp-"):
+            if name.startswith(training.TEMPORARY_PREFIX):
                 continue
             if name.endswith(".h5"):
                 keras.models.load_model(path, compile=False)

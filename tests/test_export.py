@@ -3,6 +3,7 @@ report honest accuracies, and refuse bad input cleanly."""
 
 import json
 import os
+import time
 
 import keras
 import numpy as np
@@ -12,7 +13,7 @@ import data
 import export_model
 import model as resnet
 import training
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, kill_when, run_script, temporaries
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,6 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tiny_model):
     """One real export, by default beside the model."""
-    import time
-
     _, path = tiny_model
     started = time.monotonic()
     completed = run_script("export_model.py", "--model_path", path, "--dataset", "sample", "--batch_size", "64")
@@ -161,10 +160,6 @@ def test_bad_model_is_one_line_and_writes_nothing(case, tmp_path):
 def test_export_killed_at_any_moment_keeps_whole_files_and_reruns_clean(exported, tiny_model):
     """SIGKILL re-exports late in their run (conversion, testing or the writes); every file stays
     whole (the last good export, or the new one), and a rerun leaves no temporaries."""
-    import time
-
-    from conftest import kill_when, temporaries
-
     out_dir, first = exported
     arguments = ["export_model.py", "--model_path", tiny_model[1], "--dataset", "sample", "--batch_size", "64"]
     duration = first.seconds
