@@ -45,6 +45,12 @@ class Split:
     def sizes(self):
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
 
+    def fingerprint(self):
+        """A digest of every image and label: the same data wherever it was read from."""
+        from files import fingerprint_arrays
+
+        return fingerprint_arrays(self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)
+
 
 def _decode_batch(raw):
     batch = pickle.loads(raw, encoding="bytes")

@@ -344,8 +344,9 @@ class Distiller(keras.Model):
         with tf.GradientTape(persistent=self.discriminator is not None) as tape:
             student_logits, terms, d_loss = self.compute_terms(images, labels, training=True)
             loss = self.total_loss(terms)
-            scaled_loss = loss / replicas
-            scaled_d_loss = None if d_loss is None else d_loss / replicas
+            # scale_loss: mixed_float16's loss scaling (identity otherwise); apply() unscales.
+            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+            scaled_d_loss = None if d_loss is None else self.discriminator_optimizer.scale_loss(d_loss / replicas)
         self.optimizer.apply(tape.gradient(scaled_loss, student_variables), student_variables)
         if d_loss is not None:
             # The student's loss depends on the discriminator too; only d_loss trains it.
@@ -418,13 +419,14 @@ def resolve_base_stage_widths(teacher, root_folder, base_model_path=None, defaul
     """
     import os
 
-    import training
+    import checkpoints
+    import cli
 
     teacher_description = resnet.describe_model(teacher)
     notes = []
 
     def from_file(path, what):
-        base = training.load_model(path, what)
+        base = checkpoints.load_model(path, what)
         description = resnet.describe_model(base)
         return description, base_mismatch(description, teacher_description)
 
@@ -444,7 +446,7 @@ def resolve_base_stage_widths(teacher, root_folder, base_model_path=None, defaul
     for path, what in candidates:
         try:
             description, mismatch = from_file(path, what)
-        except training.UserError as error:
+        except cli.UserError as error:
             notes.append(f"ignoring {what}: {error}")
             continue
         if mismatch:

@@ -12,22 +12,25 @@ import os
 import statistics
 import time
 
-import training
+import checkpoints
+import cli
+import metrics
+import files
 
 DEFAULT_BASE = "./model/base_model/model.h5"
 
 
 def parse_args(argv=None):
-    parser = training.Parser(description="Evaluate a ResNet50 checkpoint of any stage.")
+    parser = cli.Parser(description="Evaluate a ResNet50 checkpoint of any stage.")
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--base_model_path", default=None,
                         help=f"compare against this model (default {DEFAULT_BASE} when it exists)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--latency_repeats", type=training.non_negative_int, default=20,
+    parser.add_argument("--latency_repeats", type=cli.non_negative_int, default=20,
                         help="timed repeats per batch size after warm-up (0 skips latency)")
     parser.add_argument("--export_tflite", action="store_true",
                         help="also write float32 and int8 TFLite models beside the model (export_model.py with its defaults)")
-    training.add_data_flags(parser)
+    cli.add_data_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -49,27 +52,17 @@ def measure_latency(network, batch_size, repeats, warmup=3):
     return statistics.median(timings)
 
 
-def accuracy(network, images, labels, batch_size):
-    import numpy as np
-
-    import data
-
-    if len(labels) == 0:
-        return None
-    probabilities = network.predict(data.make_dataset(images, labels, batch_size).map(lambda x, y: x), verbose=0)
-    return float(np.mean(np.argmax(probabilities, axis=1) == labels))
-
-
 def measure(path, split, batch_size, repeats):
     import model as resnet
 
-    network = training.load_model(path)
+    network = checkpoints.load_model(path)
     spec, stem, class_num, _ = resnet.describe_model(network)
     _, macs = resnet.count_macs(network)
     result = {
         "model_path": path,
-        "test_acc": accuracy(network, split.x_test, split.y_test, batch_size),
-        "val_acc": accuracy(network, split.x_val, split.y_val, batch_size),
+        "test_acc": metrics.accuracy(network, split.x_test, split.y_test, batch_size),
+        "test_images": len(split.y_test),
+        "val_acc": metrics.accuracy(network, split.x_val, split.y_val, batch_size),
         "parameters": resnet.count_parameters(network),
         "macs": macs,
         "file_mb": os.path.getsize(path) / 1e6,
@@ -93,11 +86,11 @@ def main(argv=None):
     import data
 
     base_path = args.base_model_path or (DEFAULT_BASE if os.path.exists(DEFAULT_BASE) else None)
-    training.load_model(args.model_path)  # reject bad files before loading the data set
+    checkpoints.load_model(args.model_path)  # reject bad files before loading the data set
     if base_path:
-        training.load_model(base_path, "base model")
+        checkpoints.load_model(base_path, "base model")
     if args.json and os.path.isdir(args.json):
-        raise training.UserError(f"--json {args.json} is a folder")
+        raise cli.UserError(f"--json {args.json} is a folder")
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     result = measure(args.model_path, split, args.batch_size, args.latency_repeats)
     if base_path and os.path.abspath(base_path) != os.path.abspath(args.model_path):
@@ -111,7 +104,7 @@ def main(argv=None):
                     result[f"{runtime}speedup_{batch}"] = base[f"{runtime}latency_ms_{batch}"] / result[f"{runtime}latency_ms_{batch}"]
     print(format_report(result))
     if args.json:
-        training.write_json(args.json, result)
+        files.write_json(args.json, result)
     if args.export_tflite:
         import export_model
 
@@ -145,4 +138,4 @@ def format_report(result):
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

@@ -21,7 +21,10 @@ import tempfile
 import time
 import warnings
 
-import training
+import checkpoints
+import cli
+import files
+import stages
 
 FLOAT_NAME = "model_float32.tflite"
 INT8_NAME = "model_int8.tflite"
@@ -33,21 +36,21 @@ CANDIDATE_PERCENTILES = (100.0, 99.0, 98.0, 95.0, 90.0, 80.0)
 
 
 def percent(text):
-    return training.number(text, float, strictly_above=0, maximum=100)
+    return cli.number(text, float, strictly_above=0, maximum=100)
 
 
 def parse_args(argv=None):
-    parser = training.Parser(description="Export a ResNet50 checkpoint to float32 and int8 TensorFlow Lite models.")
+    parser = cli.Parser(description="Export a ResNet50 checkpoint to float32 and int8 TensorFlow Lite models.")
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--out_dir", default=None, help="folder for the .tflite files and export.json (default: the model's folder)")
-    parser.add_argument("--calibration_images", type=training.positive_int, default=DEFAULT_CALIBRATION_IMAGES,
+    parser.add_argument("--calibration_images", type=cli.positive_int, default=DEFAULT_CALIBRATION_IMAGES,
                         help="validation images (class-stratified, fixed by --seed) that calibrate the int8 ranges; "
                              "at most half the validation split, the other half chooses the percentile")
     parser.add_argument("--calibration_percentile", type=percent, default=None,
                         help="each activation range covers the per-image extremes of this percent of the calibration "
                              f"images (100: plain min/max); default: the best of {', '.join(f'{p:g}' for p in CANDIDATE_PERCENTILES)} "
                              "on held-out validation images")
-    training.add_data_flags(parser)
+    cli.add_data_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -74,7 +77,7 @@ def write_inference_saved_model(network, folder):
 def convert_float(saved_model_folder):
     import tensorflow as tf
 
-    with training.silenced_stderr():
+    with cli.silenced_stderr():
         return tf.lite.TFLiteConverter.from_saved_model(saved_model_folder).convert()
 
 
@@ -98,7 +101,7 @@ def calibrate(float_model, images, batch_size):
         for start in range(0, len(images), batch_size):
             yield [np.asarray(images[start:start + batch_size], np.float32)]
 
-    with training.silenced_stderr():
+    with cli.silenced_stderr():
         return calibrator.Calibrator(calibrator.add_intermediate_tensors(float_model)).calibrate(representative_dataset)
 
 
@@ -157,7 +160,7 @@ def quantize(calibrated, extremes, percentile):
         # A range must hold 0 exactly (zero padding, ReLU).
         tensors[index].quantization.min = np.array([min(np.percentile(minima, 100 - percentile), 0.0)], np.float32)
         tensors[index].quantization.max = np.array([max(np.percentile(maxima, percentile), 0.0)], np.float32)
-    with training.silenced_stderr():
+    with cli.silenced_stderr():
         return mlir_quantize(flatbuffer_utils.convert_object_to_bytearray(model),
                              input_data_type=tf.float32, output_data_type=tf.float32)
 
@@ -201,7 +204,7 @@ def tflite_predict(content, images, batch_size):
         batch = np.asarray(images[start:start + batch_size], np.float32)
         if batch.shape != shape:  # the first batch and a shorter last one
             interpreter.resize_tensor_input(input_index, batch.shape)
-            with training.silenced_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            with cli.silenced_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
                 interpreter.allocate_tensors()
             shape = batch.shape
         interpreter.set_tensor(input_index, batch)
@@ -220,7 +223,7 @@ def tflite_latency(content, batch_size, repeats, warmup=2):
     details = interpreter.get_input_details()[0]
     input_index, input_shape = details["index"], tuple(int(size) for size in details["shape"][1:])
     interpreter.resize_tensor_input(input_index, (batch_size, *input_shape))
-    with training.silenced_stderr():
+    with cli.silenced_stderr():
         interpreter.allocate_tensors()
     images = np.random.default_rng(0).integers(0, 256, (batch_size, *input_shape)).astype(np.float32)
     interpreter.set_tensor(input_index, images)
@@ -259,7 +262,7 @@ def convert_int8(float_model, split, calibration_images, fixed_percentile, seed,
 
     count = min(calibration_images, len(split.y_val) // 2)
     if count < 1:
-        raise training.UserError(f"int8 calibration needs at least 2 validation images; the split has {len(split.y_val)}")
+        raise cli.UserError(f"int8 calibration needs at least 2 validation images; the split has {len(split.y_val)}")
     calibration = data.stratified_indices(split.y_val, count, seed)
     calibrated = calibrate(float_model, split.x_val[calibration], batch_size)
     extremes = activation_extremes(calibrated, split.x_val[calibration], batch_size)
@@ -287,14 +290,14 @@ def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_i
     model already loaded from `model_path`, if any.
     """
     if network is None:
-        network = training.load_model(model_path)
+        network = checkpoints.load_model(model_path)
     out_dir = out_dir or os.path.dirname(os.path.abspath(model_path))
-    training.check_output_folder(out_dir)
-    training.remove_temporaries(out_dir)  # of a killed earlier export
+    stages.check_output_folder(out_dir)
+    files.remove_temporaries(out_dir)  # of a killed earlier export
     if keras_test_acc is None:
-        import evaluate_model
+        import metrics
 
-        keras_test_acc = evaluate_model.accuracy(network, split.x_test, split.y_test, batch_size)
+        keras_test_acc = metrics.accuracy(network, split.x_test, split.y_test, batch_size)
 
     started = time.perf_counter()
     float_model = float_tflite(network)
@@ -319,11 +322,11 @@ def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_i
                         "test_seconds": time.perf_counter() - started, **extra}
     if result["int8"]["test_acc"] is not None:
         result["int8_minus_float32_points"] = 100 * (result["int8"]["test_acc"] - result["float32"]["test_acc"])
-    result["versions"] = training.versions()
+    result["versions"] = files.versions()
     # All measured first, then written back to back (each atomically), the report last.
     for kind, content in contents.items():
-        training.write_bytes(result[kind]["path"], content)
-    training.write_json(os.path.join(out_dir, REPORT_NAME), result)
+        files.write_bytes(result[kind]["path"], content)
+    files.write_json(os.path.join(out_dir, REPORT_NAME), result)
     return result
 
 
@@ -348,9 +351,9 @@ def main(argv=None):
     args = parse_args(argv)
     import data
 
-    network = training.load_model(args.model_path)  # reject bad files before loading the data set
+    network = checkpoints.load_model(args.model_path)  # reject bad files before loading the data set
     if args.out_dir:
-        training.check_output_folder(args.out_dir)
+        stages.check_output_folder(args.out_dir)
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     result = export_tflite(args.model_path, split, args.out_dir, args.batch_size, args.calibration_images,
                            args.calibration_percentile, args.seed, network=network)
@@ -358,4 +361,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

@@ -164,7 +164,8 @@ def build_resnet50(spec=None, stem="imagenet", class_num=10, input_shape=(32, 32
         x = _bottleneck(x, conv1_width, conv2_width, spec["stages"][stage], strides, first_in_stage, block)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = keras.layers.Dense(class_num, name="predictions")(x)
-    outputs = keras.layers.Activation("softmax", name="probabilities")(x)
+    # float32 softmax whatever the precision policy: the loss needs the probabilities' full precision.
+    outputs = keras.layers.Activation("softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

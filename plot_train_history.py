@@ -11,13 +11,15 @@ import difflib
 import glob
 import os
 
-import training
+import checkpoints
+import cli
+import files
 
 FIGURE_NAMES = ("pruning_result.png", "3d_apoz.jpg", "apoz_heatmap.png", "accuracy_result.png", "compression_result.png")
 
 
 def parse_args(argv=None):
-    parser = training.Parser(description="Plot training histories and result figures.")
+    parser = cli.Parser(description="Plot training histories and result figures.")
     parser.add_argument("--history_path", action="append", default=[], help="a history.json (repeat to overlay)")
     parser.add_argument("--out", default=None, help="PNG to write (default: history.png beside the first history)")
     parser.add_argument("--figures", action="store_true", help="draw the result figures from --model_root into --images_dir")
@@ -31,12 +33,35 @@ def parse_args(argv=None):
     return args
 
 
+SUGGESTION_DEPTH = 4  # folders below the nearest existing ancestor that the typo search looks into
+SUGGESTION_FOLDERS = 5000  # and at most this many folders ...
+SUGGESTION_SECONDS = 2.0  # ... for at most this long: a path under / must not walk the whole disk
+
+
 def nearest_history(path):
-    """The existing history.json whose path is closest to `path` (for a typo like `prued_model`)."""
+    """The existing history.json whose path is closest to `path` (for a typo like `prued_model`).
+
+    Looks below the nearest existing ancestor of `path`, in a bounded neighbourhood (depth,
+    folder count and time), so a typo near the file-system root answers at once.
+    """
+    import time
+
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.isdir(folder):
         folder = os.path.dirname(folder)
-    candidates = [os.path.relpath(found) for found in glob.glob(os.path.join(folder, "**", "history.json"), recursive=True)]
+    deadline = time.monotonic() + SUGGESTION_SECONDS
+    candidates, visited = [], 0
+    base_depth = folder.rstrip(os.sep).count(os.sep)
+    for root, folders, names in os.walk(folder):
+        visited += 1
+        if visited > SUGGESTION_FOLDERS or time.monotonic() > deadline:
+            break
+        if "history.json" in names:
+            candidates.append(os.path.relpath(os.path.join(root, "history.json")))
+        if root.rstrip(os.sep).count(os.sep) - base_depth >= SUGGESTION_DEPTH:
+            folders[:] = []
+        else:
+            folders[:] = sorted(name for name in folders if not name.startswith("."))
     matches = difflib.get_close_matches(os.path.relpath(os.path.abspath(path)), candidates, n=1, cutoff=0.0)
     return matches[0] if matches else None
 
@@ -45,10 +70,10 @@ def read_history(path):
     if not os.path.isfile(path):
         suggestion = nearest_history(path)
         hint = f"; did you mean {suggestion}?" if suggestion else "; no history.json exists under this folder yet"
-        raise training.UserError(f"no history at {path}{hint}")
-    history = training.read_json(path, "history")
+        raise cli.UserError(f"no history at {path}{hint}")
+    history = files.read_json(path, "history")
     if not isinstance(history, dict) or not any(isinstance(history.get(key), list) for key in ("train_loss", "val_loss")):
-        raise training.UserError(f"{path} is not a training history (no train_loss or val_loss lists)")
+        raise cli.UserError(f"{path} is not a training history (no train_loss or val_loss lists)")
     return history
 
 
@@ -67,6 +92,24 @@ def _label(path):
     return "/".join(parts[-2:]) if len(parts) > 1 else parts[-1]
 
 
+LOG_LOSS_RATIO = 5.0  # a loss panel goes to log scale when its largest value exceeds this many medians
+
+
+def test_images_note(count):
+    """How much one test accuracy can be trusted: the image count and one binomial standard error at 90%."""
+    if not count:
+        return ""
+    return f"test accuracy on {count:,} images (one standard error at 90%: {100 * (0.9 * 0.1 / count) ** 0.5:.2f} points)"
+
+
+def summary_test_images(summary):
+    """Test images behind a pruning summary's accuracies (recorded since this was added; else the data set's)."""
+    base = summary.get("base", {})
+    if base.get("test_images"):
+        return base["test_images"]
+    return {"cifar10": 10000, "sample": 500}.get(summary.get("arguments", {}).get("dataset"))
+
+
 def plot_histories(paths, out):
     plt = _pyplot()
     histories = [(path, read_history(path)) for path in paths]
@@ -83,10 +126,19 @@ def plot_histories(paths, out):
                 points = [None if v is None else v * scale for v in values]
                 axis.plot(epochs, points, style, color=colour, marker="." if len(values) < 30 else None,
                           label=f"{label} {'training' if split == 'train' else 'validation'}".strip())
-    loss_axis.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss")
+    from matplotlib.ticker import MaxNLocator
+
+    losses = [v for _, history in histories for key in ("train_loss", "val_loss") for v in history.get(key) or []
+              if v is not None and v > 0]
+    # One huge early validation loss (BatchNorm statistics not yet settled) would flatten the rest.
+    log_loss = bool(losses) and max(losses) > LOG_LOSS_RATIO * sorted(losses)[len(losses) // 2]
+    loss_axis.set(title="Loss" + (" (log scale)" if log_loss else ""), xlabel="epoch", ylabel="cross-entropy loss")
+    if log_loss:
+        loss_axis.set_yscale("log")
     accuracy_axis.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for axis in (loss_axis, accuracy_axis):
         axis.legend(fontsize=8)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     title = "Training history" if len(histories) > 1 else f"Training history: {_label(paths[0])}"
     figure.suptitle(title)
     figure.tight_layout()
@@ -99,7 +151,7 @@ def _save(figure, path):
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     extension = os.path.splitext(path)[1]
-    training.write_atomically(path, lambda temporary: figure.savefig(temporary, format=extension.lstrip(".").replace("jpg", "jpeg"),
+    files.write_atomically(path, lambda temporary: figure.savefig(temporary, format=extension.lstrip(".").replace("jpg", "jpeg"),
                                                             bbox_inches="tight"))
     plt.close(figure)
 
@@ -112,12 +164,12 @@ def load_pruning(model_root):
     summary_path = os.path.join(model_root, "pruned_model", "summary.json")
     if not os.path.isfile(summary_path):
         return None
-    summary = training.read_json(summary_path, "pruning summary")
+    summary = files.read_json(summary_path, "pruning summary")
     apoz = {}
     for entry in summary.get("iterations", []):
         path = os.path.join(model_root, "pruned_model", f"iter{entry['iteration']}", "apoz.json")
         if os.path.isfile(path):
-            apoz[entry["iteration"]] = training.read_json(path, "APoZ record")
+            apoz[entry["iteration"]] = files.read_json(path, "APoZ record")
     return summary, apoz
 
 
@@ -125,7 +177,7 @@ def plot_pruning(summary, out):
     plt = _pyplot()
     iterations = [entry["iteration"] for entry in summary["iterations"]]
     entries = summary["iterations"]
-    figure, accuracy_axis = plt.subplots(figsize=(9, 4.8))
+    figure, accuracy_axis = plt.subplots(figsize=(9, 5.4))
     base = summary["base"]
     series = (("val_acc_pruned", "validation, right after pruning", "C0", ":", "v"),
               ("test_acc_pruned", "test, right after pruning", "C1", ":", "v"),
@@ -134,9 +186,10 @@ def plot_pruning(summary, out):
     for key, label, colour, style, marker in series:
         accuracy_axis.plot(iterations, [100 * e[key] for e in entries], style, color=colour, marker=marker, label=label)
     if base.get("test_acc") is not None:
-        accuracy_axis.axhline(100 * base["test_acc"], color="C1", alpha=0.5, lw=1, label="base model, test")
+        accuracy_axis.axhline(100 * base["test_acc"], color="black", ls="--", lw=1, label="base model, test")
     accuracy_axis.set(xlabel="pruning iteration", ylabel="accuracy (%)", ylim=(0, 100))
     accuracy_axis.set_xticks(iterations)
+    accuracy_axis.set_xlim(min(iterations) - 0.6, max(iterations) + 0.6)
     rate_axis = accuracy_axis.twinx()
     rate_axis.bar(iterations, [e["compression_rate"] for e in entries], color="C2", alpha=0.25, width=0.6,
                   label="compression rate (parameters)")
@@ -146,8 +199,13 @@ def plot_pruning(summary, out):
     accuracy_axis.patch.set_visible(False)
     handles = accuracy_axis.get_legend_handles_labels()
     extra = rate_axis.get_legend_handles_labels()
-    accuracy_axis.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="lower left")
+    # Below the axes, so no legend covers a point.
+    accuracy_axis.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper center",
+                         bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     figure.suptitle("Iterative APoZ pruning: accuracy and compression per iteration")
+    note = test_images_note(summary_test_images(summary))
+    if note:
+        accuracy_axis.set_title(note, fontsize=8, color="0.35")
     figure.tight_layout()
     _save(figure, out)
 
@@ -229,7 +287,7 @@ def load_students(model_root):
     """{variant: config} of every finished distillation run under model_root/kd_model."""
     students = {}
     for config_path in sorted(glob.glob(os.path.join(model_root, "kd_model", "**", "config.json"), recursive=True)):
-        config = training.read_json(config_path, "config")
+        config = files.read_json(config_path, "config")
         if config.get("complete") and "results" in config:
             config["folder"] = os.path.dirname(config_path)
             students[variant_name(config.get("arguments", {}))] = config
@@ -254,6 +312,10 @@ def plot_students(students, teacher, out):
     axis.set_ylabel("test accuracy (%)")
     axis.set_ylim(0, max(values + [1]) * 1.12)
     axis.set_title("Distilled student by loss terms, against the student alone and its teacher")
+    counts = {config["results"].get("test_images") for config in students.values()} - {None}
+    if len(counts) == 1:
+        axis.text(0.99, 0.98, test_images_note(counts.pop()), transform=axis.transAxes, ha="right", va="top",
+                  fontsize=7, color="0.35")
     figure.tight_layout()
     _save(figure, out)
 
@@ -272,22 +334,34 @@ def plot_compression(summary, students, out):
             axis.annotate(f"it {entry['iteration']}", (entry["compression_rate"], 100 * entry["test_acc"]),
                           textcoords="offset points", xytext=(4, 4), fontsize=8)
     markers = iter("sD^vP")
-    for name in ordered_variants(students):
+    variants = ordered_variants(students) if base is not None else []
+    rates = [1.0] + ([e["compression_rate"] for e in summary["iterations"]] if summary else [])
+    for index, name in enumerate(variants):
         results = students[name]["results"]
-        if base is None:
-            continue
         rate = base["parameters"] / results["parameters"]
-        axis.scatter([rate], [100 * results["test_acc"]], s=60, marker=next(markers, "o"), label=f"student: {name}", zorder=3)
-    from matplotlib.ticker import FuncFormatter, LogLocator
+        rates.append(rate)
+        # Students share one compression rate: spread them sideways (a few percent, on the log axis)
+        # and give each accuracy in the legend, so none hides another.
+        shown = rate * (1 + 0.1 * (index - (len(variants) - 1) / 2))
+        axis.scatter([shown], [100 * results["test_acc"]], s=50, marker=next(markers, "o"), zorder=3,
+                     label=f"student ({rate:.1f}x): {name}, {100 * results['test_acc']:.2f}%",
+                     edgecolors="white", linewidths=0.6)
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     axis.set_xscale("log")
-    axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    low, high = min(rates) / 1.15, max(rates) * 1.25
+    axis.set_xlim(low, high)
+    ticks = [t for t in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500) if low <= t <= high]
+    axis.xaxis.set_major_locator(FixedLocator(ticks))  # every tick drawn gets its label
     axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
-    axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    axis.xaxis.set_minor_locator(NullLocator())
+    note = test_images_note(summary_test_images(summary) if summary else None)
+    if note:
+        axis.text(0.01, 0.01, note, transform=axis.transAxes, ha="left", va="bottom", fontsize=7, color="0.35")
     axis.set_xlabel("compression rate (x fewer parameters than the base, log scale)")
     axis.set_ylabel("test accuracy (%)")
     axis.set_title("Test accuracy against compression")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper right")
     figure.tight_layout()
     _save(figure, out)
 
@@ -308,7 +382,7 @@ def results_rows(model_root):
     students = load_students(model_root)
     for name in ordered_variants(students):
         results = students[name]["results"]
-        student = training.load_model(os.path.join(students[name]["folder"], "model.h5"))
+        student = checkpoints.load_model(os.path.join(students[name]["folder"], "model.h5"))
         rate = base["parameters"] / results["parameters"] if base else None
         rows.append((f"student, {name}", results["test_acc"], results.get("best_val_acc"), results["parameters"],
                      rate, resnet.count_macs(student)[1]))
@@ -349,7 +423,7 @@ def draw_figures(model_root, images_dir):
         plot_compression(summary, students, os.path.join(images_dir, "compression_result.png"))
         written.append("compression_result.png")
     if not written:
-        raise training.UserError(f"nothing to draw: no pruning summary or finished distillation run under {model_root}")
+        raise cli.UserError(f"nothing to draw: no pruning summary or finished distillation run under {model_root}")
     return [os.path.join(images_dir, name) for name in written]
 
 
@@ -364,8 +438,8 @@ def main(argv=None):
         table = format_table(results_rows(args.model_root))
         print(table)
         if args.table:
-            training.write_text(args.table, table + "\n")
+            files.write_text(args.table, table + "\n")
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

@@ -16,6 +16,10 @@ import re
 import shutil
 import time
 
+import checkpoints
+import cli
+import files
+import stages
 import training
 
 SUMMARY_NAME = "summary.json"
@@ -23,30 +27,30 @@ ITERATION_FOLDER = re.compile(r"^iter\d+$")
 
 
 def parse_args(argv=None):
-    parser = training.Parser(description="Iteratively prune a ResNet50 by APoZ and fine-tune it.")
+    parser = cli.Parser(description="Iteratively prune a ResNet50 by APoZ and fine-tune it.")
     parser.add_argument("--root_folder", default="./model/pruned_model")
     parser.add_argument("--base_model_path", default="./model/base_model/model.h5")
-    parser.add_argument("--prune_iter", type=training.positive_int, default=15,
+    parser.add_argument("--prune_iter", type=cli.positive_int, default=15,
                         help="pruning iterations (a finished run can be extended by rerunning with more)")
     parser.add_argument("--overwrite", action="store_true", help="replace a different or finished run in --root_folder")
     group = parser.add_argument_group("pruning")
     group.add_argument("--criterion", choices=("std", "fraction"), default="std",
                        help="std: remove channels with APoZ > mean + k*std of their layer (the original's rule); "
                             "fraction: remove --prune_fraction of each layer's channels, highest APoZ first")
-    group.add_argument("--std_k", type=training.non_negative_float, default=1.0, help="k of the std criterion")
-    group.add_argument("--prune_fraction", type=training.fraction, default=0.1,
+    group.add_argument("--std_k", type=cli.non_negative_float, default=1.0, help="k of the std criterion")
+    group.add_argument("--prune_fraction", type=cli.fraction, default=0.1,
                        help="share of each layer's channels removed per iteration (--criterion fraction)")
     group.add_argument("--prune_residual", action="store_true",
                        help="also prune each stage's residual stream (conv3 + shortcut outputs, scored by the "
                             "mean APoZ of the stage's block outputs)")
-    group.add_argument("--min_channels", type=training.non_negative_int, default=1,
+    group.add_argument("--min_channels", type=cli.non_negative_int, default=1,
                        help="never keep fewer channels in a layer (0: no floor; emptying a layer is then an error)")
-    group.add_argument("--round_to", type=training.positive_int, default=1,
+    group.add_argument("--round_to", type=cli.positive_int, default=1,
                        help="round each layer's kept channel count up to a multiple of this")
-    group.add_argument("--apoz_samples", type=training.positive_int, default=None,
+    group.add_argument("--apoz_samples", type=cli.positive_int, default=None,
                        help="validation images APoZ is measured on (default: all of them)")
-    training.add_data_flags(parser)
-    training.add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=5)
+    cli.add_data_flags(parser)
+    cli.add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=5)
     return parser.parse_args(argv)
 
 
@@ -59,7 +63,7 @@ def completed_iterations(summary):
     iterations = summary.get("iterations", [])
     numbers = [record.get("iteration") for record in iterations]
     if numbers != list(range(1, len(numbers) + 1)):
-        raise training.UserError(f"{SUMMARY_NAME} lists iterations {numbers}, expected 1..n; pass --overwrite to start again")
+        raise cli.UserError(f"{SUMMARY_NAME} lists iterations {numbers}, expected 1..n; pass --overwrite to start again")
     return iterations
 
 
@@ -80,25 +84,13 @@ def check_selection(network, args):
         try:
             prune.select_channels(np.zeros(resnet.group_width(spec, group)), name=group["name"], **selection_options(args))
         except prune.EmptyLayerError as error:
-            raise training.UserError(str(error)) from None
-
-
-def clear_outputs(root):
-    """--overwrite: remove what earlier runs wrote in `root` (iteration folders and summary.json only)."""
-    if not os.path.isdir(root):
-        return
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if ITERATION_FOLDER.match(name) and os.path.isdir(path):
-            shutil.rmtree(path)
-    if os.path.exists(os.path.join(root, SUMMARY_NAME)):
-        os.remove(os.path.join(root, SUMMARY_NAME))
+            raise cli.UserError(str(error)) from None
 
 
 def describe(network, split, args, path=None):
     """Parameters, MACs, width spec and validation / test accuracy of `network`."""
     import model as resnet
-    from evaluate_model import accuracy
+    from metrics import accuracy
 
     result = {"model_path": path} if path else {}
     result.update({
@@ -106,6 +98,7 @@ def describe(network, split, args, path=None):
         "macs": resnet.count_macs(network)[1],
         "val_acc": accuracy(network, split.x_val, split.y_val, args.batch_size),
         "test_acc": accuracy(network, split.x_test, split.y_test, args.batch_size),
+        "test_images": len(split.y_test),
         "width_spec": resnet.describe_model(network)[0],
     })
     return result
@@ -133,22 +126,22 @@ def prune_once(k, network, apoz_images, split, args):
         try:
             keep[name] = prune.select_channels(scores[name], name=name, **selection_options(args))
         except prune.EmptyLayerError as error:
-            raise training.UserError(f"iteration {k}: {error}") from None
+            raise cli.UserError(f"iteration {k}: {error}") from None
         width = resnet.group_width(spec, group)
         layers[name] = {"apoz": scores[name], "kept": keep[name], "removed": prune.removed_channels(width, keep[name]),
                         "width_before": width, "width_after": len(keep[name])}
     shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted attempt are redone, never used
     os.makedirs(folder)
-    training.write_json(os.path.join(folder, "apoz.json"),
+    files.write_json(os.path.join(folder, "apoz.json"),
                         {"iteration": k, "criterion": args.criterion, "selection": selection_options(args),
                          "images": len(apoz_images), "layers": layers})
     pruned = prune.prune_model(network, keep)
-    training.save_model(pruned, os.path.join(folder, "pruned.h5"))
+    checkpoints.save_model(pruned, os.path.join(folder, "pruned.h5"))
     measured = describe(pruned, split, args)
     state = {"val_acc_pruned": measured["val_acc"], "test_acc_pruned": measured["test_acc"],
              "channels_removed": int(sum(len(layer["removed"]) for layer in layers.values())),
              "seconds": time.perf_counter() - started}
-    training.write_json(os.path.join(folder, "pruned.json"), state)  # last: marks pruned.h5 as usable
+    files.write_json(os.path.join(folder, "pruned.json"), state)  # last: marks pruned.h5 as usable
     return pruned, state
 
 
@@ -159,8 +152,8 @@ def run_iteration(k, network, apoz_images, split, train_data, val_data, base, ar
     folder = iteration_folder(args.root_folder, k)
     paths = {name: os.path.join(folder, name) for name in ("apoz.json", "pruned.h5", "pruned.json")}
     if all(os.path.exists(path) for path in paths.values()):
-        pruned = training.load_model(paths["pruned.h5"], "pruned model")
-        state = training.read_json(paths["pruned.json"])
+        pruned = checkpoints.load_model(paths["pruned.h5"], "pruned model")
+        state = files.read_json(paths["pruned.json"])
         print(f"iteration {k}: resuming the fine-tuning of {paths['pruned.h5']}")
     else:
         pruned, state = prune_once(k, network, apoz_images, split, args)
@@ -169,16 +162,16 @@ def run_iteration(k, network, apoz_images, split, train_data, val_data, base, ar
     started = time.perf_counter()
     training.set_seed(args.seed + k)
     steps_per_epoch = -(-len(split.y_train) // args.batch_size)
-    if args.distribute != "none":
-        # Replicated variables must be created under the strategy: fine-tune a twin built there.
-        with strategy.scope():
-            twin = resnet.rebuild_like(pruned)
-        twin.set_weights(pruned.get_weights())
-        pruned = twin
+    # Fine-tune a twin built under the strategy (replicated variables) and the precision policy
+    # (a loaded pruned.h5 is float32).
+    with strategy.scope():
+        twin = resnet.rebuild_like(pruned)
+    twin.set_weights(pruned.get_weights())
+    pruned = twin
     with strategy.scope():
         training.compile_classifier(pruned, args, steps_per_epoch)
-    history = training.fit_stage(pruned, train_data, val_data, folder, args)
-    best = training.load_model(os.path.join(folder, "model.h5"))
+    history = training.fit_stage(pruned, train_data, val_data, folder, args, run_folder=args.root_folder)
+    best = checkpoints.load_model(os.path.join(folder, "model.h5"))
     measured = describe(best, split, args)
     record = {
         "iteration": k,
@@ -217,28 +210,33 @@ def main(argv=None):
     root = args.root_folder
     summary_path = os.path.join(root, SUMMARY_NAME)
     strategy = training.distribution_strategy(args)  # before anything starts TensorFlow's runtime
-    training.set_precision(args.precision)
+    args.precision = training.set_precision(args.precision)  # auto resolved, so config.json records what ran
     # Every check that can refuse the run comes before anything in root_folder is touched.
-    base_network = training.load_model(args.base_model_path, "base model")
+    base_network = checkpoints.load_model(args.base_model_path, "base model")
     has_config = os.path.exists(os.path.join(root, "config.json"))
     summary = None
     if not args.overwrite and os.path.isdir(root):
         leftovers = os.path.exists(summary_path) or any(ITERATION_FOLDER.match(name) for name in os.listdir(root))
         if leftovers and not has_config:
-            raise training.UserError(f"{root} holds pruning results without config.json; pass --overwrite to replace them")
+            raise cli.UserError(f"{root} holds pruning results without config.json; pass --overwrite to replace them")
         if has_config and os.path.exists(summary_path):
-            summary = training.read_json(summary_path, "summary")
+            summary = files.read_json(summary_path, "summary")
     done = completed_iterations(summary) if summary else []
     network = base_network
     if done:
-        network = training.load_model(os.path.join(iteration_folder(root, len(done)), "model.h5"), f"iteration {len(done)} model")
+        network = checkpoints.load_model(os.path.join(iteration_folder(root, len(done)), "model.h5"), f"iteration {len(done)} model")
     check_selection(network, args)
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     if args.apoz_samples and args.apoz_samples > len(split.y_val):
-        raise training.UserError(f"--apoz_samples {args.apoz_samples} exceeds the {len(split.y_val)} validation images")
-    if args.overwrite:
-        clear_outputs(root)
-    state = training.begin_stage(root, args, ignore=("prune_iter", "root_folder"))
+        raise cli.UserError(f"--apoz_samples {args.apoz_samples} exceeds the {len(split.y_val)} validation images")
+    inputs = {"data": split.fingerprint(), "base_model": files.fingerprint_file(args.base_model_path)}
+    stages.check_output_folder(root)
+    files.lock_folder(root)
+    if args.overwrite and os.listdir(root) not in ([], [files.LOCK_NAME]):
+        files.set_aside(root)  # removed once iteration 1 has fine-tuned an epoch
+    if summary is not None and files.read_json(summary_path, "summary") != summary:
+        raise cli.UserError(f"{root} changed while this run was starting (another run just finished there); rerun the command")
+    state = stages.begin_stage(root, args, ignore=("prune_iter",), inputs=inputs)
     if state == "fresh":
         summary = None
         done = []
@@ -247,7 +245,7 @@ def main(argv=None):
         print(format_table(summary))
         return
     if state == "done":
-        training.write_config(root, args, complete=False)  # extended with a larger --prune_iter
+        stages.write_config(root, args, complete=False)  # extended with a larger --prune_iter
     for k in range(1, len(done) + 1):  # resume aids of finished iterations
         training.discard_backup(iteration_folder(root, k))
         stale = os.path.join(iteration_folder(root, k), "pruned.h5")
@@ -259,7 +257,7 @@ def main(argv=None):
         print(f"measuring the base model {args.base_model_path}")
         summary = {"base": describe(base_network, split, args, path=args.base_model_path), "iterations": [],
                    "arguments": vars(args)}
-        training.write_json(summary_path, summary)
+        files.write_json(summary_path, summary)
     apoz_images = split.x_val
     if args.apoz_samples:
         apoz_images = split.x_val[data.stratified_indices(split.y_val, args.apoz_samples, args.seed)]
@@ -270,17 +268,17 @@ def main(argv=None):
         record, network = run_iteration(k, network, apoz_images, split, train_data, val_data, summary["base"], args, strategy)
         summary["iterations"].append(record)
         summary["arguments"] = vars(args)
-        training.write_json(summary_path, summary)  # the iteration counts as complete from here on
+        files.write_json(summary_path, summary)  # the iteration counts as complete from here on
         training.discard_backup(iteration_folder(root, k))
         os.remove(os.path.join(iteration_folder(root, k), "pruned.h5"))
         print(f"iteration {k}: compression {record['compression_rate']:.2f}x, validation accuracy "
               f"{record['val_acc_pruned']:.4f} after pruning, {record['val_acc']:.4f} after fine-tuning; "
               f"test accuracy {record['test_acc']:.4f}")
     last = summary["iterations"][-1] if summary["iterations"] else None
-    training.end_stage(root, args, results={"iterations": len(summary["iterations"]),
+    stages.end_stage(root, args, results={"iterations": len(summary["iterations"]),
                                             "final": {key: last[key] for key in ("parameters", "compression_rate", "val_acc", "test_acc")} if last else None})
     print(format_table(summary))
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

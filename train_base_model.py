@@ -9,21 +9,25 @@ Rerunning the same command resumes an interrupted run and skips a finished one.
 import os
 import sys
 
+import checkpoints
+import cli
+import files
+import stages
 import training
 
 ORIGINAL_PRETRAINED_PATH = "./model/pretrained_resnet50.h5"
 
 
 def parse_args(argv=None):
-    parser = training.Parser(description="Train the baseline ResNet50 on CIFAR-10.")
+    parser = cli.Parser(description="Train the baseline ResNet50 on CIFAR-10.")
     parser.add_argument("--save_folder", default="./model/base_model")
     parser.add_argument("--model_path", default=None,
                         help="optional pretrained .h5 (a whole model or weights, e.g. keras.applications ResNet50 "
                              "ImageNet weights); layers load by name, a classifier of another shape is skipped")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --save_folder")
-    training.add_data_flags(parser)
-    training.add_model_flags(parser)
-    training.add_training_flags(parser, epoch_num=200, learning_rate=0.01)
+    cli.add_data_flags(parser)
+    cli.add_model_flags(parser)
+    cli.add_training_flags(parser, epoch_num=200, learning_rate=0.01)
     return parser.parse_args(argv)
 
 
@@ -34,23 +38,35 @@ def main(argv=None):
 
     folder = args.save_folder
     pretrained = args.model_path
+    from_scratch_note = None
     if pretrained and not os.path.exists(pretrained) and os.path.normpath(pretrained) == os.path.normpath(ORIGINAL_PRETRAINED_PATH):
-        # The original README's command names this file; without it, train from scratch and say so.
-        print(f"note: no pretrained weights at {pretrained}; training from scratch "
-              "(save keras.applications.ResNet50(weights='imagenet') there to start from ImageNet)", file=sys.stderr)
+        # The original README's command names this file; without it, train from scratch and say so
+        # (once the run has started: a refused run prints its one error line only).
+        from_scratch_note = (f"note: no pretrained weights at {pretrained}; training from scratch "
+                             "(save keras.applications.ResNet50(weights='imagenet') there to start from ImageNet)")
         pretrained = None
-    state = training.open_stage(folder, args)
-    if state is None:
-        return
-    split = training.prepare_training(args)
+    # Every input is checked before the output folder is created or touched.
+    stages.check_output_folder(folder)
+    training.set_seed(args.seed)
+    args.precision = training.set_precision(args.precision)  # auto resolved, so config.json records what ran
     strategy = training.distribution_strategy(args)
+    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     steps_per_epoch = -(-len(split.y_train) // args.batch_size)
     with strategy.scope():
         network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
         training.compile_classifier(network, args, steps_per_epoch)
     loaded_layers = None
+    inputs = {"data": split.fingerprint()}
     if pretrained:  # also on a resume: a backup, if there is one, then replaces these weights
-        loaded_layers, skipped = training.load_weights_by_name(network, pretrained)
+        loaded_layers, skipped = checkpoints.load_weights_by_name(network, pretrained)
+        inputs["pretrained"] = files.fingerprint_file(pretrained)
+    files.lock_folder(folder)
+    state = stages.open_stage(folder, args, inputs)
+    if state is None:
+        return
+    if from_scratch_note:
+        print(from_scratch_note, file=sys.stderr)
+    if pretrained:
         print(f"loaded {loaded_layers} layers by name from {pretrained}"
               + (f"; skipped {len(skipped)} of another shape ({', '.join(skipped)})" if skipped else ""))
     print(f"data: {split.sizes()} from {split.source}; parameters: {resnet.count_parameters(network):,}; "
@@ -59,12 +75,11 @@ def main(argv=None):
     train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, args.class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=args.class_num)
     history = training.fit_stage(network, train_data, val_data, folder, args)
-    test_data = data.make_dataset(split.x_test, split.y_test, args.batch_size, class_num=args.class_num)
-    results = training.close_stage(folder, args, history, test_data, parameters=resnet.count_parameters(network),
+    results = stages.close_stage(folder, args, history, split, parameters=resnet.count_parameters(network),
                                    pretrained_layers_loaded=loaded_layers)
     print(f"best validation accuracy {results['best_val_acc']:.4f} (epoch {results['best_epoch']}); "
           f"test accuracy {results['test_acc']:.4f}; saved {os.path.join(folder, 'model.h5')}")
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

@@ -15,6 +15,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import training  # noqa: E402
 
 
@@ -28,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--regressor_name", default="conv1x1")
     args = parser.parse_args(argv)
-    training.import_tensorflow()
+    cli.import_tensorflow()
     import keras
     import numpy as np
     import tensorflow as tf
@@ -39,7 +41,7 @@ def main(argv=None):
 
     training.set_seed(0)
     if args.teacher_path:
-        teacher = training.load_model(args.teacher_path)
+        teacher = checkpoints.load_model(args.teacher_path)
     else:
         teacher = resnet.build_resnet50(resnet.width_spec(args.width))
     spec = resnet.describe_model(teacher)[0]

@@ -15,7 +15,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import training  # noqa: E402
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
 
 
 def best_time(function, repeats):
@@ -28,12 +29,12 @@ def best_time(function, repeats):
 
 
 def main(argv=None):
-    parser = training.Parser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_path", default=None, help="a model to measure (default: a fresh --width ResNet50)")
-    parser.add_argument("--width", type=training.positive_float, default=1.0)
-    parser.add_argument("--images", type=training.positive_int, default=2000, help="validation images per pass")
-    parser.add_argument("--repeats", type=training.positive_int, default=5)
-    training.add_data_flags(parser)
+    parser.add_argument("--width", type=cli.positive_float, default=1.0)
+    parser.add_argument("--images", type=cli.positive_int, default=2000, help="validation images per pass")
+    parser.add_argument("--repeats", type=cli.positive_int, default=5)
+    cli.add_data_flags(parser)
     args = parser.parse_args(argv)
     import numpy as np
 
@@ -41,7 +42,7 @@ def main(argv=None):
     import model as resnet
     import prune
 
-    network = training.load_model(args.model_path) if args.model_path else resnet.build_resnet50(resnet.width_spec(args.width))
+    network = checkpoints.load_model(args.model_path) if args.model_path else resnet.build_resnet50(resnet.width_spec(args.width))
     split = data.load_split(args.dataset, args.data_dir, None, args.seed)
     images = split.x_val[: args.images]
     dataset = data.make_dataset(images, split.y_val[: args.images], args.batch_size).map(lambda x, y: x).cache()
@@ -92,4 +93,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

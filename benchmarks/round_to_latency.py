@@ -15,7 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import training  # noqa: E402
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
 
 MODELS = ("./model/pruned_model/iter15", "./model/pruned_residual/iter6", "./model/kd_model/all_three")
 
@@ -33,14 +34,14 @@ def main():
     parser.add_argument("--models", nargs="*", default=list(MODELS), help="folders holding compressed model.h5 files")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    training.import_tensorflow()
+    cli.import_tensorflow()
     import export_model
     import model as resnet
 
-    base = training.load_model(args.base_model_path, "base model")
+    base = checkpoints.load_model(args.base_model_path, "base model")
     networks = {"base": base}
     for folder in args.models:
-        network = training.load_model(os.path.join(folder, "model.h5"))
+        network = checkpoints.load_model(os.path.join(folder, "model.h5"))
         spec = resnet.describe_model(network)[0]
         networks[folder] = network
         for multiple in (8, 16):

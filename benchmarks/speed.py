@@ -21,7 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import training  # noqa: E402
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
 
 COMPRESSED = ("./model/pruned_model/iter5", "./model/pruned_model/iter10", "./model/pruned_model/iter15",
               "./model/pruned_residual/iter3", "./model/pruned_residual/iter6", "./model/kd_model/all_three")
@@ -53,7 +54,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip", nargs="*", default=[], choices=("apoz", "distillation", "latency"))
     args = parser.parse_args()
-    training.import_tensorflow()
+    cli.import_tensorflow()
     data_flags = ["--data_dir", args.data_dir] if args.data_dir else []
     if "apoz" not in args.skip:
         import prune_speed
@@ -72,7 +73,7 @@ def main():
 
         print("\n== base against compressed models: MAC ratio and CPU latency speed-up, in TensorFlow (tf.function)"
               " and as float32 TFLite (XNNPACK)")
-        base = training.load_model(args.base_model_path, "base model")
+        base = checkpoints.load_model(args.base_model_path, "base model")
         base_tflite = export_model.float_tflite(base)
         base_macs, base_activations = resnet.count_macs(base)[1], resnet.count_activations(base)
         print(f"{'model':36s} {'MACs':>6s} {'activ.':>6s} {'TF b1':>6s} {'TF b128':>7s} {'/MACs':>5s} "
@@ -82,7 +83,7 @@ def main():
             if not os.path.exists(path):
                 print(f"{folder:36s} (missing)")
                 continue
-            network = training.load_model(path)
+            network = checkpoints.load_model(path)
             mac_ratio = base_macs / resnet.count_macs(network)[1]
             activation_ratio = base_activations / resnet.count_activations(network)
             row = []

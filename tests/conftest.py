@@ -1,33 +1,61 @@
-"""Shared test helpers: the repository on sys.path, real CIFAR-10 when available, script runs."""
+"""Shared test helpers: the repository on sys.path, real CIFAR-10 images (the full set when
+$CIFAR10_DIR is set, else the bundled sample), script runs."""
 
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import training  # noqa: E402
+import cli  # noqa: E402
+import files  # noqa: E402
 
-training.import_tensorflow()
+cli.import_tensorflow()
 
 
-@pytest.fixture(scope="session")
-def cifar10_dir():
-    """The real CIFAR-10 folder from $CIFAR10_DIR; tests that need it skip without it."""
+def full_cifar10_dir():
+    """The full CIFAR-10 folder named by $CIFAR10_DIR, or None."""
     folder = os.environ.get("CIFAR10_DIR")
-    if not folder or not os.path.isdir(folder):
-        pytest.skip("set CIFAR10_DIR to a cifar-10-batches-py folder to run the tests on real images")
-    return folder
+    return folder if folder and os.path.isdir(folder) else None
 
 
 @pytest.fixture(scope="session")
-def data_flags(cifar10_dir):
-    """Command-line flags that select a few hundred real training images."""
-    return ["--data_dir", cifar10_dir]
+def cifar10_dir(tmp_path_factory):
+    """A cifar-10-batches-py folder of real images: the full set from $CIFAR10_DIR, else the bundled
+    sample written in the official format (five training batches and a test batch)."""
+    folder = full_cifar10_dir()
+    if folder:
+        return folder
+    import pickle
+
+    import data
+
+    x_train, y_train, x_test, y_test = data.load_sample()
+    folder = tmp_path_factory.mktemp("sample") / data.FOLDER_NAME
+    folder.mkdir()
+
+    def write(name, images, labels):
+        rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": rows, b"labels": [int(label) for label in labels]}, handle)
+
+    for index, part in enumerate(np.array_split(np.arange(len(y_train)), len(data.TRAIN_FILES))):
+        write(data.TRAIN_FILES[index], x_train[part], y_train[part])
+    write(data.TEST_FILE, x_test, y_test)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def data_flags():
+    """Command-line flags selecting real images: the full CIFAR-10 when $CIFAR10_DIR is set (the
+    tests add --train_size), else the bundled sample."""
+    folder = full_cifar10_dir()
+    return ["--data_dir", folder] if folder else ["--dataset", "sample"]
 
 
 def run_script(script, *arguments, timeout=600, check=True):
@@ -79,9 +107,9 @@ def kill_when(arguments, condition, timeout=300, stdout=None, may_finish=False):
 
 
 def temporaries(folder):
-    """Files of writes still in progress (training.write_atomically's temporaries) anywhere under `folder`."""
+    """Files of writes still in progress (files.write_atomically's temporaries) anywhere under `folder`."""
     return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-            if name.startswith(training.TEMPORARY_PREFIX)]
+            if name.startswith(files.TEMPORARY_PREFIX)]
 
 
 def assert_files_whole(folder):
@@ -94,7 +122,7 @@ def assert_files_whole(folder):
         folders[:] = [name for name in folders if name != "backup"]
         for name in names:
             path = os.path.join(root, name)
-            if name.startswith(training.TEMPORARY_PREFIX):
+            if name.startswith(files.TEMPORARY_PREFIX):
                 continue
             if name.endswith(".h5"):
                 keras.models.load_model(path, compile=False)

@@ -7,7 +7,7 @@ import keras
 import pytest
 
 import model as resnet
-import training
+import checkpoints
 from conftest import assert_one_line_error, run_script
 
 
@@ -56,7 +56,7 @@ def test_evaluate_reports_accuracy_size_and_compression(base_run, data_flags, tm
     folder, _ = base_run
     small = resnet.build_resnet50(resnet.width_spec(0.0625))
     small_path = str(tmp_path / "small.h5")
-    training.save_model(small, small_path)
+    checkpoints.save_model(small, small_path)
     report = str(tmp_path / "report.json")
     completed = run_script("evaluate_model.py", "--model_path", small_path, "--base_model_path",
                            os.path.join(folder, "model.h5"), "--latency_repeats", "2", "--json", report, *data_flags)
@@ -82,7 +82,7 @@ def test_original_pretrained_command_trains_from_scratch_when_the_file_is_absent
 def test_pretrained_weights_load_by_name(tmp_path):
     source = resnet.build_resnet50(resnet.width_spec(0.0625), class_num=5)
     pretrained = str(tmp_path / "pretrained.h5")
-    training.save_model(source, pretrained)
+    checkpoints.save_model(source, pretrained)
     completed = run_script("train_base_model.py", "--save_folder", str(tmp_path / "out"), "--model_path", pretrained,
                            "--width", "0.0625", "--dataset", "sample", "--train_size", "100", "--epoch_num", "1",
                            "--verbose", "0")
@@ -98,7 +98,7 @@ def bad_h5_files(tmp_path):
     text.write_text("not an HDF5 file")
     truncated = tmp_path / "truncated.h5"
     whole = tmp_path / "whole.h5"
-    training.save_model(resnet.build_resnet50(resnet.width_spec(0.0625)), str(whole))
+    checkpoints.save_model(resnet.build_resnet50(resnet.width_spec(0.0625)), str(whole))
     truncated.write_bytes(whole.read_bytes()[:5000])
     foreign = tmp_path / "foreign.h5"
     keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]).save(str(foreign))

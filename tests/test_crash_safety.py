@@ -7,12 +7,14 @@ import os
 import keras
 import pytest
 
+import checkpoints
+import files
 import training
 from conftest import assert_files_whole, kill_when, run_script, temporaries
 
 
 def epochs_recorded(folder):
-    return len(training.read_history(os.path.join(folder, "history.json")).get("train_loss", []))
+    return len(files.read_history(os.path.join(folder, "history.json")).get("train_loss", []))
 
 
 def read_files(folder, names):
@@ -92,7 +94,7 @@ def test_distillation_resumes_after_sigkill_at_every_phase_with_whole_files(tmp_
 
     teacher = tmp_path / "iter1"
     teacher.mkdir()
-    training.save_model(resnet.build_resnet50(resnet.width_spec(0.125)), str(teacher / "model.h5"))
+    checkpoints.save_model(resnet.build_resnet50(resnet.width_spec(0.125)), str(teacher / "model.h5"))
     folder = str(tmp_path / "kd_model")
     arguments = ["knowledge_distillation.py", f"--root_folder={teacher}", "--save_folder", folder,
                  "--student_stage_widths", "4,4,8,8", "--train_size", "256", "--epoch_num", "3", "--batch_size", "64",

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+import conftest
 import data
 
 
@@ -76,12 +77,16 @@ def test_stratified_indices_are_exact_and_balanced():
     np.testing.assert_array_equal(chosen, data.stratified_indices(labels, 123, seed=1))
 
 
-def test_real_split_sizes_balance_and_disjointness(cifar10_dir):
+def test_real_split_sizes_balance_and_disjointness(cifar10_dir, monkeypatch):
+    full = conftest.full_cifar10_dir() is not None
+    if not full:  # the sample in the official format: 2,000 training images, 200 of them for validation
+        monkeypatch.setattr(data, "VALIDATION_SIZE", data.SAMPLE_VALIDATION_SIZE)
     split = data.load_split("cifar10", cifar10_dir)
-    assert split.sizes() == {"train": 45000, "val": 5000, "test": 10000}
+    expected = {"train": 45000, "val": 5000, "test": 10000} if full else {"train": 1800, "val": 200, "test": 500}
+    assert split.sizes() == expected
     assert split.x_train.shape[1:] == (32, 32, 3) and split.x_train.dtype == np.uint8
-    assert np.bincount(split.y_test).tolist() == [1000] * 10
-    assert np.bincount(split.y_val).tolist() == [500] * 10
+    assert np.bincount(split.y_test).tolist() == [expected["test"] // 10] * 10
+    assert np.bincount(split.y_val).tolist() == [expected["val"] // 10] * 10
     digests = [{hashlib.md5(image.tobytes()).digest() for image in images}
                for images in (split.x_train, split.x_val, split.x_test)]
     assert not digests[0] & digests[1] and not digests[0] & digests[2] and not digests[1] & digests[2]

@@ -12,6 +12,8 @@ from conftest import assert_one_line_error, run_script
 import distillation
 import knowledge_distillation
 import model as resnet
+import checkpoints
+import files
 import training
 
 RNG = np.random.default_rng(0)
@@ -188,8 +190,8 @@ def teacher_files(tmp_path_factory):
     training.set_seed(1)
     teacher = resnet.build_resnet50(resnet.width_spec(0.0625))
     (root / "iter15").mkdir()
-    training.save_model(teacher, str(root / "iter15" / "model.h5"))
-    training.save_model(teacher, str(root / "base.h5"))
+    checkpoints.save_model(teacher, str(root / "iter15" / "model.h5"))
+    checkpoints.save_model(teacher, str(root / "base.h5"))
     return root, teacher
 
 
@@ -199,16 +201,16 @@ def test_base_widths_come_from_a_base_that_fits_the_teacher(teacher_files, tmp_p
     widths, source, _ = distillation.resolve_base_stage_widths(teacher, iteration, str(root / "base.h5"))
     assert widths == [16, 32, 64, 128] and source == str(root / "base.h5")
     narrow = resnet.build_resnet50(resnet.width_spec(0.03125))
-    training.save_model(narrow, str(tmp_path / "narrow.h5"))
+    checkpoints.save_model(narrow, str(tmp_path / "narrow.h5"))
     with pytest.raises(ValueError, match="not the teacher's base"):
         distillation.resolve_base_stage_widths(teacher, iteration, str(tmp_path / "narrow.h5"))
     # A default base that cannot be the teacher's is skipped; with residual pruning recorded and no
     # base, the teacher's own (pruned) stage widths must not be used.
     (tmp_path / "iter3").mkdir()
-    training.write_json(str(tmp_path / "config.json"), {"arguments": {"base_model_path": "/nonexistent.h5", "prune_residual": True}})
+    files.write_json(str(tmp_path / "config.json"), {"arguments": {"base_model_path": "/nonexistent.h5", "prune_residual": True}})
     with pytest.raises(ValueError, match="--prune_residual"):
         distillation.resolve_base_stage_widths(teacher, str(tmp_path / "iter3"), None, str(tmp_path / "narrow.h5"))
-    training.write_json(str(tmp_path / "config.json"), {"arguments": {"prune_residual": False}})
+    files.write_json(str(tmp_path / "config.json"), {"arguments": {"prune_residual": False}})
     widths, source, notes = distillation.resolve_base_stage_widths(teacher, str(tmp_path / "iter3"), None, str(tmp_path / "narrow.h5"))
     assert widths == [16, 32, 64, 128] and source.startswith("teacher") and "ignoring" in notes[0]
 

@@ -33,11 +33,11 @@ def test_base_training_mirrored_on_two_cpus_writes_what_a_single_device_writes(t
 
 
 def test_distillation_mirrored_on_two_cpus_writes_what_a_single_device_writes(tmp_path):
-    import training
+    import checkpoints
 
     teacher_folder = tmp_path / "iter1"
     teacher_folder.mkdir()
-    training.save_model(resnet.build_resnet50(resnet.width_spec(0.125)), str(teacher_folder / "model.h5"))
+    checkpoints.save_model(resnet.build_resnet50(resnet.width_spec(0.125)), str(teacher_folder / "model.h5"))
     common = [f"--root_folder={teacher_folder}", "--student_stage_widths", "4,4,8,8", *TINY[:2], *TINY[4:]]
     mirrored = str(tmp_path / "mirrored")
     run_script("knowledge_distillation.py", *common, "--save_folder", mirrored, "--distribute", "mirrored", "--cpu_devices", "2")
@@ -49,10 +49,10 @@ def test_distillation_mirrored_on_two_cpus_writes_what_a_single_device_writes(tm
 
 
 def test_pruning_fine_tunes_mirrored_on_two_cpus_like_single_device(tmp_path):
-    import training
+    import checkpoints
 
     base = str(tmp_path / "base.h5")
-    training.save_model(resnet.build_resnet50(resnet.width_spec(0.0625)), base)
+    checkpoints.save_model(resnet.build_resnet50(resnet.width_spec(0.0625)), base)
     mirrored = str(tmp_path / "mirrored")
     run_script("prune_model.py", "--base_model_path", base, "--prune_iter", "1", "--criterion", "fraction",
                "--prune_fraction", "0.25", *TINY[:2], *TINY[4:], "--root_folder", mirrored,

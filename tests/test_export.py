@@ -12,7 +12,8 @@ import pytest
 import data
 import export_model
 import model as resnet
-import training
+import checkpoints
+import cli
 from conftest import assert_one_line_error, kill_when, run_script, temporaries
 
 
@@ -27,7 +28,7 @@ def tiny_model(tmp_path_factory):
             layer.set_weights([rng.uniform(0.5, 1.5, width), rng.normal(0, 0.2, width),
                                rng.normal(0, 0.2, width), rng.uniform(0.5, 2.0, width)])
     path = str(tmp_path_factory.mktemp("export") / "model.h5")
-    training.save_model(network, path)
+    checkpoints.save_model(network, path)
     return network, path
 
 
@@ -140,7 +141,7 @@ def test_evaluate_model_flag_calls_the_same_export(exported, tiny_model, monkeyp
 def test_export_refuses_an_output_folder_that_is_a_file(tiny_model, tmp_path):
     taken = tmp_path / "taken"
     taken.write_text("a file\n")
-    with pytest.raises(training.UserError, match="not a folder"):
+    with pytest.raises(cli.UserError, match="not a folder"):
         export_model.main(["--model_path", tiny_model[1], "--dataset", "sample", "--out_dir", str(taken)])
     assert taken.read_text() == "a file\n"
 

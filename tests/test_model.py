@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import model as resnet
-import training
+import checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_keras_applications_weights_load_by_name_with_identical_outputs(applicat
     path = str(tmp_path / "applications.h5")
     applications_resnet.save(path)
     ours = resnet.build_resnet50()
-    loaded, skipped = training.load_weights_by_name(ours, path)
+    loaded, skipped = checkpoints.load_weights_by_name(ours, path)
     assert loaded == sum(1 for layer in applications_resnet.layers if layer.weights)
     assert skipped == []
     images = rng.integers(0, 256, (4, 32, 32, 3)).astype("float32")
@@ -50,9 +50,9 @@ def test_keras_applications_weights_load_by_name_with_identical_outputs(applicat
 def test_imagenet_head_of_another_shape_is_skipped(tmp_path):
     source = resnet.build_resnet50(resnet.width_spec(0.0625), class_num=7)
     path = str(tmp_path / "seven_classes.h5")
-    training.save_model(source, path)
+    checkpoints.save_model(source, path)
     target = resnet.build_resnet50(resnet.width_spec(0.0625), class_num=10)
-    loaded, skipped = training.load_weights_by_name(target, path)
+    loaded, skipped = checkpoints.load_weights_by_name(target, path)
     assert skipped == ["predictions"]
     np.testing.assert_array_equal(target.get_layer("conv5_block3_3_conv").get_weights()[0],
                                   source.get_layer("conv5_block3_3_conv").get_weights()[0])
@@ -70,7 +70,7 @@ def test_random_width_spec_survives_plain_h5_round_trip(tmp_path, stem):
     original = resnet.build_resnet50(spec, stem=stem, class_num=10)
     assert original.count_params() == resnet.parameter_count(spec, stem, 10)
     path = str(tmp_path / "random.h5")
-    training.save_model(original, path)
+    checkpoints.save_model(original, path)
     reopened = keras.models.load_model(path, compile=False)  # plain Keras, no custom objects
     assert resnet.describe_model(reopened) == (spec, stem, 10, (32, 32, 3))
     images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype("float32")

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import model as resnet
-import training
+import checkpoints
 from conftest import assert_one_line_error, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,7 +49,7 @@ def project(tmp_path):
         config = {"arguments": arguments, "complete": True,
                   "results": {"test_acc": accuracy, "parameters": student.count_params(), "teacher_test_acc": 0.59}}
         (folder / "config.json").write_text(json.dumps(config))
-        training.save_model(student, str(folder / "model.h5"))
+        checkpoints.save_model(student, str(folder / "model.h5"))
     return tmp_path
 
 

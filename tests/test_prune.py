@@ -11,6 +11,8 @@ import tensorflow as tf
 import model as resnet
 import prune
 import prune_model
+import checkpoints
+import cli
 import training
 from conftest import REPO, assert_files_whole, assert_one_line_error, kill_when, run_script, temporaries
 
@@ -115,7 +117,7 @@ def test_removing_dead_inner_channels_leaves_logits_unchanged(network, images, t
     assert new_spec["blocks"] == [[len(keep[f"{b}_1_relu"]), len(keep[f"{b}_2_relu"])] for b in resnet.block_names()]
     assert pruned.count_params() == resnet.parameter_count(new_spec) < network.count_params()
     # the result is an ordinary Keras model: plain load_model, no custom objects, same outputs
-    training.save_model(pruned, str(tmp_path / "pruned.h5"))
+    checkpoints.save_model(pruned, str(tmp_path / "pruned.h5"))
     reopened = keras.models.load_model(str(tmp_path / "pruned.h5"), compile=False)
     np.testing.assert_allclose(logits(reopened, images), before, atol=1e-4)
 
@@ -205,10 +207,10 @@ def test_fraction_rule_min_channels_and_round_to():
 
 
 def run_in_process(capfd, *arguments):
-    """prune_model.py's main through training.run: (exit code, stderr)."""
+    """prune_model.py's main through cli.run: (exit code, stderr)."""
     capfd.readouterr()
     with pytest.raises(SystemExit) as exited:
-        training.run(lambda: prune_model.main([str(argument) for argument in arguments]))
+        cli.run(lambda: prune_model.main([str(argument) for argument in arguments]))
     return exited.value.code, capfd.readouterr().err
 
 
@@ -216,7 +218,7 @@ def run_in_process(capfd, *arguments):
 def base_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("base") / "base.h5"
     training.set_seed(0)
-    training.save_model(resnet.build_resnet50(resnet.width_spec(WIDTH), "imagenet", 10), str(path))
+    checkpoints.save_model(resnet.build_resnet50(resnet.width_spec(WIDTH), "imagenet", 10), str(path))
     return path
 
 
@@ -295,7 +297,7 @@ def interrupted_run(tmp_path_factory, base_path, data_flags):
     before its record; then rerun with the same command."""
     root = tmp_path_factory.mktemp("pruning") / "run"
     arguments = ["--base_model_path", base_path, "--root_folder", root, "--prune_iter", 2, "--prune_residual",
-                 "--epoch_num", 2, "--train_size", 256, "--apoz_samples", 256, "--batch_size", 256, "--verbose", 2,
+                 "--epoch_num", 2, "--train_size", 256, "--apoz_samples", 200, "--batch_size", 256, "--verbose", 2,
                  *data_flags]
     script = [os.path.join(REPO, "prune_model.py"), *arguments]
     # 1. APoZ written, surgery not yet marked usable (pruned.json is the last write): redone on rerun.

@@ -1,0 +1,154 @@
+"""Model files: saving and opening our `.h5` checkpoints, and loading pretrained weights by name."""
+
+import os
+
+from cli import UserError
+from files import write_atomically
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _output_layer_names(model):
+    return {tensor._keras_history.operation.name for tensor in model.outputs}
+
+
+def recast(model, dtype):
+    """A copy of functional `model` whose layers compute in `dtype` (a dtype policy name), same weights.
+
+    float32 for saving a model trained in mixed precision (no mixed policy reaches an `.h5`); a
+    mixed policy to train or run a loaded float32 model fast. Returns `model` itself when nothing changes.
+    """
+    import keras
+
+    if all(layer.dtype_policy.name == dtype for layer in model.layers
+           if not isinstance(layer, keras.layers.InputLayer) and layer.name not in _output_layer_names(model)):
+        return model
+
+    outputs = _output_layer_names(model)
+
+    def clone(layer):
+        # Under a mixed policy the output layers stay float32 (as build_resnet50 makes its softmax).
+        layer_dtype = "float32" if dtype.startswith("mixed") and layer.name in outputs else dtype
+        return layer.__class__.from_config({**layer.get_config(), "dtype": layer_dtype})
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def save_model(model, path):
+    """Save `model` as a float32 Keras HDF5 (no optimizer state: every stage compiles afresh) atomically;
+    the model's own compile settings stay untouched.
+
+    (Keras 3 strips the optimizer from the compile config of the model it saves to .h5.)
+    """
+    float32 = recast(model, "float32")
+    compile_config = getattr(float32, "_compile_config", None)
+    saved = dict(compile_config.config) if compile_config is not None else None
+    write_atomically(path, lambda temporary: float32.save(temporary, include_optimizer=False))
+    if saved is not None:
+        compile_config.config = saved
+
+
+def load_model(path, what="model"):
+    """Open one of our `.h5` ResNet50s with plain Keras; any other file is a UserError."""
+    import keras
+
+    import model as resnet
+
+    if not os.path.exists(path):
+        raise UserError(f"no {what} at {path}")
+    if os.path.isdir(path):
+        raise UserError(f"{what} path {path} is a folder, not an .h5 file")
+    with open(path, "rb") as handle:
+        if handle.read(8) != HDF5_SIGNATURE:
+            raise UserError(f"{path} is not an HDF5 (.h5) file")
+    try:
+        loaded = keras.models.load_model(path, compile=False)
+    except Exception as error:  # h5py and Keras raise many kinds for truncated or foreign files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot open {path} as a Keras model: {reason[:200]}") from None
+    try:
+        resnet.describe_model(loaded)
+    except resnet.NotOurResNetError as error:
+        raise UserError(f"{path}: {error}") from None
+    return loaded
+
+
+def _keras2_layer_weights(archive):
+    """{layer name: [arrays]} of a Keras 2 / legacy HDF5 file (a whole model or `save_weights` .h5)."""
+    import numpy as np
+
+    group = archive["model_weights"] if "model_weights" in archive else archive
+    layers = {}
+    for raw_name in group.attrs["layer_names"]:
+        name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        layer_group = group[name]
+        weight_names = [w.decode() if isinstance(w, bytes) else str(w) for w in layer_group.attrs.get("weight_names", [])]
+        layers[name] = [np.asarray(layer_group[w]) for w in weight_names]
+    return layers
+
+
+def _keras3_layer_weights(archive, model):
+    """{layer name of `model`: [arrays]} of a Keras 3 `.weights.h5` file.
+
+    Keras 3 files name a functional model's layers not by their names but by class and position
+    ("conv2d", "conv2d_1", ... over `model.layers` in order); the same rule on `model` maps them
+    back, so a file saved from any model with our layer order (ours, keras.applications' ResNet50)
+    loads by position within each layer class.
+    """
+    import numpy as np
+    from keras.src.utils.naming import to_snake_case
+
+    stored = archive["layers"]
+    used, layers = {}, {}
+    for layer in model.layers:
+        key = to_snake_case(type(layer).__name__)
+        used[key] = used.get(key, -1) + 1
+        if used[key]:
+            key = f"{key}_{used[key]}"
+        if key in stored and "vars" in stored[key]:
+            variables = stored[key]["vars"]
+            layers[layer.name] = [np.asarray(variables[str(index)]) for index in range(len(variables))]
+    return layers
+
+
+def load_weights_by_name(model, path):
+    """Copy weights from a Keras HDF5 file into `model`, layer by layer.
+
+    Takes a whole-model `.h5`, a Keras 2 weights `.h5` (both matched by layer name) and a Keras 3
+    `.weights.h5` (matched by layer class and position, see `_keras3_layer_weights`). Layers whose
+    weight shapes differ (such as a 1000-class ImageNet head) are skipped.
+    Returns (layers loaded, names of layers skipped for shape).
+    """
+    import h5py
+
+    if not os.path.isfile(path):
+        raise UserError(f"no pretrained model at {path}")
+    with open(path, "rb") as handle:
+        if handle.read(8) != HDF5_SIGNATURE:
+            raise UserError(f"{path} is not an HDF5 (.h5) file")
+    try:
+        with h5py.File(path, "r") as archive:
+            group = archive["model_weights"] if "model_weights" in archive else archive
+            if "layer_names" in group.attrs:
+                stored = _keras2_layer_weights(archive)
+            elif "layers" in archive:
+                stored = _keras3_layer_weights(archive, model)
+            else:
+                raise UserError(f"{path} holds no Keras layer weights (neither a Keras 2 .h5 nor a Keras 3 .weights.h5)")
+    except (OSError, KeyError, ValueError) as error:
+        raise UserError(f"cannot read weights from {path}: {error}") from None
+    loaded, skipped = 0, []
+    for layer in model.layers:
+        values = stored.get(layer.name)
+        if not values:
+            continue
+        if [v.shape for v in values] != [tuple(w.shape) for w in layer.weights]:
+            skipped.append(layer.name)
+            continue
+        layer.set_weights(values)
+        loaded += 1
+    if loaded == 0:
+        raise UserError(f"{path} shares no layer name and shape with a ResNet50 of this project")
+    return loaded, skipped

@@ -1,0 +1,40 @@
+"""Accuracy and loss of a classifier on images: the one measurement every stage, evaluation and
+export report."""
+
+import numpy as np
+
+# Keras' clipping of probabilities in categorical cross-entropy, so the loss matches `evaluate`'s.
+PROBABILITY_EPSILON = 1e-7
+
+
+def predict_probabilities(network, images, batch_size=128):
+    """Class probabilities of `network` on raw 0-255 `images`, batch by batch (`predict`, not an
+    eager call, so memory stays that of one batch)."""
+    import data
+
+    labels = np.zeros(len(images), np.int64)
+    batches = data.make_dataset(images, labels, batch_size).map(lambda x, y: x)
+    return network.predict(batches, verbose=0)
+
+
+def loss_and_accuracy(network, images, labels, batch_size=128):
+    """(cross-entropy, accuracy) of `network` on `images` against integer `labels`; (None, None)
+    when there are no images."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return None, None
+    probabilities = np.asarray(predict_probabilities(network, images, batch_size), np.float64)
+    return loss_and_accuracy_of(probabilities, labels)
+
+
+def loss_and_accuracy_of(probabilities, labels):
+    """(cross-entropy, accuracy) of predicted `probabilities` (rows) against integer `labels`."""
+    probabilities = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels)
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
+    return float(-np.mean(np.log(picked))), float(np.mean(np.argmax(probabilities, axis=1) == labels))
+
+
+def accuracy(network, images, labels, batch_size=128):
+    """Top-1 accuracy of `network` on `images` (None when there are none)."""
+    return loss_and_accuracy(network, images, labels, batch_size)[1]

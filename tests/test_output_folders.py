@@ -1,0 +1,189 @@
+"""Output folders a user can trust: validation before any change, --overwrite that keeps a finished
+run until the new one is under way, one run per folder, inputs compared by content."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+import checkpoints
+import files
+import model as resnet
+from conftest import REPO, assert_one_line_error, run_script
+
+SMALL = ["--width", "0.0625", "--stem", "cifar", "--dataset", "sample", "--train_size", "100", "--batch_size", "50",
+         "--epoch_num", "1", "--warmup_epochs", "0", "--verbose", "0"]
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    result = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                result[os.path.relpath(path, folder)] = handle.read()
+    return result
+
+
+def keras3_weights(path, seed):
+    """A Keras 3 `.weights.h5` (model.save_weights) of a width-0.0625 ResNet50 with a 5-class head."""
+    keras.utils.set_random_seed(seed)
+    resnet.build_resnet50(resnet.width_spec(0.0625), "cifar", class_num=5).save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished base run started from a Keras 3 weights file."""
+    root = tmp_path_factory.mktemp("finished")
+    pretrained = keras3_weights(str(root / "pretrained.weights.h5"), seed=1)
+    folder = str(root / "base")
+    completed = run_script("train_base_model.py", "--save_folder", folder, "--model_path", pretrained, *SMALL)
+    return root, folder, pretrained, completed
+
+
+def test_keras3_weights_file_loads_by_class_and_position(finished, tmp_path):
+    _, folder, pretrained, completed = finished
+    source = resnet.build_resnet50(resnet.width_spec(0.0625), "cifar", class_num=5)
+    source.load_weights(pretrained)
+    with_weights = [layer for layer in source.layers if layer.weights]
+    assert f"loaded {len(with_weights) - 1} layers by name" in completed.stdout
+    assert "skipped 1 of another shape (predictions)" in completed.stdout
+    target = resnet.build_resnet50(resnet.width_spec(0.0625), "cifar")
+    loaded, skipped = checkpoints.load_weights_by_name(target, pretrained)
+    assert (loaded, skipped) == (len(with_weights) - 1, ["predictions"])
+    for layer in with_weights[:-1]:
+        for have, want in zip(target.get_layer(layer.name).get_weights(), layer.get_weights()):
+            assert (have == want).all(), layer.name
+
+
+def test_overwrite_with_bad_input_leaves_the_finished_run_untouched(finished, tmp_path):
+    _, folder, pretrained, _ = finished
+    before = snapshot(folder)
+    text = tmp_path / "notes.txt"
+    text.write_text("not data")
+    for flags in (["--data_dir", str(text), "--dataset", "cifar10"], ["--model_path", str(text)]):
+        arguments = [*SMALL, "--model_path", pretrained, *flags, "--overwrite"]
+        completed = run_script("train_base_model.py", "--save_folder", folder, *arguments, check=False)
+        assert_one_line_error(completed)
+        assert snapshot(folder) == before, flags
+
+
+def test_inputs_are_compared_by_content_not_by_path(finished, tmp_path):
+    _, folder, pretrained, _ = finished
+    moved = str(tmp_path / "elsewhere.weights.h5")
+    shutil.copyfile(pretrained, moved)
+    again = run_script("train_base_model.py", "--save_folder", folder, "--model_path", moved, *SMALL,
+                       "--data_dir", str(tmp_path))  # --dataset sample: where CIFAR-10 lies does not matter
+    assert "nothing to do" in again.stdout
+    before = snapshot(folder)
+    keras3_weights(moved, seed=2)  # other weights at that path
+    other = run_script("train_base_model.py", "--save_folder", folder, "--model_path", moved, *SMALL, check=False)
+    assert "pretrained contents" in assert_one_line_error(other)
+    assert snapshot(folder) == before
+
+
+def test_a_failed_start_creates_nothing_and_the_corrected_retry_runs(tmp_path):
+    folder = tmp_path / "base"
+    for flags in (["--dataset", "cifar10", "--data_dir", str(tmp_path / "missing")], ["--model_path", str(tmp_path / "none.h5")]):
+        completed = run_script("train_base_model.py", "--save_folder", str(folder), *SMALL, *flags, check=False)
+        assert_one_line_error(completed)
+        assert not folder.exists(), flags
+    folder.mkdir()
+    completed = run_script("train_base_model.py", "--save_folder", str(folder), *SMALL, "--model_path", str(tmp_path / "none.h5"),
+                           check=False)
+    assert_one_line_error(completed)
+    assert os.listdir(folder) == []
+
+
+def test_overwrite_sets_the_old_run_aside_until_the_new_one_has_an_epoch(finished, tmp_path):
+    _, original, pretrained, _ = finished
+    folder = str(tmp_path / "copy")
+    shutil.copytree(original, folder)
+    before = snapshot(folder)
+    log = open(tmp_path / "log.txt", "w")
+    process = subprocess.Popen([sys.executable, "train_base_model.py", "--save_folder", folder, *SMALL,
+                                "--epoch_num", "3", "--overwrite"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    aside = os.path.join(folder, files.REPLACED_FOLDER)
+    deadline = time.monotonic() + 120
+    while not os.path.isdir(aside) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # the replacement dies before its first epoch
+    process.wait()
+    assert snapshot(aside) == before  # the finished run, whole, recoverable
+    completed = run_script("train_base_model.py", "--save_folder", folder, *SMALL, "--epoch_num", "3", "--overwrite")
+    assert "starting" in completed.stdout
+    assert not os.path.exists(aside) and sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]
+
+
+def hold_lock(folder):
+    """A separate process holding `folder`'s lock until killed; returns it once the lock is held."""
+    code = ("import sys, time; sys.path.insert(0, '.'); import files; lock = files.FolderLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, folder], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_into_a_busy_folder_names_the_holder_and_a_killed_holder_frees_it(tmp_path):
+    folder = str(tmp_path / "busy")
+    os.makedirs(folder)
+    holder = hold_lock(folder)
+    try:
+        completed = run_script("train_base_model.py", "--save_folder", folder, *SMALL, check=False)
+        line = assert_one_line_error(completed)
+        assert f"PID {holder.pid}" in line and "in use" in line
+        assert os.listdir(folder) == [files.LOCK_NAME]  # nothing else written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with files.FolderLock(folder):  # the kernel released the dead holder's lock
+        assert open(os.path.join(folder, files.LOCK_NAME)).read().strip() == str(os.getpid())
+    assert not os.path.exists(os.path.join(folder, files.LOCK_NAME))
+
+
+def test_two_runs_at_once_one_refused_the_other_whole(tmp_path):
+    folder = str(tmp_path / "race")
+    first = subprocess.Popen([sys.executable, "train_base_model.py", "--save_folder", folder, *SMALL, "--epoch_num", "2"],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = os.path.join(folder, files.LOCK_NAME)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(lock) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = run_script("train_base_model.py", "--save_folder", folder, *SMALL, "--epoch_num", "2", check=False)
+    assert f"PID {first.pid}" in assert_one_line_error(second)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    import json
+
+    config = json.load(open(os.path.join(folder, "config.json")))
+    history = json.load(open(os.path.join(folder, "history.json")))
+    assert config["complete"] and config["results"]["best_val_acc"] == max(history["val_acc"])
+
+
+def test_the_original_commands_never_touch_the_committed_runs():
+    # Typed as the original README has them (with data, so they get past loading it): each stops at once.
+    commands = [
+        ["train_base_model.py", "--save_folder=./model/base_model", "--model_path=./model/pretrained_resnet50.h5"],
+        ["knowledge_distillation.py", "--root_folder=./model/pruned_model/iter15", "--lambda1=0.7,", "--lambda2=0.3,",
+         "--lambda3=0.2,", "--regressor_name=conv1x1"],
+    ]
+    before = snapshot(os.path.join(REPO, "model"))
+    for command in commands:
+        completed = run_script(*command, "--dataset", "sample", check=False)
+        line = assert_one_line_error(completed)
+        assert "other arguments" in line or "holds other runs" in line, line
+    assert snapshot(os.path.join(REPO, "model")) == before
+
+
+def test_plot_typo_suggestion_answers_fast_near_the_root():
+    started = time.monotonic()
+    completed = run_script("plot_train_history.py", "--history_path", "/nonexistent_dir/history.json", check=False,
+                           timeout=60)
+    assert "no history at /nonexistent_dir/history.json" in assert_one_line_error(completed)
+    assert time.monotonic() - started < 30
