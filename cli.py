@@ -125,8 +125,9 @@ def add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=None,
     group.add_argument("--verbose", type=non_negative_int, default=1, help="Keras fit verbosity (0, 1 or 2)")
     group.add_argument("--tensorboard", default=None, metavar="DIR",
                        help="also write TensorBoard logs (keras.callbacks.TensorBoard) under DIR, one folder per fit")
-    group.add_argument("--distribute", choices=("none", "mirrored"), default="none",
+    group.add_argument("--distribute", choices=("none", "mirrored", "multi_worker"), default="none",
                        help="mirrored: data-parallel training on every local GPU (tf.distribute.MirroredStrategy); "
+                            "multi_worker: across machines (MultiWorkerMirroredStrategy, from each worker's TF_CONFIG); "
                             "--batch_size is the global batch")
     group.add_argument("--cpu_devices", type=positive_int, default=1,
                        help="split the CPU into this many logical devices (to run --distribute mirrored without GPUs)")

@@ -234,6 +234,10 @@ def make_dataset(images, labels, batch_size, training=False, seed=0, class_num=1
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
+    # Under multi-worker training each worker keeps every N-th batch element (there are no files to shard).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = dataset.with_options(options)
     if training:
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)

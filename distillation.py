@@ -191,6 +191,48 @@ def student_spec(teacher_spec, base_stage_widths, divisor=32, stage_widths=None)
     return resnet.validate_spec(spec)
 
 
+COMPRESSION_TOLERANCE = 0.03  # how close --student_compression gets (relative) before it gives up
+
+
+def spec_for_compression(teacher_spec, base_spec, stem, class_num, target, tolerance=COMPRESSION_TOLERANCE):
+    """A student width spec with base parameters / student parameters within `tolerance` of `target`.
+
+    First the original's student shape: the teacher's conv1/conv2 widths, the base's stage widths
+    times one factor s. When even the thinnest stages leave too many parameters, the inner widths
+    shrink too (to at most the base's times s). The factor is searched on a fine grid (widths are
+    whole numbers, so the count is a step function of s); ValueError when no grid point comes close.
+    """
+    import numpy as np
+
+    if not (math.isfinite(target) and target > 1):
+        raise ValueError(f"the student compression must be a number above 1, got {target}")
+    goal = resnet.parameter_count(base_spec, stem, class_num) / target
+
+    def stages_only(factor):
+        spec = resnet.copy_spec(teacher_spec)
+        spec["stages"] = [max(1, int(round(width * factor))) for width in base_spec["stages"]]
+        return spec
+
+    def inner_too(factor):
+        spec = stages_only(factor)
+        spec["blocks"] = [[max(1, min(t, int(round(b * factor)))) for t, b in zip(teacher_pair, base_pair)]
+                          for teacher_pair, base_pair in zip(teacher_spec["blocks"], base_spec["blocks"])]
+        return spec
+
+    best = None
+    for family in (stages_only, inner_too):
+        for factor in np.geomspace(1e-3, 1.0, 1200):
+            spec = family(float(factor))
+            error = abs(resnet.parameter_count(spec, stem, class_num) - goal) / goal
+            if best is None or error < best[0]:
+                best = (error, spec)
+        if best[0] <= tolerance:
+            return resnet.validate_spec(best[1])
+    achieved = resnet.parameter_count(base_spec, stem, class_num) / resnet.parameter_count(best[1], stem, class_num)
+    raise ValueError(f"no student width spec comes within {100 * tolerance:g}% of {target:g}x compression "
+                     f"(closest: {achieved:.2f}x)")
+
+
 def build_student(teacher, base_stage_widths, divisor=32, stage_widths=None):
     """A fresh student ResNet50 with the teacher's stem, classes, input and conv1/conv2 widths."""
     spec, stem, class_num, input_shape = resnet.describe_model(teacher)
@@ -408,14 +450,13 @@ def _pruning_records(root_folder):
             yield path, arguments
 
 
-def resolve_base_stage_widths(teacher, root_folder, base_model_path=None, default_base_path=None):
-    """The base (unpruned) model's four stage widths and where they came from: (widths, source, notes).
+def find_base_model(teacher, root_folder, base_model_path=None, default_base_path=None):
+    """The base (unpruned) model `teacher` was pruned from: (description, path, notes), or
+    (None, None, notes) when none is found.
 
     In order: an explicit `base_model_path` (must be the teacher's base, else ValueError); the
     default base path when it exists and fits the teacher; the base recorded in the pruning run's
-    config.json; the teacher's own stage widths when that run did not prune them (no
-    --prune_residual), or, with no record at all, with a note. --prune_residual makes the
-    teacher's stage widths smaller than the base's, so they are the last resort.
+    config.json. `description` is `model.describe_model`'s (spec, stem, class_num, input_shape).
     """
     import os
 
@@ -434,12 +475,11 @@ def resolve_base_stage_widths(teacher, root_folder, base_model_path=None, defaul
         description, mismatch = from_file(base_model_path, "base model")
         if mismatch:
             raise ValueError(f"--base_model_path {base_model_path} is not the teacher's base model: {mismatch}")
-        return description[0]["stages"], base_model_path, notes
+        return description, base_model_path, notes
     candidates = []
     if default_base_path and os.path.exists(default_base_path):
         candidates.append((default_base_path, "default base model"))
-    records = list(_pruning_records(root_folder))
-    for record_path, arguments in records:
+    for record_path, arguments in _pruning_records(root_folder):
         recorded = arguments.get("base_model_path")
         if isinstance(recorded, str) and os.path.exists(recorded):
             candidates.append((recorded, f"base model recorded in {record_path}"))
@@ -452,7 +492,23 @@ def resolve_base_stage_widths(teacher, root_folder, base_model_path=None, defaul
         if mismatch:
             notes.append(f"ignoring {what} {path}: {mismatch}")
             continue
+        return description, path, notes
+    return None, None, notes
+
+
+def resolve_base_stage_widths(teacher, root_folder, base_model_path=None, default_base_path=None):
+    """The base (unpruned) model's four stage widths and where they came from: (widths, source, notes).
+
+    From the base model `find_base_model` finds; else the teacher's own stage widths when its
+    pruning run did not prune them (no --prune_residual), or, with no record at all, with a note.
+    --prune_residual makes the teacher's stage widths smaller than the base's, so they are the
+    last resort.
+    """
+    description, path, notes = find_base_model(teacher, root_folder, base_model_path, default_base_path)
+    if description is not None:
         return description[0]["stages"], path, notes
+    teacher_description = resnet.describe_model(teacher)
+    records = list(_pruning_records(root_folder))
     teacher_stages = teacher_description[0]["stages"]
     for record_path, arguments in records:
         if "prune_residual" in arguments:

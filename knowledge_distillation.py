@@ -15,6 +15,7 @@ import sys
 import checkpoints
 import cli
 import files
+import multi_worker
 import metrics
 import stages
 import training
@@ -30,6 +31,10 @@ def stage_widths(text):
     if len(parts) != 4:
         raise argparse.ArgumentTypeError(f"{text!r} is not four comma-separated widths")
     return [cli.positive_int(part) for part in parts]
+
+
+def compression(text):
+    return cli.number(text, float, strictly_above=1)
 
 
 def unit_interval(text):
@@ -61,6 +66,9 @@ def parse_args(argv=None):
                          help="student stage widths = the base model's stage widths // this")
     student.add_argument("--student_stage_widths", type=stage_widths, default=None, metavar="W1,W2,W3,W4",
                          help="explicit student stage widths (overrides --student_divisor)")
+    student.add_argument("--student_compression", type=compression, default=None, metavar="R",
+                         help="choose the student's widths so that base parameters / student parameters is R "
+                              "(within 3%%; e.g. 12.82, the original's): stage widths first, inner widths if needed")
     student.add_argument("--base_model_path", default=None,
                          help=f"the unpruned base model whose stage widths are divided (default {DEFAULT_BASE} when it fits the teacher)")
     cli.add_data_flags(parser)
@@ -88,18 +96,26 @@ def main(argv=None):
     with strategy.scope():
         # A saved model is float32: the teacher runs in the student's precision.
         teacher = checkpoints.recast(checkpoints.load_model(teacher_path, "teacher model"), args.precision)
+    if args.student_compression and args.student_stage_widths:
+        raise cli.UserError("--student_compression and --student_stage_widths each choose the student's widths: pass one")
     try:
         base_widths, base_source, notes = distillation.resolve_base_stage_widths(
             teacher, args.root_folder, args.base_model_path, DEFAULT_BASE)
         spec, stem, class_num, _ = resnet.describe_model(teacher)
-        student_spec = distillation.student_spec(spec, base_widths, args.student_divisor, args.student_stage_widths)
+        if args.student_compression:
+            base, base_source, _ = distillation.find_base_model(teacher, args.root_folder, args.base_model_path, DEFAULT_BASE)
+            if base is None:
+                raise ValueError("--student_compression counts against the base model, which is not found: pass --base_model_path")
+            student_spec = distillation.spec_for_compression(spec, base[0], stem, class_num, args.student_compression)
+        else:
+            student_spec = distillation.student_spec(spec, base_widths, args.student_divisor, args.student_stage_widths)
     except ValueError as error:
         raise cli.UserError(str(error)) from None
     if args.student_stage_widths is None:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
 
-    folder = args.save_folder
+    folder = multi_worker.worker_folder(args.save_folder, strategy)  # a scratch copy on workers other than the chief
     # Every input is checked before the output folder is created or touched.
     stages.check_output_folder(folder)
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)

@@ -19,6 +19,7 @@ import time
 import checkpoints
 import cli
 import files
+import multi_worker
 import stages
 import training
 
@@ -207,9 +208,11 @@ def main(argv=None):
     import data
     import model as resnet
 
+    strategy = training.distribution_strategy(args)  # before anything starts TensorFlow's runtime
+    # Workers other than the chief prune a scratch copy of the folder (same decisions, no shared writes).
+    args.root_folder = multi_worker.worker_folder(args.root_folder, strategy)
     root = args.root_folder
     summary_path = os.path.join(root, SUMMARY_NAME)
-    strategy = training.distribution_strategy(args)  # before anything starts TensorFlow's runtime
     args.precision = training.set_precision(args.precision)  # auto resolved, so config.json records what ran
     # Every check that can refuse the run comes before anything in root_folder is touched.
     base_network = checkpoints.load_model(args.base_model_path, "base model")

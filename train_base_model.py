@@ -12,6 +12,7 @@ import sys
 import checkpoints
 import cli
 import files
+import multi_worker
 import stages
 import training
 
@@ -45,11 +46,12 @@ def main(argv=None):
         from_scratch_note = (f"note: no pretrained weights at {pretrained}; training from scratch "
                              "(save keras.applications.ResNet50(weights='imagenet') there to start from ImageNet)")
         pretrained = None
+    strategy = training.distribution_strategy(args)  # first: multi-worker training sets TensorFlow up
+    folder = multi_worker.worker_folder(folder, strategy)  # a scratch copy on workers other than the chief
     # Every input is checked before the output folder is created or touched.
     stages.check_output_folder(folder)
     training.set_seed(args.seed)
     args.precision = training.set_precision(args.precision)  # auto resolved, so config.json records what ran
-    strategy = training.distribution_strategy(args)
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     steps_per_epoch = -(-len(split.y_train) // args.batch_size)
     with strategy.scope():

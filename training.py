@@ -22,8 +22,9 @@ def distribution_strategy(args):
     """The tf.distribute strategy of --distribute: build and compile models inside its scope().
 
     With --distribute mirrored, MirroredStrategy replicates the model on every local GPU, or, on a
-    machine without GPUs, on the --cpu_devices logical CPUs. For several machines, the same code
-    runs under tf.distribute.MultiWorkerMirroredStrategy (see the README).
+    machine without GPUs, on the --cpu_devices logical CPUs. With --distribute multi_worker,
+    MultiWorkerMirroredStrategy spans the machines TF_CONFIG names (see multi_worker.py). Create it
+    before any other TensorFlow work.
     """
     import tensorflow as tf
 
@@ -35,6 +36,10 @@ def distribution_strategy(args):
             raise UserError("--cpu_devices must be set before TensorFlow starts; it cannot change within a run") from None
     if args.distribute == "none":
         return tf.distribute.get_strategy()
+    if args.distribute == "multi_worker":
+        import multi_worker
+
+        return multi_worker.make_strategy()
     gpus = tf.config.list_logical_devices("GPU")
     devices = [device.name for device in (gpus or tf.config.list_logical_devices("CPU"))]
     return tf.distribute.MirroredStrategy(devices=devices)

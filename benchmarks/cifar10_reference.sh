@@ -13,17 +13,19 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 # Stages compare their arguments on resume: keep this string the same across sittings.
 DATA_DIR=${DATA_DIR:-../shared/data/cifar-10-batches-py}
+# The committed run trained in float32, before --precision auto existed: pin it so a rerun resumes it on any CPU.
+export PRECISION="--precision float32"
 TEACHER=./model/pruned_model/iter15
 # --student_divisor 8: the original's absolute student widths (8/16/32/64) from our width-0.25 base.
-KD="--data_dir $DATA_DIR --epoch_num 15 --student_learning_rate 0.05 --student_divisor 8 --verbose 2"
+KD="--data_dir $DATA_DIR --precision float32 --epoch_num 15 --student_learning_rate 0.05 --student_divisor 8 --verbose 2"
 
 $PY train_base_model.py --save_folder=./model/base_model --width 0.25 --epoch_num 30 --learning_rate 0.05 \
-    --data_dir "$DATA_DIR" --verbose 2
+    --data_dir "$DATA_DIR" $PRECISION --verbose 2
 $PY prune_model.py --prune_iter=15 --epoch_num 4 --patience 2 --warmup_epochs 0 --learning_rate 0.01 \
-    --data_dir "$DATA_DIR" --verbose 2
+    --data_dir "$DATA_DIR" $PRECISION --verbose 2
 # Residual streams pruned too: fewer iterations reach the same compression, and latency follows (README, "Speed").
 $PY prune_model.py --root_folder ./model/pruned_residual --prune_residual --prune_iter=6 --epoch_num 4 --patience 2 \
-    --warmup_epochs 0 --learning_rate 0.01 --data_dir "$DATA_DIR" --verbose 2
+    --warmup_epochs 0 --learning_rate 0.01 --data_dir "$DATA_DIR" $PRECISION --verbose 2
 $PY knowledge_distillation.py --root_folder=$TEACHER --save_folder=./model/kd_model/student_alone --no_teacher $KD
 $PY knowledge_distillation.py --root_folder=$TEACHER --save_folder=./model/kd_model/backbone \
     --lambda1=0.7 --lambda2=0 --lambda3=0 $KD
