@@ -113,7 +113,9 @@ class _Channels:
 
 
 def _type(layer):
-    return type(layer).__name__
+    """The Keras class name of `layer`; a class of another package (even of the same name) is unknown."""
+    kind = type(layer)
+    return kind.__name__ if kind.__module__.split(".")[0] == "keras" else f"{kind.__module__}.{kind.__name__}"
 
 
 def _activation_name(layer):
@@ -179,8 +181,6 @@ class _Tracer:
         if len(inputs) != 1:
             raise Unfollowable("more than one input")
         activation = _activation_name(layer)
-        if activation is not None and activation not in ELEMENTWISE_ACTIVATIONS:
-            raise Unfollowable(f"activation {activation!r} mixes channels")
         width = _width(out_shapes[0])
         if kind == "Dense":
             names = _weight_names(layer, {"kernel", "bias"})
@@ -202,6 +202,9 @@ class _Tracer:
         if outputs is None:  # one set of output channels however often the layer is called
             outputs = self.slots[(id(layer), "out")] = self.channels.fresh(width)
             self.channels.record("producers", layer, outputs, weights=out_weights, config=config)
+            if activation is not None and activation not in ELEMENTWISE_ACTIVATIONS:
+                # a softmax couples the outputs, not the inputs: only the output channels stay
+                self.channels.freeze(outputs, f"made by {layer.name} ({kind}): activation {activation!r} mixes channels")
         if in_weights is None:
             self.channels.freeze(inputs[0], f"read by {layer.name} ({kind}) with depth_multiplier {layer.depth_multiplier}")
         else:
@@ -352,7 +355,8 @@ class _Tracer:
         outputs = list(node.outputs)
         if node.is_input:
             for tensor in outputs:
-                ids = self.channels.fresh(_width(tensor.shape))
+                width = tensor.shape[-1] if len(tensor.shape) > 1 else None
+                ids = self.channels.fresh(width or 0)  # no channel axis of fixed size: nothing to follow
                 self.channels.record("origins", layer, ids)
                 self.channels.freeze(ids, f"model input {layer.name}")
                 self.tensors[id(tensor)] = ids
@@ -360,16 +364,17 @@ class _Tracer:
         inputs = [self.tensors[id(tensor)] for tensor in node.input_tensors]
         in_shapes = [tuple(tensor.shape) for tensor in node.input_tensors]
         out_shapes = [tuple(tensor.shape) for tensor in outputs]
+        followed = []
         try:
             if hasattr(layer, "_nodes_by_depth"):
                 raise Unfollowable("nested model")
-            results = self.follow(layer, inputs, in_shapes, out_shapes)
-            for ids, shape in zip(results, out_shapes):
-                if len(ids) != _width(shape):
-                    raise Unfollowable("its output channels do not match the trace")
+            followed = self.follow(layer, inputs, in_shapes, out_shapes)
+            if len(followed) != len(out_shapes) or any(len(ids) != _width(shape) for ids, shape in zip(followed, out_shapes)):
+                raise Unfollowable("its output channels do not match the trace")
+            results = followed
         except Unfollowable as why:
             kind = _type(layer)
-            for ids in inputs:
+            for ids in inputs + list(followed):  # what a half-followed layer recorded is frozen too
                 self.channels.freeze(ids, f"read by {layer.name} ({kind}): {why}")
             results = []
             for shape in out_shapes:

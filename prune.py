@@ -276,7 +276,7 @@ def prune_groups(network, groups, keep):
         except ValueError:
             # A Lambda of a Python lambda is refused by safe-mode deserialization. A layer without
             # weights and unchanged holds nothing the two models could share by accident: reuse it.
-            if layer.weights or layer.name in config_changes:
+            if getattr(layer, "weights", None) or layer.name in config_changes:
                 raise
             copy = layer
         clones[layer.name] = copy
