@@ -246,6 +246,7 @@ def prune_groups(network, groups, keep):
     import keras
 
     by_name = {group["name"]: group for group in groups}
+    layer_names = {layer.name for layer in network.layers}
     removals = {}  # (layer, weight name) -> {axis: [removed positions, ...]}
     config_changes = {}  # layer -> {config key: (how, [removed positions, ...])}
     for name, indices in keep.items():
@@ -254,6 +255,11 @@ def prune_groups(network, groups, keep):
             raise ValueError(f"no channel group named {name!r}")
         if group["frozen"]:
             raise ValueError(f"channel group {name} is frozen and cannot be pruned: {'; '.join(group['reasons'])}")
+        roles = [entry for role in ("producers", "consumers", "carriers", "activations") for entry in group[role]]
+        missing = sorted({entry["layer"] for entry in roles} - layer_names)
+        if missing:
+            raise ValueError(f"channel group {name} names layers {', '.join(missing)} that {network.name} lacks: "
+                             "trace the groups from this model")
         removed = removed_channels(group["width"], _kept_indices(name, indices, group["width"]))
         if len(removed) == 0:
             continue
