@@ -1,0 +1,343 @@
+"""Channel groups traced from any functional model, surgery from them, importances: keras.applications
+models (random weights, 32x32 inputs), a small model of every followed layer kind, our ResNet50."""
+
+import keras
+import numpy as np
+import pytest
+
+import channel_graph
+import channel_importance
+import model as resnet
+import prune
+
+APPLICATIONS = {
+    "ResNet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None),
+    "ResNet50V2": lambda: keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None),
+    "MobileNetV2": lambda: keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10, alpha=0.35,
+                                                          classifier_activation=None),
+    "VGG16": lambda: keras.applications.VGG16(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None),
+    "DenseNet121": lambda: keras.applications.DenseNet121(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None),
+    "EfficientNetB0": lambda: keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10,
+                                                                classifier_activation=None),
+}
+
+
+def every_followed_layer():
+    """A small model of the layer kinds the trace follows beyond the applications': split and
+    concatenated groups tied through an Add, a Flatten of 2x2 positions before a Dense, transposed,
+    separable and depthwise convolutions, per-channel PReLU, Rescaling and Normalization."""
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = layers.Conv2D(6, 3, padding="same", name="stem")(inputs)
+    x = layers.PReLU(shared_axes=[1, 2], name="stem_prelu")(x)
+    x = layers.Rescaling(scale=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0], name="stem_scale")(x)
+    x = layers.Normalization(axis=-1, name="stem_normalization")(x)
+    separable = layers.SeparableConv2D(5, 3, padding="same", name="separable")(x)
+    separable = layers.LeakyReLU(0.1, name="leaky")(separable)
+    up = layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="transpose")(x)
+    up = layers.Cropping2D(4, name="crop")(up)
+    up = layers.DepthwiseConv2D(3, padding="same", activation="relu", name="depthwise")(up)
+    side = layers.Conv2D(3, 1, name="side")(x)
+    trunk = layers.Conv2D(7, 1, name="trunk")(x)  # channels 0-3 tied to transpose, 4-6 to side
+    merged = layers.Add(name="add")([trunk, layers.Concatenate(name="cat")([up, side])])
+    merged = layers.BatchNormalization(name="bn")(merged)
+    merged = layers.ReLU(name="relu")(merged)
+    merged = layers.SpatialDropout2D(0.1, name="spatial_dropout")(merged)
+    x = layers.Concatenate(name="cat2")([merged, separable])  # 12 channels
+    x = layers.MaxPooling2D(4, name="pool")(x)  # 2 x 2 x 12
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(6, activation="relu", name="hidden")(x)
+    x = layers.Dropout(0.2, name="dropout")(x)
+    outputs = layers.Dense(3, name="logits")(x)
+    built = keras.Model(inputs, outputs, name="every_followed_layer")
+    rng = np.random.default_rng(4)
+    normalization = built.get_layer("stem_normalization")
+    normalization.set_weights([rng.normal(0, 0.5, 6).astype("float32"), rng.uniform(0.5, 2, 6).astype("float32"),
+                               np.array(1, "int64")])
+    normalization.finalize_state()
+    bn = built.get_layer("bn")
+    bn.set_weights([rng.uniform(0.5, 1.5, 7).astype("float32"), rng.uniform(-0.3, 0.3, 7).astype("float32"),
+                    rng.normal(0, 0.1, 7).astype("float32"), rng.uniform(0.5, 1.5, 7).astype("float32")])
+    return built
+
+
+MODELS = {**APPLICATIONS, "every_followed_layer": every_followed_layer}
+
+
+def outputs_of(network, images):
+    return keras.ops.convert_to_numpy(network(images, training=False))
+
+
+def random_images(network, count=4, seed=1):
+    return np.random.default_rng(seed).uniform(0, 255, (count, *network.input_shape[1:])).astype("float32")
+
+
+def kill_channels(network, dead):
+    """Make the channels `dead` ({group name: (group, channel indices)}) exactly zero wherever they
+    are read: zero their filters and bias in every producer and every per-channel weight of the
+    carriers (a variance stays, BatchNorm then outputs beta = 0). Every followed layer maps zero
+    to zero, except a sigmoid, whose output only ever multiplies a zero channel of the same group
+    (squeeze-excitation)."""
+    layers = {layer.name: layer for layer in network.layers}
+    values = {}  # layer name -> its weights, each layer read and written once
+    for group, channels in dead.values():
+        for role in ("producers", "carriers"):
+            for entry in group[role]:
+                layer = layers[entry["layer"]]
+                arrays = values.setdefault(layer.name, layer.get_weights())
+                for weight, value in zip(layer.weights, arrays):
+                    axis = entry["weights"].get(weight.name)
+                    if axis is not None and "variance" not in weight.name:
+                        index = [slice(None)] * value.ndim
+                        index[axis] = entry["indices"][channels].reshape(-1)
+                        value[tuple(index)] = 0
+    for name, arrays in values.items():
+        layer = layers[name]
+        layer.set_weights(arrays)
+        if hasattr(layer, "finalize_state"):
+            layer.finalize_state()
+
+
+def expected_parameters(network, groups, keep):
+    """Parameters once the channels outside `keep` are removed, from the original weight shapes
+    and the positions the groups name (independent of the surgery's slicing)."""
+    removed = {}
+    for group in groups:
+        if group["name"] not in keep:
+            continue
+        gone = prune.removed_channels(group["width"], keep[group["name"]])
+        for role in ("producers", "consumers", "carriers"):
+            for entry in group[role]:
+                for weight, axis in entry["weights"].items():
+                    removed.setdefault((entry["layer"], weight, axis), set()).update(entry["indices"][gone].reshape(-1).tolist())
+    total = 0
+    for layer in network.layers:
+        for weight in layer.weights:
+            shape = list(weight.shape)
+            for (name, weight_name, axis), positions in removed.items():
+                if name == layer.name and weight_name == weight.name:
+                    shape[axis] -= len(positions)
+            total += int(np.prod(shape, dtype=np.int64))
+    return total
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def surgery(request):
+    """One model per case: traced, random channels of every prunable group made dead in place
+    (outputs recorded before and after), then removed."""
+    keras.utils.set_random_seed(0)
+    network = MODELS[request.param]()
+    groups = channel_graph.trace_channel_groups(network)
+    images = random_images(network)
+    original = outputs_of(network, images)
+    rng = np.random.default_rng(2)
+    keep, dead = {}, {}
+    for group in channel_graph.prunable_groups(groups):
+        keep[group["name"]] = np.sort(rng.choice(group["width"], int(rng.integers(1, group["width"])), replace=False))
+        dead[group["name"]] = (group, prune.removed_channels(group["width"], keep[group["name"]]))
+    kill_channels(network, dead)
+    before = outputs_of(network, images)
+    pruned = prune.prune_groups(network, groups, keep)
+    return {"name": request.param, "network": network, "groups": groups, "keep": keep, "images": images,
+            "original": original, "before": before, "pruned": pruned, "after": outputs_of(pruned, images)}
+
+
+def test_every_weight_axis_is_covered_once_and_only_input_and_output_are_frozen(surgery):
+    network, groups = surgery["network"], surgery["groups"]
+    positions = {}
+    for group in groups:
+        for role in ("producers", "consumers", "carriers"):
+            for entry in group[role]:
+                assert entry["indices"].shape[0] == group["width"], (group["name"], entry["layer"])
+                for weight, axis in entry["weights"].items():
+                    positions.setdefault((entry["layer"], weight, axis), []).extend(entry["indices"].reshape(-1).tolist())
+    # every channel axis of every weight is split among the groups exactly: no position missed or doubled
+    for layer in network.layers:
+        for weight in layer.weights:
+            if weight.name == "count":  # Normalization's sample count is not per channel
+                continue
+            axes = [(axis, found) for (name, weight_name, axis), found in positions.items()
+                    if name == layer.name and weight_name == weight.name]
+            assert axes, f"{layer.name}/{weight.name} is in no channel group"
+            for axis, found in axes:
+                assert sorted(found) == list(range(weight.shape[axis])), f"{layer.name}/{weight.name} axis {axis}"
+    frozen = channel_graph.frozen_groups(groups)
+    input_name = network.inputs[0]._keras_history.operation.name
+    output_name = network.outputs[0]._keras_history.operation.name
+    assert frozen == {input_name: [f"model input {input_name}"], output_name: ["model output"]}
+    assert len({group["name"] for group in groups}) == len(groups)
+
+
+def test_removing_dead_channels_changes_no_output(surgery):
+    before, after, original = surgery["before"], surgery["after"], surgery["original"]
+    scale = np.abs(before).max()
+    assert scale > 0 and np.ptp(before, axis=0).max() > 1e-3 * scale  # the images are told apart
+    assert np.abs(before - original).max() > 1e-3 * scale  # the dead channels did matter
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-5 * scale)
+
+
+def test_pruned_model_has_the_expected_widths_and_parameters_and_survives_h5(surgery, tmp_path):
+    network, groups, keep, pruned = surgery["network"], surgery["groups"], surgery["keep"], surgery["pruned"]
+    assert keep and all(len(keep[group["name"]]) < group["width"] for group in groups if group["name"] in keep)
+    # traced again, the smaller model has the same groups at the kept widths
+    widths = {group["name"]: group["width"] for group in channel_graph.trace_channel_groups(pruned)}
+    assert widths == {group["name"]: len(keep.get(group["name"], range(group["width"]))) for group in groups}
+    assert pruned.count_params() == expected_parameters(network, groups, keep) < network.count_params()
+    path = str(tmp_path / "pruned.h5")
+    pruned.save(path)
+    reopened = keras.models.load_model(path, compile=False)  # plain Keras, no custom objects
+    np.testing.assert_array_equal(outputs_of(reopened, surgery["images"]), surgery["after"])
+
+
+def test_kept_filters_are_the_chosen_ones(surgery):
+    """Every pruned weight equals the original with the kept positions taken along each channel
+    axis (numpy's take against the surgery's delete)."""
+    network, groups, keep, pruned = surgery["network"], surgery["groups"], surgery["keep"], surgery["pruned"]
+    kept = {}
+    for group in groups:
+        chosen = keep.get(group["name"], np.arange(group["width"]))
+        for role in ("producers", "consumers", "carriers"):
+            for entry in group[role]:
+                for weight, axis in entry["weights"].items():
+                    kept.setdefault((entry["layer"], weight, axis), []).extend(entry["indices"][chosen].reshape(-1).tolist())
+    for layer in network.layers:
+        for weight, value, new in zip(layer.weights, layer.get_weights(), pruned.get_layer(layer.name).get_weights()):
+            for (name, weight_name, axis), positions in kept.items():
+                if name == layer.name and weight_name == weight.name:
+                    value = np.take(value, sorted(positions), axis=axis)
+            np.testing.assert_array_equal(new, value, err_msg=f"{layer.name}/{weight.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Index mappings, importances
+
+
+@pytest.fixture(scope="module")
+def small():
+    keras.utils.set_random_seed(0)
+    network = every_followed_layer()
+    return network, {group["name"]: group for group in channel_graph.trace_channel_groups(network)}
+
+
+def test_concatenate_offsets_flatten_blocks_and_split_groups(small):
+    _, groups = small
+    assert sorted(groups) == ["hidden", "image", "logits", "separable", "side", "stem", "transpose"]
+    entry = {name: {e["layer"]: e for role in ("producers", "consumers", "carriers") for e in groups[name][role]}
+             for name in groups}
+    # trunk's 7 filters are split: 0-3 tied to the transposed conv, 4-6 to the side conv, by the Add
+    np.testing.assert_array_equal(entry["transpose"]["trunk"]["indices"][:, 0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(entry["side"]["trunk"]["indices"][:, 0], [4, 5, 6])
+    assert entry["transpose"]["transpose"]["weights"] == {"kernel": -2, "bias": 0}  # (h, w, out, in)
+    # cat2 = [7 merged channels, 5 separable ones], pooled to 2 x 2, flattened: channel c at rows c + 12 s
+    np.testing.assert_array_equal(entry["separable"]["hidden"]["indices"], [[7 + c + 12 * s for s in range(4)] for c in range(5)])
+    np.testing.assert_array_equal(entry["side"]["hidden"]["indices"], [[4 + c + 12 * s for s in range(4)] for c in range(3)])
+    assert set(entry["transpose"]) == {"transpose", "trunk", "depthwise", "bn", "hidden"}
+    assert entry["stem"]["stem_scale"]["config"] == {"scale": "slice"}
+    assert set(entry["stem"]["stem_normalization"]["weights"]) == {"mean", "variance"}
+    assert {e["layer"] for e in groups["transpose"]["activations"]} == {"depthwise", "relu"}
+    assert [e["layer"] for e in groups["hidden"]["activations"]] == ["hidden"]
+
+
+def test_l1_and_apoz_importances_against_numpy(small):
+    network, groups = small
+    groups = list(groups.values())
+    l1 = channel_importance.importance("l1", network, groups)
+    assert set(l1) == {"hidden", "separable", "side", "stem", "transpose"}  # frozen groups get none
+    kernel = {layer.name: np.abs(layer.get_weights()[0 if layer.name != "separable" else 1]).astype(np.float64)
+              for layer in network.layers if layer.weights}
+    np.testing.assert_allclose(l1["transpose"], kernel["transpose"].sum(axis=(0, 1, 3)) + kernel["trunk"][..., :4].sum(axis=(0, 1, 2)))
+    np.testing.assert_allclose(l1["side"], kernel["side"].sum(axis=(0, 1, 2)) + kernel["trunk"][..., 4:].sum(axis=(0, 1, 2)))
+    np.testing.assert_allclose(l1["separable"], kernel["separable"].sum(axis=(0, 1, 2)))  # the pointwise kernel
+    np.testing.assert_allclose(l1["hidden"], kernel["hidden"].sum(axis=0))
+
+    images = random_images(network, count=12, seed=5)
+    scores = channel_importance.importance("apoz", network, groups, images, batch_size=5)  # a partial last batch
+    assert set(scores) == {"hidden", "side", "transpose"}  # groups with a ReLU-family output
+    relu, depthwise, hidden = resnet.feature_model(network, ["relu", "depthwise", "hidden"])(images, training=False)
+    zeros = {name: np.mean(keras.ops.convert_to_numpy(output) == 0, axis=tuple(range(len(output.shape) - 1)))
+             for name, output in (("relu", relu), ("depthwise", depthwise), ("hidden", hidden))}
+    np.testing.assert_allclose(-scores["transpose"], (zeros["relu"][:4] + zeros["depthwise"]) / 2, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(-scores["side"], zeros["relu"][4:], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(-scores["hidden"], zeros["hidden"], rtol=0, atol=1e-12)
+    assert 0 < zeros["relu"].mean() < 1
+    with pytest.raises(ValueError, match="unknown importance"):
+        channel_importance.importance("l2", network, groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen channels
+
+
+def test_channels_through_a_lambda_or_a_reshape_are_frozen_not_pruned():
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    x = layers.BatchNormalization(name="a_bn")(x)
+    x = layers.ReLU(name="a_relu")(x)
+    x = layers.Lambda(lambda tensor: tensor * 2.0, name="double")(x)
+    x = layers.Conv2D(5, 3, name="b")(x)
+    x = layers.ReLU(name="b_relu")(x)
+    x = layers.Conv2D(3, 1, name="c")(x)
+    x = layers.Reshape((6, 18), name="fold")(x)  # 6 x 6 x 3 -> 6 x 18: the channel axis changes
+    outputs = layers.Dense(2, activation="softmax", name="logits")(layers.Flatten(name="flatten")(x))
+    network = keras.Model(inputs, outputs)
+    groups = channel_graph.trace_channel_groups(network)
+    frozen = channel_graph.frozen_groups(groups)
+    assert frozen == {
+        "image": ["model input image"],
+        "a": ["read by double (Lambda): layer type unknown to the trace"],
+        "double": ["made by double (Lambda): layer type unknown to the trace"],
+        "c": ["read by fold (Reshape): it changes the channel axis"],
+        "fold": ["made by fold (Reshape): it changes the channel axis"],
+        "logits": ["made by logits (Dense): activation 'softmax' mixes channels", "model output"],
+    }
+    assert [group["name"] for group in channel_graph.prunable_groups(groups)] == ["b"]
+    for name in ("a", "c", "logits"):
+        with pytest.raises(ValueError, match=f"{name} is frozen"):
+            prune.prune_groups(network, groups, {name: [0]})
+    # the rest still prunes, the Lambda carried over as it is
+    by_name = {group["name"]: group for group in groups}
+    kill_channels(network, {"b": (by_name["b"], [1, 3])})
+    images = random_images(network, count=3)
+    before = outputs_of(network, images)
+    pruned = prune.prune_groups(network, groups, {"b": [0, 2, 4]})
+    assert pruned.get_layer("b").get_config()["filters"] == 3 and pruned.get_layer("c").kernel.shape == (1, 1, 3, 3)
+    np.testing.assert_allclose(outputs_of(pruned, images), before, rtol=0, atol=1e-5 * np.abs(before).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Our ResNet50: the traced groups are model.channel_groups()
+
+
+@pytest.mark.parametrize("stem", resnet.STEMS)
+def test_traced_groups_of_our_resnet_are_the_hand_written_table(stem):
+    keras.utils.set_random_seed(0)
+    network = resnet.build_resnet50(resnet.width_spec(0.0625), stem)
+    groups = channel_graph.trace_channel_groups(network)
+
+    def layers(group):
+        return (frozenset(e["layer"] for e in group["producers"] + group["carriers"]),
+                frozenset(e["layer"] for e in group["consumers"]),
+                frozenset(e["layer"] for e in group["activations"]))
+
+    table = {(frozenset(g["producers"]), frozenset(g["consumers"]), frozenset(g["activations"])) for g in resnet.channel_groups()}
+    stem_group = (frozenset({"conv1_conv", "conv1_bn"}), frozenset({"conv2_block1_0_conv", "conv2_block1_1_conv"}),
+                  frozenset({"conv1_relu"}))  # the stem, which the table leaves out
+    assert {layers(group) for group in channel_graph.prunable_groups(groups)} == table | {stem_group}
+    assert set(channel_graph.frozen_groups(groups)) == {"input_layer", "predictions", "probabilities"}  # softmax mixes channels
+
+
+def test_prune_model_takes_the_traced_groups_for_the_same_result():
+    keras.utils.set_random_seed(0)
+    network = resnet.build_resnet50(resnet.width_spec(0.0625), "imagenet")
+    named = prune.traced_resnet_groups(network)
+    assert [group["name"] for group in named] == [group["name"] for group in resnet.channel_groups()]
+    spec = resnet.describe_model(network)[0]
+    rng = np.random.default_rng(3)
+    keep = {g["name"]: rng.choice(g["width"], int(rng.integers(1, g["width"])), replace=False) for g in named}
+    by_table = prune.prune_model(network, keep)
+    by_trace = prune.prune_model(network, keep, groups=named)
+    assert resnet.describe_model(by_trace)[0] == resnet.describe_model(by_table)[0] != spec
+    for layer in by_table.layers:
+        for table_weight, traced_weight in zip(layer.get_weights(), by_trace.get_layer(layer.name).get_weights()):
+            np.testing.assert_array_equal(traced_weight, table_weight, err_msg=layer.name)
