@@ -18,8 +18,8 @@ def check_output_folder(folder):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"output folder {folder} exists and is not a folder")
     if os.path.isdir(folder) and not os.path.exists(os.path.join(folder, CONFIG_NAME)):
-        nested = sorted(name for name in os.listdir(folder)
-                        if os.path.isfile(os.path.join(folder, name, CONFIG_NAME)))
+        nested = sorted(name for name in os.listdir(folder)  # .replaced/ is this folder's own old run
+                        if not name.startswith(".") and os.path.isfile(os.path.join(folder, name, CONFIG_NAME)))
         if nested:
             raise UserError(f"{folder} holds other runs in its subfolders ({', '.join(nested[:4])}"
                             f"{' ...' if len(nested) > 4 else ''}); choose a folder of its own for this run")

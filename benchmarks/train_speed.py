@@ -129,6 +129,9 @@ def main():
     parser.add_argument("--steps", type=int, default=8, help="batches per timed round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--inference_images", type=int, default=2000)
+    parser.add_argument("--bfloat16", choices=("native", "always"), default="native",
+                        help="native: time the bfloat16 variant only where the hardware computes bfloat16 natively "
+                             "(elsewhere TensorFlow emulates it, 10x or more slower than float32)")
     args = parser.parse_args()
     cli.import_tensorflow()
     import numpy as np
@@ -144,16 +147,20 @@ def main():
           f"--precision auto gives {training.resolve_precision('auto')}")
     raw = {dtype: raw_convolution_rate(dtype) for dtype in (tf.float32, tf.bfloat16)}
     print(f"raw 3x3 convolution forward+backward: {raw[tf.float32]:.0f} GFLOP/s float32, {raw[tf.bfloat16]:.0f} GFLOP/s bfloat16")
+    variants = [variant for variant in VARIANTS
+                if variant[2] == "float32" or args.bfloat16 == "always" or training.native_bfloat16()]
+    if len(variants) < len(VARIANTS):
+        print("(no native bfloat16 here: the bfloat16 variant is skipped; --bfloat16 always times it anyway)")
     print()
-    print(f"| model | BatchNorm path | images/s | vs Keras' BN | conv GFLOP/s | of raw conv rate |")
-    print(f"|---|---|---:|---:|---:|---:|")
+    print("| model | BatchNorm path | images/s | vs Keras' BN | conv GFLOP/s | of raw conv rate |")
+    print("|---|---|---:|---:|---:|---:|")
     for stem, width in args.models:
         networks = {name: build_variant(stem, width, fused, precision, args.batch_size, dataset, args.steps)
-                    for name, fused, precision in VARIANTS}
+                    for name, fused, precision in variants}
         macs = resnet.count_macs(next(iter(networks.values())))[1]
         rates = time_training(networks, dataset, args.steps, args.batch_size, args.rounds)
-        reference = rates[VARIANTS[0][0]]
-        for name, _, precision in VARIANTS:
+        reference = rates[variants[0][0]]
+        for name, _, precision in variants:
             gflops = 3 * 2 * macs * rates[name] / 1e9
             rate = raw[tf.bfloat16 if precision == "mixed_bfloat16" else tf.float32]
             print(f"| {stem} stem, width {width:g} | {name} | {rates[name]:.0f} | {rates[name] / reference:.2f}x | "
