@@ -256,14 +256,17 @@ def random_importance(network, groups, seed=0):
     return {group["name"]: generator.random(resnet.group_width(spec, group)) for group in groups}
 
 
-def apoz_importance(network, groups, images, batch_size=128, verbose=0):
-    """{group name: 1 - APoZ}: a channel that is zero more often matters less."""
+def apoz_importance(network, groups, images, batch_size=128, verbose=0, measured=None):
+    """{group name: 1 - APoZ}: a channel that is zero more often matters less. `measured`: a dict
+    that receives {group name: APoZ} as measured (1 - (1 - APoZ) is not always APoZ in floating point)."""
     names = list(dict.fromkeys(name for group in groups for name in group["activations"]))
-    layer_apoz = apoz(network, names, images, batch_size, verbose=verbose)
-    return {name: 1.0 - scores for name, scores in group_scores(layer_apoz, groups).items()}
+    group_apoz = group_scores(apoz(network, names, images, batch_size, verbose=verbose), groups)
+    if measured is not None:
+        measured.update(group_apoz)
+    return {name: 1.0 - scores for name, scores in group_apoz.items()}
 
 
-def importance_scores(name, network, groups, images=None, labels=None, batch_size=128, seed=0, verbose=0):
+def importance_scores(name, network, groups, images=None, labels=None, batch_size=128, seed=0, verbose=0, measured=None):
     """{group name: per-channel importance of criterion `name`}; HIGHER = MORE IMPORTANT, always.
 
     apoz      1 - APoZ of the group's post-ReLU outputs (a residual stream: mean over its blocks)
@@ -273,14 +276,15 @@ def importance_scores(name, network, groups, images=None, labels=None, batch_siz
     random    uniform random, from `seed`
 
     `images` (raw 0-255) and, for taylor, `labels` (class indices): arrays, or a tf.data pipeline
-    of (images, labels) batches; apoz and taylor need them, the others ignore them.
+    of (images, labels) batches; apoz and taylor need them, the others ignore them. `measured`: a
+    dict that receives a criterion's own measurement where it is not the importance (apoz: APoZ).
     """
     if name not in IMPORTANCES:
         raise ValueError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCES)}")
     if name in ("apoz", "taylor") and images is None:
         raise ValueError(f"the {name} importance is measured on images; pass some")
     if name == "apoz":
-        return apoz_importance(network, groups, images, batch_size, verbose)
+        return apoz_importance(network, groups, images, batch_size, verbose, measured)
     if name == "taylor":
         return taylor_importance(network, groups, images, labels, batch_size, verbose)
     if name == "l1":

@@ -242,8 +242,9 @@ def prune_once(k, network, score_data, split, base_network, args):
     measured_on = len(images) if args.importance in ("apoz", "taylor") else 0
     print(f"iteration {k}: {args.importance} importance of {len(groups)} channel groups"
           + (f" on {measured_on} validation images" if measured_on else ""))
+    measured = {}
     scores = prune.importance_scores(args.importance, network, groups, images, labels, args.batch_size,
-                                     seed=(args.seed, k), verbose=args.verbose)
+                                     seed=(args.seed, k), verbose=args.verbose, measured=measured)
     keep, target = select(k, network, scores, base_network, args)
     spec = resnet.describe_model(network)[0]
     layers = {}
@@ -253,7 +254,7 @@ def prune_once(k, network, score_data, split, base_network, args):
         layers[name] = {"score": scores[name], "kept": keep[name], "removed": prune.removed_channels(width, keep[name]),
                         "width_before": width, "width_after": len(keep[name])}
         if args.importance == "apoz":
-            layers[name]["apoz"] = 1.0 - scores[name]  # the field earlier runs and the figures read
+            layers[name]["apoz"] = measured[name]  # the field earlier runs and the figures read
     shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted attempt are redone, never used
     os.makedirs(folder)
     record = {"iteration": k, "importance": args.importance, "criterion": args.criterion, "ranking": args.ranking,

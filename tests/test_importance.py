@@ -100,12 +100,14 @@ def test_bn_scale_is_the_absolute_gamma(network, groups):
 
 def test_apoz_importance_is_one_minus_apoz_and_keeps_the_original_rule(network, groups, batch):
     images, _ = batch
-    scores = prune.importance_scores("apoz", network, groups, images, batch_size=10)  # 24 = 10 + 10 + 4
+    measured = {}
+    scores = prune.importance_scores("apoz", network, groups, images, batch_size=10, measured=measured)  # 24 = 10 + 10 + 4
     names = [name for group in groups for name in group["activations"]]
     activations = dict(zip(names, resnet.feature_model(network, names).predict(images.astype("float32"), verbose=0)))
     for group in groups:
         apoz = np.mean([np.mean(activations[name] == 0, axis=(0, 1, 2)) for name in group["activations"]], axis=0)
         np.testing.assert_allclose(scores[group["name"]], 1 - apoz, atol=1e-12, err_msg=group["name"])
+        np.testing.assert_array_equal(measured[group["name"]], apoz)  # apoz.json's "apoz": as measured
         # the std rule on importances removes exactly what the original removed: APoZ > mean + std
         kept = prune.select_channels(scores[group["name"]], "std", std_k=1.0)
         np.testing.assert_array_equal(kept, np.flatnonzero(~(apoz > apoz.mean() + apoz.std())))

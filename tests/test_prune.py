@@ -356,7 +356,7 @@ def test_finished_run_files_are_complete_and_consistent(interrupted_run):
     root, _, _, _ = interrupted_run
     summary = json.loads((root / "summary.json").read_text())
     base = summary["base"]
-    assert set(base) == {"model_path", "parameters", "macs", "val_acc", "test_acc", "width_spec"}
+    assert set(base) == {"model_path", "parameters", "macs", "val_acc", "test_acc", "test_images", "width_spec"}
     assert [record["iteration"] for record in summary["iterations"]] == [1, 2]
     assert summary["arguments"]["prune_residual"] is True
     previous_spec, previous_parameters = base["width_spec"], base["parameters"]
