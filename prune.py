@@ -126,6 +126,8 @@ def _labelled_batches(images, labels, batch_size):
 
     if isinstance(images, tf.data.Dataset):
         return images.map(cast)
+    if labels is None:
+        raise ValueError("the gradient of the loss needs the images' labels; pass labels")
     images, labels = np.asarray(images), np.asarray(labels)
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")

@@ -63,8 +63,8 @@ def parse_args(argv=None):
                        help="share of each layer's channels (--ranking global: of all channels) removed per iteration "
                             "(--criterion fraction); with a target, the step of every iteration but the last")
     group.add_argument("--prune_residual", action="store_true",
-                       help="also prune each stage's residual stream (conv3 + shortcut outputs, scored by the "
-                            "mean APoZ of the stage's block outputs)")
+                       help="also prune each stage's residual stream (conv3 + shortcut outputs, scored through "
+                            "all of them: e.g. apoz by the mean APoZ of the stage's block outputs)")
     group.add_argument("--min_channels", type=cli.non_negative_int, default=1,
                        help="never keep fewer channels in a layer (0: no floor; emptying a layer is then an error)")
     group.add_argument("--round_to", type=cli.positive_int, default=1,

@@ -184,6 +184,8 @@ def test_importance_scores_refuses_unknown_names_and_missing_images(network, gro
         prune.importance_scores("l2", network, groups)
     with pytest.raises(ValueError, match="measured on images"):
         prune.importance_scores("taylor", network, groups)
+    with pytest.raises(ValueError, match="pass labels"):
+        prune.importance_scores("taylor", network, groups, np.zeros((2, 32, 32, 3), np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
