@@ -234,6 +234,39 @@ def parameter_count(spec, stem="imagenet", class_num=10):
     return total + in_width * class_num + class_num
 
 
+def mac_count(spec, stem="imagenet", class_num=10, input_shape=(32, 32, 3)):
+    """`count_macs(build_resnet50(spec, stem, class_num, input_shape))[1]`, from the spec alone
+    (pruning predicts the MACs of a candidate selection without building it)."""
+    spec = validate_spec(spec)
+    height, width, channels = (int(size) for size in input_shape)
+
+    def conv(in_width, out_width, size, stride, padding):
+        nonlocal height, width
+        if padding == "same":
+            height, width = -(-height // stride), -(-width // stride)
+        else:
+            height, width = (height - size) // stride + 1, (width - size) // stride + 1
+        return height * width * size * size * in_width * out_width
+
+    if stem == "imagenet":
+        height, width = height + 6, width + 6  # conv1_pad
+        total = conv(channels, spec["stem"], 7, 2, "valid")
+        height, width = (height + 2 - 3) // 2 + 1, (width + 2 - 3) // 2 + 1  # pool1_pad + 3x3/2 max-pool
+    else:
+        total = conv(channels, spec["stem"], 3, 1, "same")
+    in_width = spec["stem"]
+    for index, (conv1, conv2) in enumerate(spec["blocks"]):
+        out_width = spec["stages"][stage_of_block(index)]
+        stride = 2 if block_names()[index].endswith("_block1") and stage_of_block(index) > 0 else 1
+        if block_names()[index].endswith("_block1"):
+            saved = height, width
+            total += conv(in_width, out_width, 1, stride, "valid")
+            height, width = saved
+        total += conv(in_width, conv1, 1, stride, "valid") + conv(conv1, conv2, 3, 1, "same") + conv(conv2, out_width, 1, 1, "valid")
+        in_width = out_width
+    return int(total + in_width * class_num)
+
+
 def count_parameters(model):
     """Parameters as keras.applications counts them (all weights, BatchNorm statistics included)."""
     return int(model.count_params())

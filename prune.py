@@ -1,14 +1,17 @@
-"""APoZ filter pruning of our ResNet50: scoring, channel selection and weight surgery.
+"""Filter pruning of our ResNet50: channel importance, channel selection and weight surgery.
 
 Three independent steps (in the style of Torch-Pruning):
 
-    scores = apoz(network, layer_names, images)                # one streaming pass, all layers
-    keep   = {name: select_channels(group_scores[name], ...)}  # per channel group
-    smaller = prune_model(network, keep)                       # a new, really smaller ResNet50
+    scores = importance_scores("apoz", network, groups, images, labels)   # {group: per-channel importance}
+    keep   = {name: select_channels(scores[name], ...)}                   # per group, or select_global(scores, ...)
+    smaller = prune_model(network, keep)                                   # a new, really smaller ResNet50
 
-Which layers share a channel (producers, consumers) comes from model.channel_groups(); this
-module is the only one that slices weights. The result is built by model.build_resnet50 from
-the new width spec, so it is an ordinary Keras model that plain `keras.models.load_model` opens.
+Every importance criterion answers in one convention: one score per channel of each group, HIGHER =
+MORE IMPORTANT (keep); selection removes the least important. APoZ ("higher = more often zero =
+less useful") enters as 1 - APoZ. Which layers share a channel (producers, consumers) comes from
+model.channel_groups(); this module is the only one that slices weights. The result is built by
+model.build_resnet50 from the new width spec, so it is an ordinary Keras model that plain
+`keras.models.load_model` opens.
 
 Any other functional Keras model is pruned the same way from the channel groups that
 channel_graph.trace_channel_groups reads off its graph:
@@ -25,6 +28,11 @@ import channel_graph
 import model as resnet
 
 CRITERIA = ("std", "fraction")
+IMPORTANCES = ("apoz", "l1", "bn_scale", "taylor", "random")
+RANKINGS = ("layer", "global")
+# Global ranking never takes a group below this share of its width in the base model (nor below
+# --min_channels): one layer whose scores happen to be low must not be pruned to nothing.
+GLOBAL_MIN_SHARE = 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,20 +122,217 @@ def group_scores(layer_apoz, groups):
 
 
 # ---------------------------------------------------------------------------------------------
-# Selection
+# Scoring: the other importance criteria, and the one interface over all of them
+
+
+def _labelled_batches(images, labels, batch_size):
+    """A tf.data pipeline of (float32 images, int64 labels) batches from arrays, or from a dataset
+    of (images, labels) batches whose labels are class indices or one-hot rows."""
+    import tensorflow as tf
+
+    def cast(x, y):
+        if y.shape.rank == 2:
+            y = tf.argmax(y, axis=-1)
+        return tf.cast(x, tf.float32), tf.cast(y, tf.int64)
+
+    if isinstance(images, tf.data.Dataset):
+        return images.map(cast)
+    if labels is None:
+        raise ValueError("the gradient of the loss needs the images' labels; pass labels")
+    images, labels = np.asarray(images), np.asarray(labels)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+    return dataset.map(cast, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _combine_producers(magnitudes):
+    """One score per channel from the per-channel magnitudes of a group's producers.
+
+    An inner group has one producer: its magnitudes as they are. A residual stream is written by
+    every conv3 and the shortcut conv of the stage, whose weights live on different scales (other
+    fan-ins, other depths): each is divided by its own mean first, so each producer has an equal
+    say, and the results are averaged (mean of normalised magnitudes).
+    """
+    if len(magnitudes) == 1:
+        return np.asarray(magnitudes[0], np.float64)
+    normalised = []
+    for magnitude in magnitudes:
+        magnitude = np.asarray(magnitude, np.float64)
+        mean = magnitude.mean()
+        normalised.append(magnitude / mean if mean > 0 else magnitude)
+    return np.mean(normalised, axis=0)
+
+
+def _producers_of_type(network, group, layer_type):
+    return [network.get_layer(name) for name in group["producers"] if isinstance(network.get_layer(name), layer_type)]
+
+
+def filter_l1_importance(network, groups):
+    """{group name: L1 norm of each output filter of the group's producer convs} (Li et al. 2017,
+    "Pruning Filters for Efficient ConvNets"); residual streams: see `_combine_producers`."""
+    import keras
+
+    scores = {}
+    for group in groups:
+        norms = [np.abs(layer.get_weights()[0]).sum(axis=(0, 1, 2))  # kernel (h, w, in, out)
+                 for layer in _producers_of_type(network, group, keras.layers.Conv2D)]
+        scores[group["name"]] = _combine_producers(norms)
+    return scores
+
+
+def bn_scale_importance(network, groups):
+    """{group name: |gamma| of the BatchNorm after each producer conv} (Liu et al. 2017, "Learning
+    Efficient Convolutional Networks through Network Slimming"); residual streams: see
+    `_combine_producers`."""
+    import keras
+
+    scores = {}
+    for group in groups:
+        gammas = [np.abs(layer.get_weights()[0]) for layer in _producers_of_type(network, group, keras.layers.BatchNormalization)]
+        scores[group["name"]] = _combine_producers(gammas)
+    return scores
+
+
+def taylor_accumulator(network, groups):
+    """A compiled function: (image batch, labels) -> ([per group, per channel: sum over the batch's
+    images of |sum over positions of activation x gradient|], image count).
+
+    The gradient is that of the summed cross-entropy (of the logits, in float32) with respect to
+    the group's post-ReLU activation tensors, in inference mode: each image's gradient is then
+    that of its own loss. Zeroing a residual channel in every block output of its stage is the
+    same as removing it, so a residual group sums activation x gradient over those tensors before
+    taking the absolute value (the first-order change of the loss when the whole stream channel
+    goes).
+    """
+    import keras
+    import tensorflow as tf
+
+    names = list(dict.fromkeys(name for group in groups for name in group["activations"]))
+    outputs = [network.get_layer(name).output for name in names] + [network.get_layer("predictions").output]
+    features = keras.Model(network.input, outputs, name=f"{network.name}_taylor")
+    height, width, channels = network.input_shape[1:]
+    index = {name: position for position, name in enumerate(names)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, height, width, channels], tf.float32),
+                                  tf.TensorSpec([None], tf.int64)])
+    def accumulate(images, labels):
+        with tf.GradientTape() as tape:
+            *activations, logits = features(images, training=False)
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32)))
+        gradients = tape.gradient(loss, activations)
+        # (images, channels): the first-order loss change of zeroing each channel, per image
+        contributions = [tf.reduce_sum(tf.cast(a, tf.float32) * tf.cast(g, tf.float32), axis=[1, 2])
+                         for a, g in zip(activations, gradients)]
+        sums = [tf.reduce_sum(tf.abs(tf.add_n([contributions[index[name]] for name in group["activations"]])), axis=0)
+                for group in groups]
+        return sums, tf.shape(images)[0]
+
+    return accumulate
+
+
+def taylor_importance(network, groups, images, labels=None, batch_size=128, verbose=0, accumulate=None):
+    """{group name: per-channel first-order Taylor importance} (Molchanov et al. 2019, "Importance
+    Estimation for Neural Network Pruning"): |sum over positions of activation x gradient of the
+    cross-entropy| per image and channel, averaged over the images, in one pass over them.
+
+    `images`, `labels`: raw 0-255 images and their class indices, or a tf.data pipeline of
+    (images, labels) batches. `accumulate`: a `taylor_accumulator(network, groups)` to reuse.
+    """
+    import keras
+
+    accumulate = accumulate or taylor_accumulator(network, groups)
+    dataset = _labelled_batches(images, labels, batch_size)
+    steps = int(dataset.cardinality())
+    progress = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose, unit_name="batch") if verbose else None
+    spec = resnet.describe_model(network)[0]
+    totals = [np.zeros(resnet.group_width(spec, group), np.float64) for group in groups]
+    image_count = 0
+    for step, (batch, batch_labels) in enumerate(dataset):
+        sums, size = accumulate(batch, batch_labels)
+        for total, batch_sum in zip(totals, sums):
+            total += batch_sum.numpy()
+        image_count += int(size)
+        if progress is not None:
+            progress.update(step + 1)
+    if image_count == 0:
+        raise ValueError("the Taylor criterion needs at least one image")
+    return {group["name"]: total / image_count for group, total in zip(groups, totals)}
+
+
+def random_importance(network, groups, seed=0):
+    """{group name: uniform random scores}: the baseline every criterion must beat. `seed`: an int
+    or a sequence of ints (prune_model.py passes (--seed, iteration)); one generator draws the
+    groups in order, so the same seed and groups give the same scores."""
+    generator = np.random.default_rng(seed)
+    spec = resnet.describe_model(network)[0]
+    return {group["name"]: generator.random(resnet.group_width(spec, group)) for group in groups}
+
+
+def apoz_importance(network, groups, images, batch_size=128, verbose=0, measured=None):
+    """{group name: 1 - APoZ}: a channel that is zero more often matters less. `measured`: a dict
+    that receives {group name: APoZ} as measured (1 - (1 - APoZ) is not always APoZ in floating point)."""
+    names = list(dict.fromkeys(name for group in groups for name in group["activations"]))
+    group_apoz = group_scores(apoz(network, names, images, batch_size, verbose=verbose), groups)
+    if measured is not None:
+        measured.update(group_apoz)
+    return {name: 1.0 - scores for name, scores in group_apoz.items()}
+
+
+def importance_scores(name, network, groups, images=None, labels=None, batch_size=128, seed=0, verbose=0, measured=None):
+    """{group name: per-channel importance of criterion `name`}; HIGHER = MORE IMPORTANT, always.
+
+    apoz      1 - APoZ of the group's post-ReLU outputs (a residual stream: mean over its blocks)
+    l1        L1 norm of each output filter of the producer convs
+    bn_scale  |gamma| of the producers' BatchNorms
+    taylor    first-order Taylor estimate of the loss change when the channel is removed (needs labels)
+    random    uniform random, from `seed`
+
+    `images` (raw 0-255) and, for taylor, `labels` (class indices): arrays, or a tf.data pipeline
+    of (images, labels) batches; apoz and taylor need them, the others ignore them. `measured`: a
+    dict that receives a criterion's own measurement where it is not the importance (apoz: APoZ).
+    """
+    if name not in IMPORTANCES:
+        raise ValueError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCES)}")
+    if name in ("apoz", "taylor") and images is None:
+        raise ValueError(f"the {name} importance is measured on images; pass some")
+    if name == "apoz":
+        return apoz_importance(network, groups, images, batch_size, verbose, measured)
+    if name == "taylor":
+        return taylor_importance(network, groups, images, labels, batch_size, verbose)
+    if name == "l1":
+        return filter_l1_importance(network, groups)
+    if name == "bn_scale":
+        return bn_scale_importance(network, groups)
+    return random_importance(network, groups, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection: every rule takes importances (higher = keep) and removes the least important
 
 
 class EmptyLayerError(ValueError):
     """A selection rule would remove every channel of a layer."""
 
 
-def select_channels(scores, criterion="std", std_k=1.0, fraction=None, min_channels=1, round_to=1, name="layer"):
-    """Sorted indices of the channels to KEEP, given one group's per-channel APoZ.
+def most_important(scores, kept):
+    """Sorted indices of the `kept` most important channels (ties: the lower index is kept)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return np.sort(order[:kept])
 
-    std:      remove the channels whose APoZ exceeds mean + std_k * std of the group (the original's rule).
-    fraction: remove round(fraction * width) channels of highest APoZ.
+
+def _round_up(kept, round_to, width):
+    return min(width, -(-kept // round_to) * round_to)
+
+
+def select_channels(scores, criterion="std", std_k=1.0, fraction=None, min_channels=1, round_to=1, name="layer"):
+    """Sorted indices of the channels to KEEP, given one group's per-channel importance.
+
+    std:      remove the channels whose importance is below mean - std_k * std of the group (for
+              1 - APoZ: APoZ above mean + std_k * std, the original's rule).
+    fraction: remove the round(fraction * width) least important channels.
     Then keep at least `min_channels` (0: no floor), round the kept count up to a multiple of
-    `round_to` (never above the width), and keep the lowest-APoZ channels (ties: lower index).
+    `round_to` (never above the width), and keep the most important channels (ties: lower index).
     """
     scores = np.asarray(scores, dtype=np.float64)
     width = len(scores)
@@ -136,7 +341,7 @@ def select_channels(scores, criterion="std", std_k=1.0, fraction=None, min_chann
     if criterion == "std":
         if std_k < 0:
             raise ValueError(f"std_k must be non-negative, got {std_k}")
-        removed = int(np.sum(scores > scores.mean() + std_k * scores.std()))
+        removed = int(np.sum(scores < scores.mean() - std_k * scores.std()))
     elif criterion == "fraction":
         if fraction is None or not 0 < fraction < 1:
             raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction}")
@@ -145,12 +350,143 @@ def select_channels(scores, criterion="std", std_k=1.0, fraction=None, min_chann
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if min_channels < 0 or round_to < 1:
         raise ValueError("min_channels must be >= 0 and round_to >= 1")
-    kept = max(width - removed, min(min_channels, width))
-    kept = min(width, -(-kept // round_to) * round_to)
+    kept = _round_up(max(width - removed, min(min_channels, width)), round_to, width)
     if kept == 0:
         raise EmptyLayerError(f"pruning would remove all {width} channels of {name}; raise --min_channels or lower --prune_fraction")
-    order = np.argsort(scores, kind="stable")  # lowest APoZ first
-    return np.sort(order[:kept])
+    return most_important(scores, kept)
+
+
+def normalised_scores(scores):
+    """{group name: importances divided by the group's mean}, so that channels of different layers
+    compare: 1 is an average channel of its layer. (The mean rather than the max: one outlier
+    channel would set a whole layer's scale.) A group scoring all zero stays zero."""
+    result = {}
+    for name, values in scores.items():
+        values = np.asarray(values, dtype=np.float64)
+        mean = values.mean() if len(values) else 0.0
+        result[name] = values / mean if mean > 0 else values
+    return result
+
+
+def global_floor(base_width, min_channels=1, min_share=GLOBAL_MIN_SHARE):
+    """Fewest channels global ranking leaves a group whose base-model width is `base_width`:
+    --min_channels, and never below `min_share` of that width (at least one channel)."""
+    return max(1, min_channels, int(math.ceil(min_share * base_width)))
+
+
+def select_global(scores, criterion="fraction", std_k=1.0, fraction=None, floors=None, round_to=1):
+    """{group name: sorted indices to KEEP}, channels compared across groups by `normalised_scores`.
+
+    fraction: remove the round(fraction * all channels) globally least important channels;
+    std:      remove the channels whose normalised score is below mean - std_k * std of all channels.
+    A channel whose group is at its floor (`floors`: {group name: fewest channels kept}, default 1)
+    is passed over and the next least important one goes instead, so the count holds while some
+    group can still give. Kept counts are then rounded up to a multiple of `round_to`.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if round_to < 1:
+        raise ValueError("round_to must be >= 1")
+    names = list(scores)
+    normalised = normalised_scores(scores)
+    pooled = np.concatenate([normalised[name] for name in names]) if names else np.zeros(0)
+    if criterion == "std":
+        if std_k < 0:
+            raise ValueError(f"std_k must be non-negative, got {std_k}")
+        removed = int(np.sum(pooled < pooled.mean() - std_k * pooled.std())) if len(pooled) else 0
+    else:
+        if fraction is None or not 0 < fraction < 1:
+            raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction}")
+        removed = int(math.floor(fraction * len(pooled) + 0.5))
+    widths = {name: len(scores[name]) for name in names}
+    kept = dict(widths)
+    floor = {name: min(widths[name], max(1, (floors or {}).get(name, 1))) for name in names}
+    group_of = np.concatenate([np.full(widths[name], position) for position, name in enumerate(names)]) if names else np.zeros(0, int)
+    # least important first; ties: earlier group, then lower index
+    for entry in np.lexsort((np.arange(len(pooled)), group_of, pooled)):
+        if removed == 0:
+            break
+        name = names[group_of[entry]]
+        if kept[name] > floor[name]:
+            kept[name] -= 1
+            removed -= 1
+    return {name: most_important(scores[name], _round_up(kept[name], round_to, widths[name])) for name in names}
+
+
+def removal_order(scores, keep, ranking="layer"):
+    """The channels a selection `keep` removes, one group name per channel, in the order a
+    smaller step would remove them.
+
+    layer:  proportionally: the j-th least important of the r channels a group loses comes at
+            (j + 0.5) / r, so the first n entries are the selection scaled down by one global
+            fraction, to the channel (ties: earlier group);
+    global: by normalised score, least important first.
+    """
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
+    normalised = normalised_scores(scores) if ranking == "global" else None
+    entries = []
+    for position, (name, kept) in enumerate(keep.items()):
+        removed = removed_channels(len(scores[name]), kept)
+        if ranking == "layer":
+            priorities = (np.arange(len(removed)) + 0.5) / max(1, len(removed))
+        else:
+            priorities = np.sort(normalised[name][removed])
+        entries += [(float(priority), position, name) for priority in priorities]
+    entries.sort()
+    return [name for _, _, name in entries]
+
+
+def ratio_predictor(measure, base_spec, spec, stem="imagenet", class_num=10, input_shape=(32, 32, 3)):
+    """A function {group name: new width} -> base / candidate, from width specs alone (no model built).
+
+    `measure`: "compression_rate" (parameters, model.parameter_count) or "mac_ratio" (multiply-
+    accumulates, model.mac_count); `spec`: the current model's widths, that the candidate resizes.
+    """
+    if measure == "compression_rate":
+        def count(widths_spec):
+            return resnet.parameter_count(widths_spec, stem, class_num)
+    elif measure == "mac_ratio":
+        def count(widths_spec):
+            return resnet.mac_count(widths_spec, stem, class_num, input_shape)
+    else:
+        raise ValueError(f"unknown measure {measure!r}; choose compression_rate or mac_ratio")
+    base = count(base_spec)
+    return lambda widths: base / count(resnet.resize_spec(spec, widths))
+
+
+def select_to_target(scores, keep, predict, target, ranking="layer", round_to=1):
+    """(keep, predicted ratio, cut): the selection `keep`, cut down so that it just reaches `target`.
+
+    `predict`: {group name: width} -> ratio (see `ratio_predictor`). If the whole selection stays
+    below the target it is returned unchanged (cut False). Otherwise the fewest of its removals, in
+    `removal_order`, that reach the target are found by bisection (the ratio only grows with each
+    channel removed); the result overshoots the target by at most one channel's share (more with
+    `round_to` > 1, whose rounding is kept).
+    """
+    if target <= 0:
+        raise ValueError(f"target must be positive, got {target}")
+    widths = {name: len(scores[name]) for name in keep}
+    order = removal_order(scores, keep, ranking)
+
+    def kept_widths(count):
+        removed = dict.fromkeys(widths, 0)
+        for name in order[:count]:
+            removed[name] += 1
+        return {name: _round_up(widths[name] - removed[name], round_to, widths[name]) for name in widths}
+
+    full = predict(kept_widths(len(order)))
+    if full < target:
+        return keep, full, False
+    low, high = 0, len(order)  # predict(kept_widths(high)) >= target throughout
+    while low < high:
+        middle = (low + high) // 2
+        if predict(kept_widths(middle)) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    chosen = kept_widths(low)
+    return {name: most_important(scores[name], chosen[name]) for name in keep}, predict(chosen), low < len(order)
 
 
 # ---------------------------------------------------------------------------------------------

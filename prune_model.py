@@ -1,14 +1,19 @@
-"""Stage 2: iterative APoZ filter pruning that produces a really smaller ResNet50.
+"""Stage 2: iterative filter pruning (APoZ by default) that produces a really smaller ResNet50.
 
     python prune_model.py --prune_iter=15
+    python prune_model.py --importance taylor --target_compression 3 --criterion fraction --prune_fraction 0.2
 
-Each iteration k measures APoZ on validation images, selects channels per group, builds the
+Each iteration k scores every channel (--importance, on validation images for apoz and taylor),
+selects channels per group (--ranking layer) or across groups (--ranking global), builds the
 smaller model (physically fewer filters), records its accuracy right after pruning, fine-tunes it
 until validation accuracy stops improving (--patience, ceiling --epoch_num) and writes
 <root_folder>/iter{k}/model.h5 (best validation accuracy), history.json and apoz.json, then
-appends the iteration to <root_folder>/summary.json. Rerunning the same command resumes: it
-continues after the last iteration summary.json lists, and an interrupted fine-tuning resumes from
-its last finished epoch (the pruned architecture is saved first, as iter{k}/pruned.h5).
+appends the iteration to <root_folder>/summary.json. With --target_compression or --target_macs
+the iterations go on until the target is reached (at most --prune_iter of them), the last one
+removing only what reaches it. Rerunning the same command resumes: it continues after the last
+iteration summary.json lists (a run that met its target is complete), and an interrupted
+fine-tuning resumes from its last finished epoch (the pruned architecture is saved first, as
+iter{k}/pruned.h5).
 """
 
 import os
@@ -27,32 +32,71 @@ SUMMARY_NAME = "summary.json"
 ITERATION_FOLDER = re.compile(r"^iter\d+$")
 
 
+TARGET_FLAGS = {"target_compression": "compression_rate", "target_macs": "mac_ratio"}  # flag -> summary.json measure
+
+
+def target_ratio(text):
+    """A reduction factor: base / pruned, above 1."""
+    return cli.number(text, float, strictly_above=1)
+
+
 def parse_args(argv=None):
-    parser = cli.Parser(description="Iteratively prune a ResNet50 by APoZ and fine-tune it.")
+    parser = cli.Parser(description="Iteratively prune a ResNet50 by channel importance and fine-tune it.")
     parser.add_argument("--root_folder", default="./model/pruned_model")
     parser.add_argument("--base_model_path", default="./model/base_model/model.h5")
     parser.add_argument("--prune_iter", type=cli.positive_int, default=15,
                         help="pruning iterations (a finished run can be extended by rerunning with more)")
     parser.add_argument("--overwrite", action="store_true", help="replace a different or finished run in --root_folder")
     group = parser.add_argument_group("pruning")
+    # prune.IMPORTANCES, spelled out: importing prune loads Keras before the flags are checked
+    group.add_argument("--importance", choices=("apoz", "l1", "bn_scale", "taylor", "random"), default="apoz",
+                       help="how channels are scored (higher = keep): apoz (1 - APoZ, the original's), l1 (filter L1 "
+                            "norm), bn_scale (|BatchNorm gamma|), taylor (first-order Taylor loss change), random (baseline)")
     group.add_argument("--criterion", choices=("std", "fraction"), default="std",
-                       help="std: remove channels with APoZ > mean + k*std of their layer (the original's rule); "
-                            "fraction: remove --prune_fraction of each layer's channels, highest APoZ first")
+                       help="std: remove channels whose importance is below mean - k*std of their layer (for apoz: "
+                            "APoZ above mean + k*std, the original's rule); fraction: remove --prune_fraction of "
+                            "each layer's channels, least important first")
+    group.add_argument("--ranking", choices=("layer", "global"), default="layer",
+                       help="layer: each group on its own; global: channels compared across groups by their score "
+                            "divided by their group's mean, never below --min_channels nor 10%% of a group's base width")
     group.add_argument("--std_k", type=cli.non_negative_float, default=1.0, help="k of the std criterion")
     group.add_argument("--prune_fraction", type=cli.fraction, default=0.1,
-                       help="share of each layer's channels removed per iteration (--criterion fraction)")
+                       help="share of each layer's channels (--ranking global: of all channels) removed per iteration "
+                            "(--criterion fraction); with a target, the step of every iteration but the last")
     group.add_argument("--prune_residual", action="store_true",
-                       help="also prune each stage's residual stream (conv3 + shortcut outputs, scored by the "
-                            "mean APoZ of the stage's block outputs)")
+                       help="also prune each stage's residual stream (conv3 + shortcut outputs, scored through "
+                            "all of them: e.g. apoz by the mean APoZ of the stage's block outputs)")
     group.add_argument("--min_channels", type=cli.non_negative_int, default=1,
                        help="never keep fewer channels in a layer (0: no floor; emptying a layer is then an error)")
     group.add_argument("--round_to", type=cli.positive_int, default=1,
                        help="round each layer's kept channel count up to a multiple of this")
     group.add_argument("--apoz_samples", type=cli.positive_int, default=None,
-                       help="validation images APoZ is measured on (default: all of them)")
+                       help="validation images apoz and taylor are measured on (default: all of them)")
+    targets = group.add_mutually_exclusive_group()
+    targets.add_argument("--target_compression", type=target_ratio, default=None, metavar="R",
+                         help="prune until base parameters / parameters reaches R (> 1), at most --prune_iter "
+                              "iterations; the last one removes only what reaches R (needs --criterion fraction)")
+    targets.add_argument("--target_macs", type=target_ratio, default=None, metavar="R",
+                         help="the same for base MACs / MACs")
     cli.add_data_flags(parser)
     cli.add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=5)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if target_of(args) and args.criterion != "fraction":
+        flag = "--target_compression" if args.target_compression else "--target_macs"
+        parser.error(f"{flag} needs --criterion fraction: --prune_fraction is the step of each iteration")
+    return args
+
+
+def target_of(args):
+    """(summary.json measure, ratio) of the target flag given, or None."""
+    for flag, measure in TARGET_FLAGS.items():
+        if getattr(args, flag, None) is not None:
+            return measure, getattr(args, flag)
+    return None
+
+
+def target_met(record, target):
+    return target is not None and record[target["measure"]] >= target["value"] * (1 - 1e-12)
 
 
 def iteration_folder(root, k):
@@ -74,18 +118,64 @@ def selection_options(args):
 
 
 def check_selection(network, args):
-    """Refuse up front a rule that would empty a layer of `network` whatever the scores (fraction rule, --min_channels 0)."""
+    """Refuse up front a rule that would empty a layer of `network` whatever the scores (fraction
+    rule, --min_channels 0). Global ranking never empties one (its floor is at least a channel)."""
     import numpy as np
 
     import model as resnet
     import prune
 
+    if args.ranking == "global":
+        return
     spec = resnet.describe_model(network)[0]
     for group in prune.prunable_groups(args.prune_residual):
         try:
             prune.select_channels(np.zeros(resnet.group_width(spec, group)), name=group["name"], **selection_options(args))
         except prune.EmptyLayerError as error:
             raise cli.UserError(str(error)) from None
+
+
+def floors(base_spec, spec, args):
+    """{group name: fewest channels the selection can leave}, never above the current width."""
+    import model as resnet
+    import prune
+
+    result = {}
+    for group in prune.prunable_groups(args.prune_residual):
+        width = resnet.group_width(spec, group)
+        if args.ranking == "global":
+            floor = prune.global_floor(resnet.group_width(base_spec, group), args.min_channels)
+        else:
+            floor = max(1, args.min_channels)
+        result[group["name"]] = min(width, -(-floor // args.round_to) * args.round_to)
+    return result
+
+
+def predictor(base_network, network, measure):
+    """{group name: width} -> predicted base / pruned ratio (`measure`) of `network` resized so."""
+    import model as resnet
+    import prune
+
+    base_spec = resnet.describe_model(base_network)[0]
+    spec, stem, class_num, input_shape = resnet.describe_model(network)
+    return prune.ratio_predictor(measure, base_spec, spec, stem, class_num, input_shape)
+
+
+def check_target(base_network, network, args):
+    """Refuse up front a target that even every pruned group at its floor would not reach."""
+    import model as resnet
+
+    target = target_of(args)
+    if target is None:
+        return
+    measure, value = target
+    widths = floors(resnet.describe_model(base_network)[0], resnet.describe_model(network)[0], args)
+    best = predictor(base_network, network, measure)(widths)
+    if best < value:
+        flag = "--target_compression" if measure == "compression_rate" else "--target_macs"
+        what = "inner and residual" if args.prune_residual else "inner (add --prune_residual for more)"
+        raise cli.UserError(f"{flag} {value:g} is out of reach: every {what} channel group at its floor gives "
+                            f"{best:.2f}x")
 
 
 def describe(network, split, args, path=None):
@@ -105,8 +195,41 @@ def describe(network, split, args, path=None):
     return result
 
 
-def prune_once(k, network, apoz_images, split, args):
-    """APoZ, selection and surgery of iteration k; writes apoz.json, pruned.h5 and pruned.json.
+def select(k, network, scores, base_network, args):
+    """{group name: channels to keep} of iteration k: the rule per group or across groups; with a
+    target, cut down to just reach it. Returns (keep, target record for apoz.json or None)."""
+    import model as resnet
+    import prune
+
+    groups = prune.prunable_groups(args.prune_residual)
+    spec = resnet.describe_model(network)[0]
+    if args.ranking == "global":
+        keep = prune.select_global(scores, args.criterion, args.std_k, args.prune_fraction,
+                                   floors(resnet.describe_model(base_network)[0], spec, args), args.round_to)
+    else:
+        keep = {}
+        for group in groups:
+            name = group["name"]
+            try:
+                keep[name] = prune.select_channels(scores[name], name=name, **selection_options(args))
+            except prune.EmptyLayerError as error:
+                raise cli.UserError(f"iteration {k}: {error}") from None
+    target = target_of(args)
+    if target is None:
+        return keep, None
+    measure, value = target
+    predict = predictor(base_network, network, measure)
+    before = predict({group["name"]: resnet.group_width(spec, group) for group in groups})
+    keep, predicted, cut = prune.select_to_target(scores, keep, predict, value, args.ranking, args.round_to)
+    if predicted <= before and predicted < value:
+        raise cli.UserError(f"iteration {k}: the rule removes no more channels at {before:.2f}x, short of the target "
+                            f"{value:g}x; raise --prune_fraction or lower --min_channels")
+    return keep, {"measure": measure, "value": value, "predicted": predicted, "cut": bool(cut),
+                  "reached": bool(predicted >= value)}
+
+
+def prune_once(k, network, score_data, split, base_network, args):
+    """Scoring, selection and surgery of iteration k; writes apoz.json, pruned.h5 and pruned.json.
 
     Nothing is written before the selection has succeeded, so a bad rule leaves the folder alone.
     """
@@ -116,26 +239,30 @@ def prune_once(k, network, apoz_images, split, args):
     started = time.perf_counter()
     folder = iteration_folder(args.root_folder, k)
     groups = prune.prunable_groups(args.prune_residual)
-    names = [name for group in groups for name in group["activations"]]
-    print(f"iteration {k}: APoZ of {len(groups)} channel groups on {len(apoz_images)} validation images")
-    layer_apoz = prune.apoz(network, names, apoz_images, args.batch_size, verbose=args.verbose)
-    scores = prune.group_scores(layer_apoz, groups)
+    images, labels = score_data
+    measured_on = len(images) if args.importance in ("apoz", "taylor") else 0
+    print(f"iteration {k}: {args.importance} importance of {len(groups)} channel groups"
+          + (f" on {measured_on} validation images" if measured_on else ""))
+    measured = {}
+    scores = prune.importance_scores(args.importance, network, groups, images, labels, args.batch_size,
+                                     seed=(args.seed, k), verbose=args.verbose, measured=measured)
+    keep, target = select(k, network, scores, base_network, args)
     spec = resnet.describe_model(network)[0]
-    keep, layers = {}, {}
+    layers = {}
     for group in groups:
         name = group["name"]
-        try:
-            keep[name] = prune.select_channels(scores[name], name=name, **selection_options(args))
-        except prune.EmptyLayerError as error:
-            raise cli.UserError(f"iteration {k}: {error}") from None
         width = resnet.group_width(spec, group)
-        layers[name] = {"apoz": scores[name], "kept": keep[name], "removed": prune.removed_channels(width, keep[name]),
+        layers[name] = {"score": scores[name], "kept": keep[name], "removed": prune.removed_channels(width, keep[name]),
                         "width_before": width, "width_after": len(keep[name])}
+        if args.importance == "apoz":
+            layers[name]["apoz"] = measured[name]  # the field earlier runs and the figures read
     shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted attempt are redone, never used
     os.makedirs(folder)
-    files.write_json(os.path.join(folder, "apoz.json"),
-                        {"iteration": k, "criterion": args.criterion, "selection": selection_options(args),
-                         "images": len(apoz_images), "layers": layers})
+    record = {"iteration": k, "importance": args.importance, "criterion": args.criterion, "ranking": args.ranking,
+              "selection": selection_options(args), "images": measured_on, "layers": layers}
+    if target is not None:
+        record["target"] = target
+    files.write_json(os.path.join(folder, "apoz.json"), record)
     pruned = prune.prune_model(network, keep)
     checkpoints.save_model(pruned, os.path.join(folder, "pruned.h5"))
     measured = describe(pruned, split, args)
@@ -146,7 +273,7 @@ def prune_once(k, network, apoz_images, split, args):
     return pruned, state
 
 
-def run_iteration(k, network, apoz_images, split, train_data, val_data, base, args, strategy):
+def run_iteration(k, network, score_data, split, train_data, val_data, base, base_network, args, strategy):
     """One complete iteration; returns its summary.json record and the fine-tuned model."""
     import model as resnet
 
@@ -157,7 +284,7 @@ def run_iteration(k, network, apoz_images, split, train_data, val_data, base, ar
         state = files.read_json(paths["pruned.json"])
         print(f"iteration {k}: resuming the fine-tuning of {paths['pruned.h5']}")
     else:
-        pruned, state = prune_once(k, network, apoz_images, split, args)
+        pruned, state = prune_once(k, network, score_data, split, base_network, args)
     print(f"iteration {k}: {resnet.count_parameters(pruned):,} parameters, {state['channels_removed']} channels removed; "
           f"validation accuracy right after pruning {state['val_acc_pruned']:.4f}; fine-tuning")
     started = time.perf_counter()
@@ -229,6 +356,7 @@ def main(argv=None):
     if done:
         network = checkpoints.load_model(os.path.join(iteration_folder(root, len(done)), "model.h5"), f"iteration {len(done)} model")
     check_selection(network, args)
+    check_target(base_network, network, args)
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     if args.apoz_samples and args.apoz_samples > len(split.y_val):
         raise cli.UserError(f"--apoz_samples {args.apoz_samples} exceeds the {len(split.y_val)} validation images")
@@ -243,8 +371,12 @@ def main(argv=None):
     if state == "fresh":
         summary = None
         done = []
-    if state == "done" and len(done) >= args.prune_iter:
-        print(f"{root} already holds {len(done)} pruning iterations with these arguments: nothing to do")
+    target = target_of(args)
+    target = {"measure": target[0], "value": target[1]} if target else None
+    met = next((record["iteration"] for record in done if target_met(record, target)), None)
+    if state == "done" and (len(done) >= args.prune_iter or met):
+        reason = f"met its target at iteration {met}" if met else f"holds {len(done)} pruning iterations"
+        print(f"{root} already {reason} with these arguments: nothing to do")
         print(format_table(summary))
         return
     if state == "done":
@@ -260,17 +392,28 @@ def main(argv=None):
         print(f"measuring the base model {args.base_model_path}")
         summary = {"base": describe(base_network, split, args, path=args.base_model_path), "iterations": [],
                    "arguments": vars(args)}
+    # the target, and the iteration that met it (None until then); a summary written before
+    # targets existed gains the key on resume
+    target_record = dict(target, met_at_iteration=met) if target else None
+    if "target" not in summary or summary["target"] != target_record:
+        summary["target"] = target_record
         files.write_json(summary_path, summary)
-    apoz_images = split.x_val
+    score_data = split.x_val, split.y_val
     if args.apoz_samples:
-        apoz_images = split.x_val[data.stratified_indices(split.y_val, args.apoz_samples, args.seed)]
+        chosen = data.stratified_indices(split.y_val, args.apoz_samples, args.seed)
+        score_data = split.x_val[chosen], split.y_val[chosen]
     train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=class_num)
     print(f"data: {split.sizes()} from {split.source}; {'resuming after iteration ' + str(len(done)) if done else 'starting'} in {root}")
     for k in range(len(done) + 1, args.prune_iter + 1):
-        record, network = run_iteration(k, network, apoz_images, split, train_data, val_data, summary["base"], args, strategy)
+        if met:
+            break
+        record, network = run_iteration(k, network, score_data, split, train_data, val_data, summary["base"],
+                                        base_network, args, strategy)
         summary["iterations"].append(record)
         summary["arguments"] = vars(args)
+        if target_met(record, target):
+            met = summary["target"]["met_at_iteration"] = k
         files.write_json(summary_path, summary)  # the iteration counts as complete from here on
         training.discard_backup(iteration_folder(root, k))
         os.remove(os.path.join(iteration_folder(root, k), "pruned.h5"))
@@ -278,9 +421,14 @@ def main(argv=None):
               f"{record['val_acc_pruned']:.4f} after pruning, {record['val_acc']:.4f} after fine-tuning; "
               f"test accuracy {record['test_acc']:.4f}")
     last = summary["iterations"][-1] if summary["iterations"] else None
-    stages.end_stage(root, args, results={"iterations": len(summary["iterations"]),
-                                            "final": {key: last[key] for key in ("parameters", "compression_rate", "val_acc", "test_acc")} if last else None})
+    stages.end_stage(root, args, results={"iterations": len(summary["iterations"]), "target": summary["target"],
+                                            "final": {key: last[key] for key in ("parameters", "compression_rate", "mac_ratio", "val_acc", "test_acc")} if last else None})
     print(format_table(summary))
+    if target and met:
+        print(f"target {target['value']:g}x ({target['measure']}) met at iteration {met}")
+    elif target:
+        print(f"target {target['value']:g}x ({target['measure']}) not met within --prune_iter {args.prune_iter} "
+              f"iterations; rerun with a larger --prune_iter to go on")
 
 
 if __name__ == "__main__":

@@ -182,16 +182,17 @@ def test_prune_model_rejects_bad_indices(network):
 
 
 def test_std_rule_removes_channels_above_mean_plus_k_std():
-    scores = np.array([0.1, 0.2, 0.15, 0.9, 0.12, 0.95, 0.1, 0.11])
-    threshold = scores.mean() + scores.std()
-    np.testing.assert_array_equal(prune.select_channels(scores), np.flatnonzero(scores <= threshold))
+    apoz = np.array([0.1, 0.2, 0.15, 0.9, 0.12, 0.95, 0.1, 0.11])
+    scores = 1 - apoz  # selection takes importances: higher = keep
+    threshold = apoz.mean() + apoz.std()
+    np.testing.assert_array_equal(prune.select_channels(scores), np.flatnonzero(apoz <= threshold))
     np.testing.assert_array_equal(prune.select_channels(scores), [0, 1, 2, 4, 6, 7])
     assert len(prune.select_channels(scores, std_k=3.0)) == 8
-    np.testing.assert_array_equal(prune.select_channels(np.full(5, 0.4)), np.arange(5))  # equal scores: nothing exceeds
+    np.testing.assert_array_equal(prune.select_channels(np.full(5, 0.6)), np.arange(5))  # equal scores: nothing below
 
 
 def test_fraction_rule_min_channels_and_round_to():
-    scores = np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])
+    scores = 1 - np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])  # importances of these APoZ
     np.testing.assert_array_equal(prune.select_channels(scores, "fraction", fraction=0.3), [0, 1, 3, 5, 7, 8, 9])
     np.testing.assert_array_equal(prune.select_channels(scores, "fraction", fraction=0.9, min_channels=3), [1, 5, 9])
     assert len(prune.select_channels(scores, "fraction", fraction=0.5, round_to=4)) == 8  # 5 kept -> 8
@@ -355,7 +356,7 @@ def test_finished_run_files_are_complete_and_consistent(interrupted_run):
     root, _, _, _ = interrupted_run
     summary = json.loads((root / "summary.json").read_text())
     base = summary["base"]
-    assert set(base) == {"model_path", "parameters", "macs", "val_acc", "test_acc", "width_spec"}
+    assert set(base) == {"model_path", "parameters", "macs", "val_acc", "test_acc", "test_images", "width_spec"}
     assert [record["iteration"] for record in summary["iterations"]] == [1, 2]
     assert summary["arguments"]["prune_residual"] is True
     previous_spec, previous_parameters = base["width_spec"], base["parameters"]
@@ -376,12 +377,13 @@ def test_finished_run_files_are_complete_and_consistent(interrupted_run):
         for key in ("val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc"):
             assert 0 <= record[key] <= 1
         apoz = json.loads((folder / "apoz.json").read_text())
-        assert apoz["iteration"] == record["iteration"] and apoz["criterion"] == "std"
+        assert apoz["iteration"] == record["iteration"] and apoz["criterion"] == "std" and apoz["importance"] == "apoz"
         assert set(apoz["layers"]) == set(groups)
         removed = 0
         for name, layer in apoz["layers"].items():
             assert sorted(layer["kept"] + layer["removed"]) == list(range(layer["width_before"]))
             assert layer["width_before"] == len(layer["apoz"]) == resnet.group_width(previous_spec, groups[name])
+            np.testing.assert_allclose(layer["score"], 1 - np.asarray(layer["apoz"]), atol=1e-12)
             assert layer["width_after"] == len(layer["kept"]) == resnet.group_width(spec, groups[name]) >= 1
             removed += len(layer["removed"])
         assert record["channels_removed"] == removed > 0

@@ -1,0 +1,132 @@
+"""The importance-criterion ablation's figure and table: one pruning run per criterion (see
+benchmarks/pruning_ablation.sh), compared at the same compressions.
+
+    python benchmarks/pruning_ablation.py --ablation_root model/ablation \
+        --figure images/pruning_ablation.png --table model/ablation/ablation.md
+
+Reads <ablation_root>/<run>/summary.json of every run folder (prune_model.py's output; the run's
+--importance names it) and draws test accuracy against compression, one line per criterion (solid:
+after fine-tuning, dotted: right after pruning), from the base model's point. The Markdown table
+gives, per criterion, the first iteration at or beyond ~2x and ~3x: its compression, test accuracy
+right after pruning and after fine-tuning, and the wall time spent to get there.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cli  # noqa: E402
+import files  # noqa: E402
+
+ORDER = ("apoz", "l1", "bn_scale", "taylor", "random")  # the table's row order; other runs follow by name
+MEASURES = {"compression_rate": "compression (x fewer parameters)", "mac_ratio": "MAC reduction (x fewer MACs)"}
+
+
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ablation_root", default="./model/ablation", help="the folder holding one pruning run per criterion")
+    parser.add_argument("--figure", default=None, help="PNG to write (default: <ablation_root>/ablation.png)")
+    parser.add_argument("--table", default=None, help="Markdown table to write (default: printed only)")
+    parser.add_argument("--measure", choices=tuple(MEASURES), default="compression_rate",
+                        help="the x axis and the ~2x / ~3x checkpoints")
+    parser.add_argument("--levels", type=cli.positive_float, nargs="+", default=[2.0, 3.0],
+                        help="the compressions the table reports (the first iteration at or beyond each)")
+    return parser.parse_args(argv)
+
+
+def load_runs(root):
+    """{criterion: summary} of every run folder under `root` with a summary.json."""
+    if not os.path.isdir(root):
+        raise cli.UserError(f"no ablation folder at {root}; run benchmarks/pruning_ablation.sh first")
+    runs = {}
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "summary.json")
+        if not os.path.isfile(path):
+            continue
+        summary = files.read_json(path, "pruning summary")
+        label = summary.get("arguments", {}).get("importance") or name
+        if label in runs:
+            label = f"{label} ({name})"
+        runs[label] = summary
+    if not runs:
+        raise cli.UserError(f"no pruning run (summary.json) under {root}")
+    return dict(sorted(runs.items(), key=lambda item: (ORDER.index(item[0]) if item[0] in ORDER else len(ORDER), item[0])))
+
+
+def checkpoint(summary, measure, level):
+    """(record, seconds spent up to it) of the first iteration at or beyond `level`, else (None, None)."""
+    seconds = 0.0
+    for record in summary.get("iterations", []):
+        seconds += record.get("seconds", 0.0)
+        if record[measure] >= level * (1 - 1e-9):
+            return record, seconds
+    return None, None
+
+
+def duration(seconds):
+    if seconds is None:
+        return "—"
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def format_table(runs, measure, levels):
+    def percent(value):
+        return "—" if value is None else f"{100 * value:.2f}%"
+
+    header = ["importance", "base test"]
+    for level in levels:
+        header += [f"~{level:g}x: iteration ({measure})", "test, pruned", "test, fine-tuned", "wall time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (4 * len(levels))]
+    for label, summary in runs.items():
+        row = [label, percent(summary["base"].get("test_acc"))]
+        for level in levels:
+            record, seconds = checkpoint(summary, measure, level)
+            if record is None:
+                row += ["not reached", "—", "—", "—"]
+            else:
+                row += [f"{record['iteration']} ({record[measure]:.2f}x)", percent(record["test_acc_pruned"]),
+                        percent(record["test_acc"]), duration(seconds)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs, measure, out):
+    from plot_train_history import _pyplot, _save, summary_test_images, test_images_note
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for index, (label, summary) in enumerate(runs.items()):
+        colour = f"C{index % 10}"
+        base, records = summary["base"], summary.get("iterations", [])
+        rates = [1.0] + [record[measure] for record in records]
+        axis.plot(rates, [100 * base["test_acc"]] + [100 * record["test_acc"] for record in records], "-o",
+                  color=colour, label=f"{label}, after fine-tuning")
+        axis.plot(rates[1:], [100 * record["test_acc_pruned"] for record in records], ":v", color=colour, alpha=0.7,
+                  label=f"{label}, right after pruning")
+    axis.set(xlabel=MEASURES[measure], ylabel="test accuracy (%)")
+    axis.legend(fontsize=7, ncol=2)
+    figure.suptitle("Importance criteria: test accuracy against compression")
+    note = test_images_note(summary_test_images(next(iter(runs.values()))))
+    if note:
+        axis.set_title(note, fontsize=8, color="0.35")
+    figure.tight_layout()
+    _save(figure, out)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs = load_runs(args.ablation_root)
+    figure = plot(runs, args.measure, args.figure or os.path.join(args.ablation_root, "ablation.png"))
+    print(f"wrote {figure}")
+    table = format_table(runs, args.measure, args.levels)
+    print(table)
+    if args.table:
+        files.write_text(args.table, table + "\n")
+        print(f"wrote {args.table}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
