@@ -102,12 +102,15 @@ def test_images_note(count):
     return f"test accuracy on {count:,} images (one standard error at 90%: {100 * (0.9 * 0.1 / count) ** 0.5:.2f} points)"
 
 
+DATASET_TEST_IMAGES = {"cifar10": 10000, "sample": 500}  # for records written before test_images was
+
+
 def summary_test_images(summary):
     """Test images behind a pruning summary's accuracies (recorded since this was added; else the data set's)."""
     base = summary.get("base", {})
     if base.get("test_images"):
         return base["test_images"]
-    return {"cifar10": 10000, "sample": 500}.get(summary.get("arguments", {}).get("dataset"))
+    return DATASET_TEST_IMAGES.get(summary.get("arguments", {}).get("dataset"))
 
 
 def plot_histories(paths, out):
@@ -312,7 +315,8 @@ def plot_students(students, teacher, out):
     axis.set_ylabel("test accuracy (%)")
     axis.set_ylim(0, max(values + [1]) * 1.12)
     axis.set_title("Distilled student by loss terms, against the student alone and its teacher")
-    counts = {config["results"].get("test_images") for config in students.values()} - {None}
+    counts = {config["results"].get("test_images")
+              or DATASET_TEST_IMAGES.get(config.get("arguments", {}).get("dataset")) for config in students.values()} - {None}
     if len(counts) == 1:
         axis.text(0.99, 0.98, test_images_note(counts.pop()), transform=axis.transAxes, ha="right", va="top",
                   fontsize=7, color="0.35")

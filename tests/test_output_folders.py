@@ -44,8 +44,15 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     pretrained = keras3_weights(str(root / "pretrained.weights.h5"), seed=1)
     folder = str(root / "base")
-    completed = run_script("train_base_model.py", "--save_folder", folder, "--model_path", pretrained, *SMALL)
+    completed = run_script("train_base_model.py", "--save_folder", folder, "--model_path", pretrained, *SMALL,
+                           "--tensorboard", str(root / "logs"))
     return root, folder, pretrained, completed
+
+
+def test_tensorboard_logs_are_written_per_fit(finished):
+    root = finished[0]
+    events = [name for _, _, names in os.walk(root / "logs" / "base") for name in names if name.startswith("events.out")]
+    assert events  # Keras' TensorBoard callback, one folder per fitted stage folder
 
 
 def test_keras3_weights_file_loads_by_class_and_position(finished, tmp_path):
