@@ -123,7 +123,7 @@ def add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=None,
                             "AVX512-BF16, GPUs of compute capability 8.0+), else float32; mixed_float16 (with loss "
                             "scaling) for older GPUs. Saved models are float32 either way")
     group.add_argument("--verbose", type=non_negative_int, default=1, help="Keras fit verbosity (0, 1 or 2)")
-    group.add_argument("--tensorboard", default=None, metavar="DIR",
+    group.add_argument("--tensorboard", type=tensorboard_folder, default=None, metavar="DIR",
                        help="also write TensorBoard logs (keras.callbacks.TensorBoard) under DIR, one folder per fit")
     group.add_argument("--distribute", choices=("none", "mirrored", "multi_worker"), default="none",
                        help="mirrored: data-parallel training on every local GPU (tf.distribute.MirroredStrategy); "
@@ -132,6 +132,15 @@ def add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=None,
     group.add_argument("--cpu_devices", type=positive_int, default=1,
                        help="split the CPU into this many logical devices (to run --distribute mirrored without GPUs)")
     return group
+
+
+def tensorboard_folder(text):
+    """--tensorboard's folder; TensorFlow writes the logs only with the tensorboard package installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise argparse.ArgumentTypeError("needs the tensorboard package (pip install tensorboard)")
+    return text
 
 
 def choice_text(text):

@@ -19,8 +19,8 @@ import model as resnet
 import multi_worker
 from conftest import REPO, assert_one_line_error, run_script
 
-TINY = ["--dataset", "sample", "--width", "0.0625", "--stem", "cifar", "--train_size", "256", "--batch_size", "64",
-        "--warmup_epochs", "0", "--verbose", "2"]
+DATA = ["--dataset", "sample", "--train_size", "256", "--batch_size", "64", "--warmup_epochs", "0", "--verbose", "2"]
+TINY = ["--width", "0.0625", "--stem", "cifar", *DATA]  # the base model's
 WORKER_TIMEOUT = 400  # seconds a whole two-worker run may take on 2 busy cores
 
 
@@ -136,7 +136,7 @@ def test_two_workers_distil_like_a_single_process(tmp_path):
     folder = str(tmp_path / "student")
     code = launch_workers.launch(
         ["knowledge_distillation.py", f"--root_folder={teacher_folder}", "--student_stage_widths", "4,4,8,8",
-         "--save_folder", folder, *TINY, "--epoch_num", "1", "--distribute", "multi_worker"],
+         "--save_folder", folder, *DATA, "--epoch_num", "1", "--distribute", "multi_worker"],
         2, log_dir=str(tmp_path / "logs"), timeout=WORKER_TIMEOUT)
     assert code == 0, open(tmp_path / "logs" / "worker0.log").read()[-3000:]
     # What a single process writes (tests/test_distillation.py): the same files and history keys.
