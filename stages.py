@@ -7,8 +7,8 @@ import shutil
 
 from checkpoints import load_model
 from cli import UserError
-from metrics import loss_and_accuracy
 from files import discard_replaced, read_json, remove_temporaries, set_aside, versions, write_json
+from metrics import loss_and_accuracy
 from training import discard_backup
 
 
