@@ -190,14 +190,18 @@ class FolderLock:
         self.release()
 
 
-def lock_folder(folder):
-    """Create `folder` if needed and hold its FolderLock (released at exit)."""
-    import atexit
-
+def create_output_folder(folder):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create output folder {folder}: {error.strerror}") from None
+
+
+def lock_folder(folder):
+    """Create `folder` if needed and hold its FolderLock (released at exit)."""
+    import atexit
+
+    create_output_folder(folder)
     lock = FolderLock(folder).acquire()
     atexit.register(lock.release)
     return lock

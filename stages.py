@@ -7,7 +7,7 @@ import shutil
 
 from checkpoints import load_model
 from cli import UserError
-from files import discard_replaced, read_json, remove_temporaries, set_aside, versions, write_json
+from files import create_output_folder, discard_replaced, read_json, remove_temporaries, set_aside, versions, write_json
 from metrics import loss_and_accuracy
 from training import discard_backup
 
@@ -23,13 +23,6 @@ def check_output_folder(folder):
         if nested:
             raise UserError(f"{folder} holds other runs in its subfolders ({', '.join(nested[:4])}"
                             f"{' ...' if len(nested) > 4 else ''}); choose a folder of its own for this run")
-
-
-def create_output_folder(folder):
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create output folder {folder}: {error.strerror}") from None
 
 
 def write_config(folder, args, **extra):
