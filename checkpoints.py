@@ -50,8 +50,9 @@ def save_model(model, path):
         compile_config.config = saved
 
 
-def load_model(path, what="model"):
-    """Open one of our `.h5` ResNet50s with plain Keras; any other file is a UserError."""
+def load_model(path, what="model", any_model=False):
+    """Open one of our `.h5` ResNet50s with plain Keras (`any_model`: any Keras model); any other
+    file is a UserError."""
     import keras
 
     import model as resnet
@@ -68,6 +69,8 @@ def load_model(path, what="model"):
     except Exception as error:  # h5py and Keras raise many kinds for truncated or foreign files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot open {path} as a Keras model: {reason[:200]}") from None
+    if any_model:
+        return loaded
     try:
         resnet.describe_model(loaded)
     except resnet.NotOurResNetError as error:

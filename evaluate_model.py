@@ -21,7 +21,7 @@ DEFAULT_BASE = "./model/base_model/model.h5"
 
 
 def parse_args(argv=None):
-    parser = cli.Parser(description="Evaluate a ResNet50 checkpoint of any stage.")
+    parser = cli.Parser(description="Evaluate a checkpoint of any stage (our ResNet50 or any Keras classifier on 32x32 images).")
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--base_model_path", default=None,
                         help=f"compare against this model (default {DEFAULT_BASE} when it exists)")
@@ -54,21 +54,24 @@ def measure_latency(network, batch_size, repeats, warmup=3):
 
 def measure(path, split, batch_size, repeats):
     import model as resnet
+    import prune
 
-    network = checkpoints.load_model(path)
-    spec, stem, class_num, _ = resnet.describe_model(network)
-    _, macs = resnet.count_macs(network)
+    network = checkpoints.load_model(path, any_model=True)
+    parameters, macs = prune.model_size(network)
     result = {
         "model_path": path,
         "test_acc": metrics.accuracy(network, split.x_test, split.y_test, batch_size),
         "test_images": len(split.y_test),
         "val_acc": metrics.accuracy(network, split.x_val, split.y_val, batch_size),
-        "parameters": resnet.count_parameters(network),
+        "parameters": parameters,
         "macs": macs,
         "file_mb": os.path.getsize(path) / 1e6,
-        "stem": stem,
-        "width_spec": spec,
     }
+    try:
+        spec, stem, _, _ = resnet.describe_model(network)
+        result.update(stem=stem, width_spec=spec)
+    except resnet.NotOurResNetError:  # any other Keras classifier (e.g. pruned by prune_model.py): no width spec
+        pass
     if repeats:
         import export_model
 
@@ -86,9 +89,9 @@ def main(argv=None):
     import data
 
     base_path = args.base_model_path or (DEFAULT_BASE if os.path.exists(DEFAULT_BASE) else None)
-    checkpoints.load_model(args.model_path)  # reject bad files before loading the data set
+    checkpoints.load_model(args.model_path, any_model=True)  # reject bad files before loading the data set
     if base_path:
-        checkpoints.load_model(base_path, "base model")
+        checkpoints.load_model(base_path, "base model", any_model=True)
     if args.json and os.path.isdir(args.json):
         raise cli.UserError(f"--json {args.json} is a folder")
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)

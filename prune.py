@@ -1,15 +1,15 @@
-"""Filter pruning of our ResNet50: channel importance, channel selection and weight surgery.
+"""Filter pruning: channel selection and weight surgery, for our ResNet50 and any functional model.
 
-Three independent steps (in the style of Torch-Pruning):
+Three independent steps (in the style of Torch-Pruning), the scoring in channel_importance.py:
 
-    scores = importance_scores("apoz", network, groups, images, labels)   # {group: per-channel importance}
-    keep   = {name: select_channels(scores[name], ...)}                   # per group, or select_global(scores, ...)
-    smaller = prune_model(network, keep)                                   # a new, really smaller ResNet50
+    groups = traced_resnet_groups(network)                                      # or channel_graph.trace_channel_groups
+    scores = channel_importance.importance_scores("apoz", network, groups, images)  # higher = keep
+    keep   = {name: select_channels(scores[name], ...)}                  # per group, or select_global(scores, ...)
+    smaller = prune_model(network, keep)                                  # a new, really smaller ResNet50
 
-Every importance criterion answers in one convention: one score per channel of each group, HIGHER =
-MORE IMPORTANT (keep); selection removes the least important. APoZ ("higher = more often zero =
-less useful") enters as 1 - APoZ. Which layers share a channel (producers, consumers) comes from
-model.channel_groups(); this module is the only one that slices weights. The result is built by
+Selection removes the least important channels. Which layers share a channel (producers,
+consumers) comes from model.channel_groups(), or from the graph; this module is the only one
+that slices weights. The result is built by
 model.build_resnet50 from the new width spec, so it is an ordinary Keras model that plain
 `keras.models.load_model` opens.
 
@@ -28,7 +28,6 @@ import channel_graph
 import model as resnet
 
 CRITERIA = ("std", "fraction")
-IMPORTANCES = ("apoz", "l1", "bn_scale", "taylor", "random")
 RANKINGS = ("layer", "global")
 # Global ranking never takes a group below this share of its width in the base model (nor below
 # --min_channels): one layer whose scores happen to be low must not be pruned to nothing.
@@ -36,275 +35,33 @@ GLOBAL_MIN_SHARE = 0.1
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring: Average Percentage of Zeros (Hu et al. 2016, "Network Trimming")
+# The groups pruned
 
 
 def prunable_groups(residual=False):
-    """The channel groups pruned by default (conv1 and conv2 of every block), plus the stage
-    residual streams when `residual` is true."""
+    """The channel groups of our ResNet50 pruned by default (conv1 and conv2 of every block), plus
+    the stage residual streams when `residual` is true (model.channel_groups())."""
     return [group for group in resnet.channel_groups() if group["kind"] == "inner" or residual]
 
 
-def _image_batches(images, batch_size):
-    """A tf.data pipeline of float32 image batches from an array, or from a dataset of
-    image batches or (images, labels) batches."""
-    import tensorflow as tf
-
-    if isinstance(images, tf.data.Dataset):
-        if isinstance(images.element_spec, tuple):
-            images = images.map(lambda x, *rest: x)
-        return images.map(lambda x: tf.cast(x, tf.float32))
-    images = np.asarray(images)
-    dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-    return dataset.map(lambda x: tf.cast(x, tf.float32), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+def resnet_groups(network, residual=False):
+    """`prunable_groups(residual)` of our ResNet50 `network`, traced off its graph (the form every
+    importance criterion and `prune_groups` take), in the table's order and under its names."""
+    wanted = {group["name"] for group in prunable_groups(residual)}
+    return [group for group in traced_resnet_groups(network) if group["name"] in wanted]
 
 
-def zero_counter(network, layer_names):
-    """A compiled function: image batch -> (per-channel zero counts of each named layer, images).
-
-    Only the counts leave the graph, so memory stays that of one batch's forward pass.
-    """
-    import tensorflow as tf
-
-    if isinstance(network.input_shape, list):
-        raise ValueError(f"APoZ needs a model of one input; {network.name} has {len(network.input_shape)}")
-    features = resnet.feature_model(network, layer_names)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, *network.input_shape[1:]], tf.float32)])
-    def count(images):
-        outputs = features(images, training=False)
-        if not isinstance(outputs, (list, tuple)):
-            outputs = [outputs]
-        # every axis but the channels: images and, for feature maps, positions
-        counts = [tf.reduce_sum(tf.cast(tf.equal(output, 0), tf.int32), axis=list(range(len(output.shape) - 1)))
-                  for output in outputs]
-        return counts, tf.shape(images)[0]
-
-    return count
+def is_residual(group):
+    """A traced group whose channels several layers write (tied through an Add or another merge):
+    a residual stream. Pruning one reaches into every branch that writes it."""
+    return len(group["producers"]) > 1
 
 
-def apoz(network, layer_names, images, batch_size=128, verbose=1, count=None):
-    """{layer name: per-channel fraction of zero outputs over all positions and images}.
-
-    `images`: the model's input images (for our ResNet50 raw 0-255 pixels), an array or a tf.data
-    pipeline of batches; any single-input model and any layer output works. One pass for all
-    layers; the per-batch zero counts are summed on the host in int64. `count`: a
-    `zero_counter(network, layer_names)` to reuse (it is traced on first use).
-    """
-    import keras
-
-    layer_names = list(layer_names)
-    count = count or zero_counter(network, layer_names)
-    dataset = _image_batches(images, batch_size)
-    steps = int(dataset.cardinality())
-    progress = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose, unit_name="batch") if verbose else None
-    totals = [np.zeros(network.get_layer(name).output.shape[-1], np.int64) for name in layer_names]
-    image_count = 0
-    for step, batch in enumerate(dataset):
-        counts, size = count(batch)
-        for total, batch_count in zip(totals, counts):
-            total += batch_count.numpy()
-        image_count += int(size)
-        if progress is not None:
-            progress.update(step + 1)
-    if image_count == 0:
-        raise ValueError("APoZ needs at least one image")
-    result = {}
-    for name, total in zip(layer_names, totals):
-        positions = int(np.prod(network.get_layer(name).output.shape[1:-1], dtype=np.int64))  # 1 for (batch, units)
-        result[name] = total / float(image_count * positions)
-    return result
-
-
-def group_scores(layer_apoz, groups):
-    """{group name: per-channel APoZ}; a residual stream averages its blocks' outputs."""
-    return {group["name"]: np.mean([layer_apoz[name] for name in group["activations"]], axis=0) for group in groups}
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring: the other importance criteria, and the one interface over all of them
-
-
-def _labelled_batches(images, labels, batch_size):
-    """A tf.data pipeline of (float32 images, int64 labels) batches from arrays, or from a dataset
-    of (images, labels) batches whose labels are class indices or one-hot rows."""
-    import tensorflow as tf
-
-    def cast(x, y):
-        if y.shape.rank == 2:
-            y = tf.argmax(y, axis=-1)
-        return tf.cast(x, tf.float32), tf.cast(y, tf.int64)
-
-    if isinstance(images, tf.data.Dataset):
-        return images.map(cast)
-    if labels is None:
-        raise ValueError("the gradient of the loss needs the images' labels; pass labels")
-    images, labels = np.asarray(images), np.asarray(labels)
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
-    return dataset.map(cast, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-
-def _combine_producers(magnitudes):
-    """One score per channel from the per-channel magnitudes of a group's producers.
-
-    An inner group has one producer: its magnitudes as they are. A residual stream is written by
-    every conv3 and the shortcut conv of the stage, whose weights live on different scales (other
-    fan-ins, other depths): each is divided by its own mean first, so each producer has an equal
-    say, and the results are averaged (mean of normalised magnitudes).
-    """
-    if len(magnitudes) == 1:
-        return np.asarray(magnitudes[0], np.float64)
-    normalised = []
-    for magnitude in magnitudes:
-        magnitude = np.asarray(magnitude, np.float64)
-        mean = magnitude.mean()
-        normalised.append(magnitude / mean if mean > 0 else magnitude)
-    return np.mean(normalised, axis=0)
-
-
-def _producers_of_type(network, group, layer_type):
-    return [network.get_layer(name) for name in group["producers"] if isinstance(network.get_layer(name), layer_type)]
-
-
-def filter_l1_importance(network, groups):
-    """{group name: L1 norm of each output filter of the group's producer convs} (Li et al. 2017,
-    "Pruning Filters for Efficient ConvNets"); residual streams: see `_combine_producers`."""
-    import keras
-
-    scores = {}
-    for group in groups:
-        norms = [np.abs(layer.get_weights()[0]).sum(axis=(0, 1, 2))  # kernel (h, w, in, out)
-                 for layer in _producers_of_type(network, group, keras.layers.Conv2D)]
-        scores[group["name"]] = _combine_producers(norms)
-    return scores
-
-
-def bn_scale_importance(network, groups):
-    """{group name: |gamma| of the BatchNorm after each producer conv} (Liu et al. 2017, "Learning
-    Efficient Convolutional Networks through Network Slimming"); residual streams: see
-    `_combine_producers`."""
-    import keras
-
-    scores = {}
-    for group in groups:
-        gammas = [np.abs(layer.get_weights()[0]) for layer in _producers_of_type(network, group, keras.layers.BatchNormalization)]
-        scores[group["name"]] = _combine_producers(gammas)
-    return scores
-
-
-def taylor_accumulator(network, groups):
-    """A compiled function: (image batch, labels) -> ([per group, per channel: sum over the batch's
-    images of |sum over positions of activation x gradient|], image count).
-
-    The gradient is that of the summed cross-entropy (of the logits, in float32) with respect to
-    the group's post-ReLU activation tensors, in inference mode: each image's gradient is then
-    that of its own loss. Zeroing a residual channel in every block output of its stage is the
-    same as removing it, so a residual group sums activation x gradient over those tensors before
-    taking the absolute value (the first-order change of the loss when the whole stream channel
-    goes).
-    """
-    import keras
-    import tensorflow as tf
-
-    names = list(dict.fromkeys(name for group in groups for name in group["activations"]))
-    outputs = [network.get_layer(name).output for name in names] + [network.get_layer("predictions").output]
-    features = keras.Model(network.input, outputs, name=f"{network.name}_taylor")
-    height, width, channels = network.input_shape[1:]
-    index = {name: position for position, name in enumerate(names)}
-
-    @tf.function(input_signature=[tf.TensorSpec([None, height, width, channels], tf.float32),
-                                  tf.TensorSpec([None], tf.int64)])
-    def accumulate(images, labels):
-        with tf.GradientTape() as tape:
-            *activations, logits = features(images, training=False)
-            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32)))
-        gradients = tape.gradient(loss, activations)
-        # (images, channels): the first-order loss change of zeroing each channel, per image
-        contributions = [tf.reduce_sum(tf.cast(a, tf.float32) * tf.cast(g, tf.float32), axis=[1, 2])
-                         for a, g in zip(activations, gradients)]
-        sums = [tf.reduce_sum(tf.abs(tf.add_n([contributions[index[name]] for name in group["activations"]])), axis=0)
-                for group in groups]
-        return sums, tf.shape(images)[0]
-
-    return accumulate
-
-
-def taylor_importance(network, groups, images, labels=None, batch_size=128, verbose=0, accumulate=None):
-    """{group name: per-channel first-order Taylor importance} (Molchanov et al. 2019, "Importance
-    Estimation for Neural Network Pruning"): |sum over positions of activation x gradient of the
-    cross-entropy| per image and channel, averaged over the images, in one pass over them.
-
-    `images`, `labels`: raw 0-255 images and their class indices, or a tf.data pipeline of
-    (images, labels) batches. `accumulate`: a `taylor_accumulator(network, groups)` to reuse.
-    """
-    import keras
-
-    accumulate = accumulate or taylor_accumulator(network, groups)
-    dataset = _labelled_batches(images, labels, batch_size)
-    steps = int(dataset.cardinality())
-    progress = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose, unit_name="batch") if verbose else None
-    spec = resnet.describe_model(network)[0]
-    totals = [np.zeros(resnet.group_width(spec, group), np.float64) for group in groups]
-    image_count = 0
-    for step, (batch, batch_labels) in enumerate(dataset):
-        sums, size = accumulate(batch, batch_labels)
-        for total, batch_sum in zip(totals, sums):
-            total += batch_sum.numpy()
-        image_count += int(size)
-        if progress is not None:
-            progress.update(step + 1)
-    if image_count == 0:
-        raise ValueError("the Taylor criterion needs at least one image")
-    return {group["name"]: total / image_count for group, total in zip(groups, totals)}
-
-
-def random_importance(network, groups, seed=0):
-    """{group name: uniform random scores}: the baseline every criterion must beat. `seed`: an int
-    or a sequence of ints (prune_model.py passes (--seed, iteration)); one generator draws the
-    groups in order, so the same seed and groups give the same scores."""
-    generator = np.random.default_rng(seed)
-    spec = resnet.describe_model(network)[0]
-    return {group["name"]: generator.random(resnet.group_width(spec, group)) for group in groups}
-
-
-def apoz_importance(network, groups, images, batch_size=128, verbose=0, measured=None):
-    """{group name: 1 - APoZ}: a channel that is zero more often matters less. `measured`: a dict
-    that receives {group name: APoZ} as measured (1 - (1 - APoZ) is not always APoZ in floating point)."""
-    names = list(dict.fromkeys(name for group in groups for name in group["activations"]))
-    group_apoz = group_scores(apoz(network, names, images, batch_size, verbose=verbose), groups)
-    if measured is not None:
-        measured.update(group_apoz)
-    return {name: 1.0 - scores for name, scores in group_apoz.items()}
-
-
-def importance_scores(name, network, groups, images=None, labels=None, batch_size=128, seed=0, verbose=0, measured=None):
-    """{group name: per-channel importance of criterion `name`}; HIGHER = MORE IMPORTANT, always.
-
-    apoz      1 - APoZ of the group's post-ReLU outputs (a residual stream: mean over its blocks)
-    l1        L1 norm of each output filter of the producer convs
-    bn_scale  |gamma| of the producers' BatchNorms
-    taylor    first-order Taylor estimate of the loss change when the channel is removed (needs labels)
-    random    uniform random, from `seed`
-
-    `images` (raw 0-255) and, for taylor, `labels` (class indices): arrays, or a tf.data pipeline
-    of (images, labels) batches; apoz and taylor need them, the others ignore them. `measured`: a
-    dict that receives a criterion's own measurement where it is not the importance (apoz: APoZ).
-    """
-    if name not in IMPORTANCES:
-        raise ValueError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCES)}")
-    if name in ("apoz", "taylor") and images is None:
-        raise ValueError(f"the {name} importance is measured on images; pass some")
-    if name == "apoz":
-        return apoz_importance(network, groups, images, batch_size, verbose, measured)
-    if name == "taylor":
-        return taylor_importance(network, groups, images, labels, batch_size, verbose)
-    if name == "l1":
-        return filter_l1_importance(network, groups)
-    if name == "bn_scale":
-        return bn_scale_importance(network, groups)
-    return random_importance(network, groups, seed)
+def any_model_groups(network, residual=False):
+    """The channel groups of any functional `network` that pruning may touch: traced, not frozen,
+    wider than one channel; residual streams (see `is_residual`) only when `residual` is true."""
+    groups = channel_graph.prunable_groups(channel_graph.trace_channel_groups(network))
+    return [group for group in groups if residual or not is_residual(group)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +210,58 @@ def ratio_predictor(measure, base_spec, spec, stem="imagenet", class_num=10, inp
         raise ValueError(f"unknown measure {measure!r}; choose compression_rate or mac_ratio")
     base = count(base_spec)
     return lambda widths: base / count(resnet.resize_spec(spec, widths))
+
+
+def size_counter(network, groups):
+    """A function {group name: new width} -> (parameters, MACs) of `network` with those groups
+    resized (groups not named keep their width), from the traced `groups` alone: no model built.
+
+    Parameters count every weight (BatchNorm statistics included, as `count_params`); MACs are
+    each kernel's elements times its layer's output positions (convolutions, dense layers,
+    depthwise and separable convolutions; `model.count_macs` for our ResNet50). A weight axis
+    shrinks by each group's removed channels times the positions a channel holds there.
+    """
+    axes = {}  # (layer, weight name) -> {axis: [(group name, positions per channel), ...]}
+    widths = {}
+    for group in groups:
+        widths[group["name"]] = group["width"]
+        for role in ("producers", "consumers", "carriers"):
+            for entry in group[role]:
+                for weight, axis in entry["weights"].items():
+                    axes.setdefault((entry["layer"], weight), {}).setdefault(axis, []).append(
+                        (group["name"], entry["indices"].shape[1]))
+    terms = []  # (shape, {axis: [(group, k)]}, is parameter, MACs per element)
+    for layer in network.layers:
+        try:
+            positions = int(np.prod(layer.output.shape[1:-1], dtype=np.int64))
+        except (AttributeError, ValueError, TypeError):  # a layer called several times has no single output
+            positions = 0
+        for weight in layer.weights:
+            shape = tuple(int(size) for size in weight.shape)
+            by_axis = {axis % len(shape): shares for axis, shares in axes.get((layer.name, weight.name), {}).items()}
+            macs_per_element = positions if weight.name in ("kernel", "depthwise_kernel", "pointwise_kernel") else 0
+            terms.append((shape, by_axis, macs_per_element))
+
+    def count(new_widths):
+        unknown = sorted(set(new_widths) - set(widths))
+        if unknown:
+            raise ValueError(f"no channel group named {', '.join(unknown)}")
+        removed = {name: widths[name] - int(new_widths.get(name, widths[name])) for name in widths}
+        parameters = macs = 0
+        for shape, by_axis, macs_per_element in terms:
+            size = 1
+            for axis, length in enumerate(shape):
+                size *= length - sum(removed[name] * positions for name, positions in by_axis.get(axis, ()))
+            parameters += size
+            macs += size * macs_per_element
+        return parameters, macs
+
+    return count
+
+
+def model_size(network):
+    """(parameters, MACs) of any model, in `size_counter`'s convention."""
+    return size_counter(network, [])({})
 
 
 def select_to_target(scores, keep, predict, target, ranking="layer", round_to=1):

@@ -1,4 +1,5 @@
-"""Stage 2: iterative filter pruning (APoZ by default) that produces a really smaller ResNet50.
+"""Stage 2: iterative filter pruning (APoZ by default) that produces a really smaller ResNet50,
+or a smaller copy of any functional Keras classifier.
 
     python prune_model.py --prune_iter=15
     python prune_model.py --importance taylor --target_compression 3 --criterion fraction --prune_fraction 0.2
@@ -14,6 +15,11 @@ removing only what reaches it. Rerunning the same command resumes: it continues 
 iteration summary.json lists (a run that met its target is complete), and an interrupted
 fine-tuning resumes from its last finished epoch (the pruned architecture is saved first, as
 iter{k}/pruned.h5).
+
+--base_model_path may also be any functional Keras classifier that takes 32x32x3 raw 0-255
+images (preprocessing inside the model) and outputs one row of class scores (probabilities
+after a softmax, or logits). Its channel groups are then traced off its graph each iteration
+(channel_graph.py) and the surgery is prune.prune_groups; see docs/any_model.md.
 """
 
 import os
@@ -41,14 +47,15 @@ def target_ratio(text):
 
 
 def parse_args(argv=None):
-    parser = cli.Parser(description="Iteratively prune a ResNet50 by channel importance and fine-tune it.")
+    parser = cli.Parser(description="Iteratively prune a ResNet50 (or any functional Keras classifier) by channel "
+                                    "importance and fine-tune it.")
     parser.add_argument("--root_folder", default="./model/pruned_model")
     parser.add_argument("--base_model_path", default="./model/base_model/model.h5")
     parser.add_argument("--prune_iter", type=cli.positive_int, default=15,
                         help="pruning iterations (a finished run can be extended by rerunning with more)")
     parser.add_argument("--overwrite", action="store_true", help="replace a different or finished run in --root_folder")
     group = parser.add_argument_group("pruning")
-    # prune.IMPORTANCES, spelled out: importing prune loads Keras before the flags are checked
+    # channel_importance.IMPORTANCES, spelled out: importing it loads Keras before the flags are checked
     group.add_argument("--importance", choices=("apoz", "l1", "bn_scale", "taylor", "random"), default="apoz",
                        help="how channels are scored (higher = keep): apoz (1 - APoZ, the original's), l1 (filter L1 "
                             "norm), bn_scale (|BatchNorm gamma|), taylor (first-order Taylor loss change), random (baseline)")
@@ -65,7 +72,8 @@ def parse_args(argv=None):
                             "(--criterion fraction); with a target, the step of every iteration but the last")
     group.add_argument("--prune_residual", action="store_true",
                        help="also prune each stage's residual stream (conv3 + shortcut outputs, scored through "
-                            "all of them: e.g. apoz by the mean APoZ of the stage's block outputs)")
+                            "all of them: e.g. apoz by the mean APoZ of the stage's block outputs); any other model: "
+                            "also the groups several layers write (tied through an Add or another merge)")
     group.add_argument("--min_channels", type=cli.non_negative_int, default=1,
                        help="never keep fewer channels in a layer (0: no floor; emptying a layer is then an error)")
     group.add_argument("--round_to", type=cli.positive_int, default=1,
@@ -117,60 +125,117 @@ def selection_options(args):
             "min_channels": args.min_channels, "round_to": args.round_to}
 
 
-def check_selection(network, args):
+def is_resnet(network):
+    """Our own ResNet50 (pruned through model.py's width spec), or any other functional model."""
+    import model as resnet
+
+    try:
+        resnet.describe_model(network)
+    except resnet.NotOurResNetError:
+        return False
+    return True
+
+
+def channel_groups(network, args):
+    """The traced channel groups this run prunes in `network`: for our ResNet50 those of
+    model.channel_groups() (inner, and residual with --prune_residual), under its names; for any
+    other model every unfrozen group (residual streams with --prune_residual)."""
+    import prune
+
+    if is_resnet(network):
+        return prune.resnet_groups(network, args.prune_residual)
+    return prune.any_model_groups(network, args.prune_residual)
+
+
+def check_any_model(network, class_num):
+    """Refuse a model the stage cannot train or measure: it must take one 32x32x3 image batch and
+    give one row of `class_num` class scores, and have channels to prune."""
+    shape = network.input_shape
+    if isinstance(shape, list) or len(shape) != 4 or any(size not in (None, wanted) for size, wanted in zip(shape[1:], (32, 32, 3))):
+        raise cli.UserError(f"{network.name} takes input {shape}: the pruning stage needs one (None, 32, 32, 3) image input")
+    outputs = network.output_shape
+    if isinstance(outputs, list) or len(outputs) != 2 or outputs[-1] != class_num:
+        raise cli.UserError(f"{network.name} outputs {outputs}: the pruning stage needs one (None, {class_num}) "
+                            "row of class scores")
+
+
+def from_logits(network):
+    """True unless the model ends in a softmax (our ResNet50 does): its output is then logits."""
+    layer = network.output._keras_history.operation
+    return layer.get_config().get("activation") != "softmax"
+
+
+def check_selection(network, groups, args):
     """Refuse up front a rule that would empty a layer of `network` whatever the scores (fraction
     rule, --min_channels 0). Global ranking never empties one (its floor is at least a channel)."""
     import numpy as np
 
-    import model as resnet
     import prune
 
+    if not groups:
+        raise cli.UserError(f"{network.name} has no channel group this run may prune"
+                            + ("" if args.prune_residual else " (add --prune_residual for residual streams)"))
+    needs = {"apoz": ("activations", "a ReLU-family output"), "taylor": ("activations", "a ReLU-family output")}
+    if args.importance in needs:
+        role, what = needs[args.importance]
+        if not any(group[role] for group in groups):
+            raise cli.UserError(f"--importance {args.importance} scores no channel group of {network.name}: none has "
+                                f"{what}; choose l1, bn_scale or random")
     if args.ranking == "global":
         return
-    spec = resnet.describe_model(network)[0]
-    for group in prune.prunable_groups(args.prune_residual):
+    for group in groups:
         try:
-            prune.select_channels(np.zeros(resnet.group_width(spec, group)), name=group["name"], **selection_options(args))
+            prune.select_channels(np.zeros(group["width"]), name=group["name"], **selection_options(args))
         except prune.EmptyLayerError as error:
             raise cli.UserError(str(error)) from None
 
 
-def floors(base_spec, spec, args):
-    """{group name: fewest channels the selection can leave}, never above the current width."""
-    import model as resnet
+def floors(base_widths, groups, args):
+    """{group name: fewest channels the selection can leave}, never above the current width.
+    `base_widths`: {group name: width in the base model} (global ranking's floor is a share of it)."""
     import prune
 
     result = {}
-    for group in prune.prunable_groups(args.prune_residual):
-        width = resnet.group_width(spec, group)
+    for group in groups:
+        width = group["width"]
         if args.ranking == "global":
-            floor = prune.global_floor(resnet.group_width(base_spec, group), args.min_channels)
+            floor = prune.global_floor(base_widths.get(group["name"], width), args.min_channels)
         else:
             floor = max(1, args.min_channels)
         result[group["name"]] = min(width, -(-floor // args.round_to) * args.round_to)
     return result
 
 
-def predictor(base_network, network, measure):
+def size_of(network):
+    """(parameters, MACs) of `network` (model.count_macs's convention, for any model)."""
+    import prune
+
+    return prune.model_size(network)
+
+
+def predictor(base_network, network, groups, measure):
     """{group name: width} -> predicted base / pruned ratio (`measure`) of `network` resized so."""
     import model as resnet
     import prune
 
-    base_spec = resnet.describe_model(base_network)[0]
-    spec, stem, class_num, input_shape = resnet.describe_model(network)
-    return prune.ratio_predictor(measure, base_spec, spec, stem, class_num, input_shape)
+    if is_resnet(network):
+        base_spec = resnet.describe_model(base_network)[0]
+        spec, stem, class_num, input_shape = resnet.describe_model(network)
+        return prune.ratio_predictor(measure, base_spec, spec, stem, class_num, input_shape)
+    position = 0 if measure == "compression_rate" else 1
+    base = size_of(base_network)[position]
+    count = prune.size_counter(network, groups)
+    return lambda widths: base / count(widths)[position]
 
 
-def check_target(base_network, network, args):
+def check_target(base_network, network, groups, base_widths, args):
     """Refuse up front a target that even every pruned group at its floor would not reach."""
-    import model as resnet
-
     target = target_of(args)
     if target is None:
         return
     measure, value = target
-    widths = floors(resnet.describe_model(base_network)[0], resnet.describe_model(network)[0], args)
-    best = predictor(base_network, network, measure)(widths)
+    widths = floors(base_widths, groups, args)
+    best = predictor(base_network, network, groups, measure)(widths)
     if best < value:
         flag = "--target_compression" if measure == "compression_rate" else "--target_macs"
         what = "inner and residual" if args.prune_residual else "inner (add --prune_residual for more)"
@@ -179,33 +244,39 @@ def check_target(base_network, network, args):
 
 
 def describe(network, split, args, path=None):
-    """Parameters, MACs, width spec and validation / test accuracy of `network`."""
+    """Parameters, MACs, widths (our ResNet50: its width spec; any other model: {group: width})
+    and validation / test accuracy of `network`."""
     import model as resnet
     from metrics import accuracy
 
+    parameters, macs = size_of(network)
     result = {"model_path": path} if path else {}
     result.update({
-        "parameters": resnet.count_parameters(network),
-        "macs": resnet.count_macs(network)[1],
+        "parameters": parameters,
+        "macs": macs,
         "val_acc": accuracy(network, split.x_val, split.y_val, args.batch_size),
         "test_acc": accuracy(network, split.x_test, split.y_test, args.batch_size),
         "test_images": len(split.y_test),
-        "width_spec": resnet.describe_model(network)[0],
     })
+    if is_resnet(network):
+        result["width_spec"] = resnet.describe_model(network)[0]
+    else:
+        import prune
+
+        result["group_widths"] = {group["name"]: group["width"] for group in prune.any_model_groups(network, residual=True)}
     return result
 
 
-def select(k, network, scores, base_network, args):
-    """{group name: channels to keep} of iteration k: the rule per group or across groups; with a
-    target, cut down to just reach it. Returns (keep, target record for apoz.json or None)."""
-    import model as resnet
+def select(k, network, groups, scores, base_network, base_widths, args):
+    """{group name: channels to keep} of iteration k, for the scored `groups`: the rule per group
+    or across groups; with a target, cut down to just reach it. Returns (keep, target record for
+    apoz.json or None)."""
     import prune
 
-    groups = prune.prunable_groups(args.prune_residual)
-    spec = resnet.describe_model(network)[0]
+    groups = [group for group in groups if group["name"] in scores]
     if args.ranking == "global":
         keep = prune.select_global(scores, args.criterion, args.std_k, args.prune_fraction,
-                                   floors(resnet.describe_model(base_network)[0], spec, args), args.round_to)
+                                   floors(base_widths, groups, args), args.round_to)
     else:
         keep = {}
         for group in groups:
@@ -218,8 +289,8 @@ def select(k, network, scores, base_network, args):
     if target is None:
         return keep, None
     measure, value = target
-    predict = predictor(base_network, network, measure)
-    before = predict({group["name"]: resnet.group_width(spec, group) for group in groups})
+    predict = predictor(base_network, network, groups, measure)
+    before = predict({group["name"]: group["width"] for group in groups})
     keep, predicted, cut = prune.select_to_target(scores, keep, predict, value, args.ranking, args.round_to)
     if predicted <= before and predicted < value:
         raise cli.UserError(f"iteration {k}: the rule removes no more channels at {before:.2f}x, short of the target "
@@ -228,30 +299,38 @@ def select(k, network, scores, base_network, args):
                   "reached": bool(predicted >= value)}
 
 
-def prune_once(k, network, score_data, split, base_network, args):
+def prune_once(k, network, score_data, split, base_network, base_widths, args):
     """Scoring, selection and surgery of iteration k; writes apoz.json, pruned.h5 and pruned.json.
 
     Nothing is written before the selection has succeeded, so a bad rule leaves the folder alone.
     """
-    import model as resnet
+    import channel_importance
     import prune
 
     started = time.perf_counter()
     folder = iteration_folder(args.root_folder, k)
-    groups = prune.prunable_groups(args.prune_residual)
+    groups = channel_groups(network, args)  # traced again each iteration: any model's group names may change
     images, labels = score_data
     measured_on = len(images) if args.importance in ("apoz", "taylor") else 0
     print(f"iteration {k}: {args.importance} importance of {len(groups)} channel groups"
           + (f" on {measured_on} validation images" if measured_on else ""))
     measured = {}
-    scores = prune.importance_scores(args.importance, network, groups, images, labels, args.batch_size,
-                                     seed=(args.seed, k), verbose=args.verbose, measured=measured)
-    keep, target = select(k, network, scores, base_network, args)
-    spec = resnet.describe_model(network)[0]
+    scores = channel_importance.importance_scores(args.importance, network, groups, images, labels, args.batch_size,
+                                                  seed=(args.seed, k), verbose=args.verbose, measured=measured)
+    unscored = [group["name"] for group in groups if group["name"] not in scores]
+    if unscored:
+        print(f"iteration {k}: {len(unscored)} group(s) have no {args.importance} score and keep their channels: "
+              + ", ".join(unscored[:5]) + (", ..." if len(unscored) > 5 else ""))
+    if not scores:
+        raise cli.UserError(f"iteration {k}: the {args.importance} importance scores no channel group of this model; "
+                            "choose another --importance (l1 or random score every group)")
+    keep, target = select(k, network, groups, scores, base_network, base_widths, args)
     layers = {}
     for group in groups:
         name = group["name"]
-        width = resnet.group_width(spec, group)
+        if name not in keep:
+            continue
+        width = group["width"]
         layers[name] = {"score": scores[name], "kept": keep[name], "removed": prune.removed_channels(width, keep[name]),
                         "width_before": width, "width_after": len(keep[name])}
         if args.importance == "apoz":
@@ -260,10 +339,12 @@ def prune_once(k, network, score_data, split, base_network, args):
     os.makedirs(folder)
     record = {"iteration": k, "importance": args.importance, "criterion": args.criterion, "ranking": args.ranking,
               "selection": selection_options(args), "images": measured_on, "layers": layers}
+    if unscored:
+        record["unscored"] = unscored
     if target is not None:
         record["target"] = target
     files.write_json(os.path.join(folder, "apoz.json"), record)
-    pruned = prune.prune_model(network, keep)
+    pruned = prune.prune_model(network, keep) if is_resnet(network) else prune.prune_groups(network, groups, keep)
     checkpoints.save_model(pruned, os.path.join(folder, "pruned.h5"))
     measured = describe(pruned, split, args)
     state = {"val_acc_pruned": measured["val_acc"], "test_acc_pruned": measured["test_acc"],
@@ -273,33 +354,36 @@ def prune_once(k, network, score_data, split, base_network, args):
     return pruned, state
 
 
-def run_iteration(k, network, score_data, split, train_data, val_data, base, base_network, args, strategy):
+def run_iteration(k, network, score_data, split, train_data, val_data, base, base_network, base_widths, args, strategy):
     """One complete iteration; returns its summary.json record and the fine-tuned model."""
+    import keras
+
     import model as resnet
 
     folder = iteration_folder(args.root_folder, k)
     paths = {name: os.path.join(folder, name) for name in ("apoz.json", "pruned.h5", "pruned.json")}
+    ours = is_resnet(network)
     if all(os.path.exists(path) for path in paths.values()):
-        pruned = checkpoints.load_model(paths["pruned.h5"], "pruned model")
+        pruned = checkpoints.load_model(paths["pruned.h5"], "pruned model", any_model=not ours)
         state = files.read_json(paths["pruned.json"])
         print(f"iteration {k}: resuming the fine-tuning of {paths['pruned.h5']}")
     else:
-        pruned, state = prune_once(k, network, score_data, split, base_network, args)
-    print(f"iteration {k}: {resnet.count_parameters(pruned):,} parameters, {state['channels_removed']} channels removed; "
+        pruned, state = prune_once(k, network, score_data, split, base_network, base_widths, args)
+    print(f"iteration {k}: {pruned.count_params():,} parameters, {state['channels_removed']} channels removed; "
           f"validation accuracy right after pruning {state['val_acc_pruned']:.4f}; fine-tuning")
     started = time.perf_counter()
     training.set_seed(args.seed + k)
     steps_per_epoch = -(-len(split.y_train) // args.batch_size)
-    # Fine-tune a twin built under the strategy (replicated variables) and the precision policy
-    # (a loaded pruned.h5 is float32).
+    # Fine-tune a twin built under the strategy (replicated variables) and, for our ResNet50, the
+    # precision policy (a loaded pruned.h5 is float32; any other model keeps its layers' dtypes).
     with strategy.scope():
-        twin = resnet.rebuild_like(pruned)
+        twin = resnet.rebuild_like(pruned) if ours else keras.models.clone_model(pruned)
     twin.set_weights(pruned.get_weights())
     pruned = twin
     with strategy.scope():
-        training.compile_classifier(pruned, args, steps_per_epoch)
+        training.compile_classifier(pruned, args, steps_per_epoch, from_logits=from_logits(pruned))
     history = training.fit_stage(pruned, train_data, val_data, folder, args, run_folder=args.root_folder)
-    best = checkpoints.load_model(os.path.join(folder, "model.h5"))
+    best = checkpoints.load_model(os.path.join(folder, "model.h5"), any_model=not ours)
     measured = describe(best, split, args)
     record = {
         "iteration": k,
@@ -314,8 +398,10 @@ def run_iteration(k, network, score_data, split, train_data, val_data, base, bas
         "channels_removed": state["channels_removed"],
         "epochs": len(history.get("val_acc", [])),
         "seconds": state["seconds"] + time.perf_counter() - started,
-        "width_spec": measured["width_spec"],
     }
+    for key in ("width_spec", "group_widths"):
+        if key in measured:
+            record[key] = measured[key]
     return record, best
 
 
@@ -333,7 +419,6 @@ def format_table(summary):
 def main(argv=None):
     args = parse_args(argv)
     import data
-    import model as resnet
 
     strategy = training.distribution_strategy(args)  # before anything starts TensorFlow's runtime
     # Workers other than the chief prune a scratch copy of the folder (same decisions, no shared writes).
@@ -342,7 +427,10 @@ def main(argv=None):
     summary_path = os.path.join(root, SUMMARY_NAME)
     args.precision = training.set_precision(args.precision)  # auto resolved, so config.json records what ran
     # Every check that can refuse the run comes before anything in root_folder is touched.
-    base_network = checkpoints.load_model(args.base_model_path, "base model")
+    base_network = checkpoints.load_model(args.base_model_path, "base model", any_model=True)
+    ours = is_resnet(base_network)
+    if not ours:
+        check_any_model(base_network, len(data.CLASS_NAMES))
     has_config = os.path.exists(os.path.join(root, "config.json"))
     summary = None
     if not args.overwrite and os.path.isdir(root):
@@ -354,9 +442,15 @@ def main(argv=None):
     done = completed_iterations(summary) if summary else []
     network = base_network
     if done:
-        network = checkpoints.load_model(os.path.join(iteration_folder(root, len(done)), "model.h5"), f"iteration {len(done)} model")
-    check_selection(network, args)
-    check_target(base_network, network, args)
+        network = checkpoints.load_model(os.path.join(iteration_folder(root, len(done)), "model.h5"),
+                                         f"iteration {len(done)} model", any_model=not ours)
+    try:
+        groups = channel_groups(network, args)
+        base_widths = {group["name"]: group["width"] for group in channel_groups(base_network, args)}
+    except ValueError as error:  # the graph and model.channel_groups() disagree, or a model the trace refuses
+        raise cli.UserError(f"cannot trace the channels of {args.base_model_path}: {error}") from None
+    check_selection(network, groups, args)
+    check_target(base_network, network, groups, base_widths, args)
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     if args.apoz_samples and args.apoz_samples > len(split.y_val):
         raise cli.UserError(f"--apoz_samples {args.apoz_samples} exceeds the {len(split.y_val)} validation images")
@@ -387,7 +481,7 @@ def main(argv=None):
         if os.path.exists(stale):
             os.remove(stale)
 
-    class_num = resnet.describe_model(base_network)[2]
+    class_num = int(base_network.output_shape[-1])
     if summary is None:
         print(f"measuring the base model {args.base_model_path}")
         summary = {"base": describe(base_network, split, args, path=args.base_model_path), "iterations": [],
@@ -409,7 +503,7 @@ def main(argv=None):
         if met:
             break
         record, network = run_iteration(k, network, score_data, split, train_data, val_data, summary["base"],
-                                        base_network, args, strategy)
+                                        base_network, base_widths, args, strategy)
         summary["iterations"].append(record)
         summary["arguments"] = vars(args)
         if target_met(record, target):

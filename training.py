@@ -143,12 +143,14 @@ def make_optimizer(args, steps_per_epoch, learning_rate=None):
     return optimizer
 
 
-def compile_classifier(model, args, steps_per_epoch):
+def compile_classifier(model, args, steps_per_epoch, from_logits=False):
+    """Cross-entropy against one-hot labels, of class probabilities (our ResNet50's output) or,
+    with `from_logits`, of logits."""
     import keras
 
     model.compile(
         optimizer=make_optimizer(args, steps_per_epoch),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=args.label_smoothing),
         metrics=["accuracy"],
     )
 

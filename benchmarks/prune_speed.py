@@ -40,6 +40,7 @@ def main(argv=None):
 
     import data
     import model as resnet
+    import channel_importance
     import prune
 
     network = checkpoints.load_model(args.model_path) if args.model_path else resnet.build_resnet50(resnet.width_spec(args.width))
@@ -60,11 +61,11 @@ def main(argv=None):
     for residual in (False, True):
         names = [name for group in prune.prunable_groups(residual) for name in group["activations"]]
         label = f"apoz {'inner+residual' if residual else 'inner'} ({len(names)} layers)"
-        count = prune.zero_counter(network, names)
-        prune.apoz(network, names, dataset.take(1), verbose=0, count=count)  # trace
-        passes[f"{label}, traced already"] = lambda names=names, count=count: prune.apoz(
+        count = channel_importance.zero_counter(network, names)
+        channel_importance.apoz(network, names, dataset.take(1), verbose=0, count=count)  # trace
+        passes[f"{label}, traced already"] = lambda names=names, count=count: channel_importance.apoz(
             network, names, dataset, verbose=0, count=count)
-        passes[f"{label}, including its tracing"] = lambda names=names: prune.apoz(network, names, dataset, verbose=0)
+        passes[f"{label}, including its tracing"] = lambda names=names: channel_importance.apoz(network, names, dataset, verbose=0)
     # Interleaved repeats, best of each: load from other processes then hits every pass alike.
     timings = {name: [] for name in passes}
     for _ in range(args.repeats):

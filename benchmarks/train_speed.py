@@ -95,6 +95,7 @@ def time_training(networks, dataset, steps, batch_size, rounds):
 
 def time_inference(stem, width, images, rounds):
     """Seconds of an APoZ pass (inner layers) and of `predict`, with Keras' BatchNorm and the fused one."""
+    import channel_importance
     import fused_batch_norm
     import model as resnet
     import prune
@@ -104,15 +105,15 @@ def time_inference(stem, width, images, rounds):
     timings = {}
     for label, context in (("keras BN", fused_batch_norm.keras_batch_norm), ("fused", _nothing)):
         with context():
-            counter = prune.zero_counter(network, names)
-            prune.apoz(network, names, images[:256], verbose=0, count=counter)
+            counter = channel_importance.zero_counter(network, names)
+            channel_importance.apoz(network, names, images[:256], verbose=0, count=counter)
             twin = resnet.rebuild_like(network)
             twin.set_weights(network.get_weights())
             twin.predict(images[:256], batch_size=128, verbose=0)
             apoz_times, predict_times = [], []
             for _ in range(rounds):
                 started = time.perf_counter()
-                prune.apoz(network, names, images, verbose=0, count=counter)
+                channel_importance.apoz(network, names, images, verbose=0, count=counter)
                 apoz_times.append(time.perf_counter() - started)
                 started = time.perf_counter()
                 twin.predict(images, batch_size=128, verbose=0)

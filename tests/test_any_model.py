@@ -4,6 +4,7 @@ models (random weights, 32x32 inputs), a small model of every followed layer kin
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import channel_graph
 import channel_importance
@@ -189,6 +190,14 @@ def test_pruned_model_has_the_expected_widths_and_parameters_and_survives_h5(sur
     np.testing.assert_array_equal(outputs_of(reopened, surgery["images"]), surgery["after"])
 
 
+def test_size_counter_predicts_the_pruned_models_parameters_and_macs(surgery):
+    """The target search's prediction from the groups alone equals what the surgery builds."""
+    network, groups, keep, pruned = surgery["network"], surgery["groups"], surgery["keep"], surgery["pruned"]
+    parameters, macs = prune.size_counter(network, groups)({name: len(indices) for name, indices in keep.items()})
+    assert parameters == pruned.count_params()
+    assert macs == prune.size_counter(pruned, [])({})[1] < prune.size_counter(network, [])({})[1]
+
+
 def test_kept_filters_are_the_chosen_ones(surgery):
     """Every pruned weight equals the original with the kept positions taken along each channel
     axis (numpy's take against the surgery's delete)."""
@@ -241,27 +250,79 @@ def test_concatenate_offsets_flatten_blocks_and_split_groups(small):
 def test_l1_and_apoz_importances_against_numpy(small):
     network, groups = small
     groups = list(groups.values())
-    l1 = channel_importance.importance("l1", network, groups)
+    l1 = channel_importance.importance_scores("l1", network, groups)
     assert set(l1) == {"hidden", "separable", "side", "stem", "transpose"}  # frozen groups get none
     kernel = {layer.name: np.abs(layer.get_weights()[0 if layer.name != "separable" else 1]).astype(np.float64)
               for layer in network.layers if layer.weights}
-    np.testing.assert_allclose(l1["transpose"], kernel["transpose"].sum(axis=(0, 1, 3)) + kernel["trunk"][..., :4].sum(axis=(0, 1, 2)))
-    np.testing.assert_allclose(l1["side"], kernel["side"].sum(axis=(0, 1, 2)) + kernel["trunk"][..., 4:].sum(axis=(0, 1, 2)))
+
+    def equal_say(*norms):  # several producers (tied through an Add): each divided by its mean, then averaged
+        return np.mean([norm / norm.mean() for norm in norms], axis=0)
+
+    np.testing.assert_allclose(l1["transpose"], equal_say(kernel["transpose"].sum(axis=(0, 1, 3)), kernel["trunk"][..., :4].sum(axis=(0, 1, 2))))
+    np.testing.assert_allclose(l1["side"], equal_say(kernel["side"].sum(axis=(0, 1, 2)), kernel["trunk"][..., 4:].sum(axis=(0, 1, 2))))
     np.testing.assert_allclose(l1["separable"], kernel["separable"].sum(axis=(0, 1, 2)))  # the pointwise kernel
     np.testing.assert_allclose(l1["hidden"], kernel["hidden"].sum(axis=0))
 
     images = random_images(network, count=12, seed=5)
-    scores = channel_importance.importance("apoz", network, groups, images, batch_size=5)  # a partial last batch
+    scores = channel_importance.importance_scores("apoz", network, groups, images, batch_size=5)  # a partial last batch
     assert set(scores) == {"hidden", "side", "transpose"}  # groups with a ReLU-family output
     relu, depthwise, hidden = resnet.feature_model(network, ["relu", "depthwise", "hidden"])(images, training=False)
     zeros = {name: np.mean(keras.ops.convert_to_numpy(output) == 0, axis=tuple(range(len(output.shape) - 1)))
              for name, output in (("relu", relu), ("depthwise", depthwise), ("hidden", hidden))}
-    np.testing.assert_allclose(-scores["transpose"], (zeros["relu"][:4] + zeros["depthwise"]) / 2, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(-scores["side"], zeros["relu"][4:], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(-scores["hidden"], zeros["hidden"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(1 - scores["transpose"], (zeros["relu"][:4] + zeros["depthwise"]) / 2, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(1 - scores["side"], zeros["relu"][4:], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(1 - scores["hidden"], zeros["hidden"], rtol=0, atol=1e-12)
     assert 0 < zeros["relu"].mean() < 1
     with pytest.raises(ValueError, match="unknown importance"):
-        channel_importance.importance("l2", network, groups)
+        channel_importance.importance_scores("l2", network, groups)
+
+
+def residual_classifier(softmax):
+    """conv a (BN, ReLU) -> conv b (BN) + shortcut conv (BN) -> Add -> ReLU -> pooled -> 4 classes,
+    with BatchNorms perturbed so that channels differ."""
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = layers.ReLU(name="a_relu")(layers.BatchNormalization(name="a_bn")(layers.Conv2D(6, 3, padding="same", name="a")(inputs)))
+    branch = layers.BatchNormalization(name="b_bn")(layers.Conv2D(5, 3, padding="same", name="b")(x))
+    shortcut = layers.BatchNormalization(name="shortcut_bn")(layers.Conv2D(5, 1, name="shortcut")(x))
+    x = layers.ReLU(name="out")(layers.Add(name="add")([branch, shortcut]))
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    network = keras.Model(inputs, layers.Dense(4, activation="softmax" if softmax else None, name="classes")(x))
+    rng = np.random.default_rng(9)
+    for layer in network.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(-1.5, 1.5, gamma.shape), rng.uniform(-0.5, 0.3, beta.shape),
+                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.8, 1.2, variance.shape)])
+    return network
+
+
+@pytest.mark.parametrize("softmax", [True, False], ids=["probabilities", "logits"])
+def test_taylor_and_bn_scale_on_traced_groups_against_numpy(softmax):
+    keras.utils.set_random_seed(0)
+    network = residual_classifier(softmax)
+    groups = prune.any_model_groups(network, residual=True)
+    assert [(group["name"], prune.is_residual(group)) for group in groups] == [("a", False), ("b", True)]
+    assert [group["name"] for group in prune.any_model_groups(network)] == ["a"]
+    images = random_images(network, count=10, seed=3)
+    labels = np.arange(10) % 4
+    scores = channel_importance.importance_scores("taylor", network, groups, images, labels, batch_size=4)
+    features = keras.Model(network.input, [network.get_layer("a_relu").output, network.get_layer("out").output, network.output])
+    with tf.GradientTape() as tape:
+        a, out, output = features(images, training=False)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax, reduction="sum")(labels, output)
+    gradient_a, gradient_out = tape.gradient(loss, [a, out])
+    for name, activation, gradient in (("a", a, gradient_a), ("b", out, gradient_out)):
+        reference = np.mean(np.abs(np.sum(activation.numpy().astype(np.float64) * gradient.numpy(), axis=(1, 2))), axis=0)
+        assert reference.max() > 0
+        np.testing.assert_allclose(scores[name], reference, rtol=1e-3, atol=1e-5 * reference.max(), err_msg=name)
+
+    bn_scale = channel_importance.importance_scores("bn_scale", network, groups)
+    gamma = {name: np.abs(network.get_layer(f"{name}_bn").gamma.numpy().astype(np.float64)) for name in ("a", "b", "shortcut")}
+    np.testing.assert_allclose(bn_scale["a"], gamma["a"])
+    np.testing.assert_allclose(bn_scale["b"], (gamma["b"] / gamma["b"].mean() + gamma["shortcut"] / gamma["shortcut"].mean()) / 2)
+    random = channel_importance.importance_scores("random", network, groups, seed=(0, 1))
+    assert {name: len(values) for name, values in random.items()} == {"a": 6, "b": 5}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +386,17 @@ def test_traced_groups_of_our_resnet_are_the_hand_written_table(stem):
                   frozenset({"conv1_relu"}))  # the stem, which the table leaves out
     assert {layers(group) for group in channel_graph.prunable_groups(groups)} == table | {stem_group}
     assert set(channel_graph.frozen_groups(groups)) == {"input_layer", "predictions", "probabilities"}  # softmax mixes channels
+
+
+@pytest.mark.parametrize("stem", resnet.STEMS)
+def test_size_counter_of_our_resnet_is_its_width_spec_count(stem):
+    network = resnet.build_resnet50(resnet.width_spec(0.0625), stem)
+    groups = prune.resnet_groups(network, residual=True)
+    assert prune.size_counter(network, [])({}) == (network.count_params(), resnet.count_macs(network)[1])
+    rng = np.random.default_rng(8)
+    widths = {group["name"]: int(rng.integers(1, group["width"] + 1)) for group in groups}
+    spec = resnet.resize_spec(resnet.describe_model(network)[0], widths)
+    assert prune.size_counter(network, groups)(widths) == (resnet.parameter_count(spec, stem), resnet.mac_count(spec, stem))
 
 
 def test_prune_model_takes_the_traced_groups_for_the_same_result():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import channel_importance
 import checkpoints
 import cli
 import files
@@ -47,8 +48,12 @@ def batch():
 
 
 @pytest.fixture(scope="module")
-def groups():
-    return prune.prunable_groups(residual=True)
+def groups(network):
+    return prune.resnet_groups(network, residual=True)
+
+
+def activation_names(group):
+    return [entry["layer"] for entry in group["activations"]]
 
 
 def stage_producers(stage_index, suffix):
@@ -72,7 +77,7 @@ def by_hand(network, group, measure, suffix):
 
 
 def test_l1_is_the_filter_norm_of_the_producer_convs(network, groups):
-    scores = prune.importance_scores("l1", network, groups)
+    scores = channel_importance.importance_scores("l1", network, groups)
     assert set(scores) == {group["name"] for group in groups}
 
     def filter_l1(layer):
@@ -87,7 +92,7 @@ def test_l1_is_the_filter_norm_of_the_producer_convs(network, groups):
 
 
 def test_bn_scale_is_the_absolute_gamma(network, groups):
-    scores = prune.importance_scores("bn_scale", network, groups)
+    scores = channel_importance.importance_scores("bn_scale", network, groups)
 
     def gamma(layer):
         return np.abs(layer.get_weights()[0].astype(np.float64))
@@ -101,11 +106,11 @@ def test_bn_scale_is_the_absolute_gamma(network, groups):
 def test_apoz_importance_is_one_minus_apoz_and_keeps_the_original_rule(network, groups, batch):
     images, _ = batch
     measured = {}
-    scores = prune.importance_scores("apoz", network, groups, images, batch_size=10, measured=measured)  # 24 = 10 + 10 + 4
-    names = [name for group in groups for name in group["activations"]]
+    scores = channel_importance.importance_scores("apoz", network, groups, images, batch_size=10, measured=measured)  # 24 = 10 + 10 + 4
+    names = [name for group in groups for name in activation_names(group)]
     activations = dict(zip(names, resnet.feature_model(network, names).predict(images.astype("float32"), verbose=0)))
     for group in groups:
-        apoz = np.mean([np.mean(activations[name] == 0, axis=(0, 1, 2)) for name in group["activations"]], axis=0)
+        apoz = np.mean([np.mean(activations[name] == 0, axis=(0, 1, 2)) for name in activation_names(group)], axis=0)
         np.testing.assert_allclose(scores[group["name"]], 1 - apoz, atol=1e-12, err_msg=group["name"])
         np.testing.assert_array_equal(measured[group["name"]], apoz)  # apoz.json's "apoz": as measured
         # the std rule on importances removes exactly what the original removed: APoZ > mean + std
@@ -115,11 +120,11 @@ def test_apoz_importance_is_one_minus_apoz_and_keeps_the_original_rule(network, 
 
 def test_taylor_matches_activation_times_gradient(network, groups, batch):
     images, labels = batch
-    scores = prune.importance_scores("taylor", network, groups, images, labels, batch_size=10)  # 24 = 10 + 10 + 4
+    scores = channel_importance.importance_scores("taylor", network, groups, images, labels, batch_size=10)  # 24 = 10 + 10 + 4
     # the reference: eager, through the softmax probabilities and Keras' cross-entropy rather than
     # the logits, all images at once; in inference mode images do not interact, so the gradient of
     # the summed loss at image i's activations is that of image i's own loss
-    names = list(dict.fromkeys(name for group in groups for name in group["activations"]))
+    names = list(dict.fromkeys(name for group in groups for name in activation_names(group)))
     features = keras.Model(network.input, [network.get_layer(name).output for name in names] + [network.output])
     loss_function = keras.losses.SparseCategoricalCrossentropy(reduction="sum")
     with tf.GradientTape() as tape:
@@ -129,7 +134,7 @@ def test_taylor_matches_activation_times_gradient(network, groups, batch):
     products = {name: np.sum(a.numpy().astype(np.float64) * g.numpy(), axis=(1, 2))  # (images, channels)
                 for name, a, g in zip(names, activations, gradients)}
     for group in groups:
-        reference = np.mean(np.abs(sum(products[name] for name in group["activations"])), axis=0)
+        reference = np.mean(np.abs(sum(products[name] for name in activation_names(group))), axis=0)
         assert reference.max() > 0, group["name"]
         np.testing.assert_allclose(scores[group["name"]], reference, rtol=2e-3, atol=1e-4 * reference.max(),
                                    err_msg=group["name"])
@@ -140,7 +145,7 @@ def test_taylor_is_the_derivative_of_the_loss_in_a_channel_gate(network, groups,
     its consumer's input slice) changes each image's loss at rate sum(activation x gradient)."""
     images, labels = batch
     group = next(group for group in groups if group["name"] == "conv2_block2_2_relu")
-    scores = prune.importance_scores("taylor", network, [group], images, labels)[group["name"]]
+    scores = channel_importance.importance_scores("taylor", network, [group], images, labels)[group["name"]]
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float64")
     try:
@@ -167,9 +172,9 @@ def test_taylor_is_the_derivative_of_the_loss_in_a_channel_gate(network, groups,
 
 
 def test_random_is_seeded_and_reproducible(network, groups):
-    first = prune.importance_scores("random", network, groups, seed=(0, 1))
-    again = prune.importance_scores("random", network, groups, seed=(0, 1))
-    other_iteration = prune.importance_scores("random", network, groups, seed=(0, 2))
+    first = channel_importance.importance_scores("random", network, groups, seed=(0, 1))
+    again = channel_importance.importance_scores("random", network, groups, seed=(0, 1))
+    other_iteration = channel_importance.importance_scores("random", network, groups, seed=(0, 2))
     spec = resnet.describe_model(network)[0]
     for group in groups:
         name = group["name"]
@@ -181,11 +186,11 @@ def test_random_is_seeded_and_reproducible(network, groups):
 
 def test_importance_scores_refuses_unknown_names_and_missing_images(network, groups):
     with pytest.raises(ValueError, match="unknown importance"):
-        prune.importance_scores("l2", network, groups)
+        channel_importance.importance_scores("l2", network, groups)
     with pytest.raises(ValueError, match="measured on images"):
-        prune.importance_scores("taylor", network, groups)
+        channel_importance.importance_scores("taylor", network, groups)
     with pytest.raises(ValueError, match="pass labels"):
-        prune.importance_scores("taylor", network, groups, np.zeros((2, 32, 32, 3), np.uint8))
+        channel_importance.importance_scores("taylor", network, groups, np.zeros((2, 32, 32, 3), np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +344,7 @@ def test_run_to_a_compression_target(base_path, tmp_path, capfd):
     assert record["importance"] == "l1" and record["ranking"] == "layer" and record["images"] == 0
     assert record["target"]["cut"] is True and record["target"]["predicted"] == pytest.approx(last["compression_rate"])
     network = keras.models.load_model(str(base_path), compile=False)
-    l1 = prune.importance_scores("l1", network, prune.prunable_groups(False))
+    l1 = channel_importance.importance_scores("l1", network, prune.resnet_groups(network))
     for name, layer in record["layers"].items():
         assert "apoz" not in layer
         np.testing.assert_allclose(layer["score"], l1[name], rtol=1e-6)

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import channel_importance
+import checkpoints
+import cli
 import model as resnet
 import prune
 import prune_model
-import checkpoints
-import cli
 import training
 from conftest import REPO, assert_files_whole, assert_one_line_error, kill_when, run_script, temporaries
 
@@ -69,17 +70,17 @@ def kill_channels(network, layer_names, channels):
 
 
 def test_apoz_matches_numpy_reference(network, images):
-    groups = prune.prunable_groups(residual=True)
-    names = [name for group in groups for name in group["activations"]]
+    groups = prune.resnet_groups(network, residual=True)
+    names = [entry["layer"] for group in groups for entry in group["activations"]]
     # batch 16 over 40 images: the last, partial batch must be counted exactly too
-    measured = prune.apoz(network, names, images, batch_size=16, verbose=0)
+    measured = channel_importance.apoz(network, names, images, batch_size=16, verbose=0)
     activations = resnet.feature_model(network, names).predict(images.astype("float32"), batch_size=16, verbose=0)
     for name, activation in zip(names, activations):
         reference = np.mean(activation == 0, axis=(0, 1, 2))
         np.testing.assert_allclose(measured[name], reference, rtol=0, atol=1e-12, err_msg=name)
     inner = np.concatenate([measured[name] for name in resnet.inner_activation_names()])
     assert 0.05 < inner.mean() < 0.95 and inner.std() > 0.05  # a real spread, not all 0 or all 1
-    scores = prune.group_scores(measured, groups)
+    scores = {group["name"]: channel_importance.group_apoz(measured, group) for group in groups}
     stage_blocks = resnet.stage_block_names(2)
     np.testing.assert_allclose(scores["conv4_residual"], np.mean([measured[f"{b}_out"] for b in stage_blocks], axis=0))
     assert set(scores) == {group["name"] for group in groups} and len(scores) == 32 + 4
@@ -88,8 +89,8 @@ def test_apoz_matches_numpy_reference(network, images):
 def test_apoz_accepts_a_labelled_dataset(network, images):
     dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(len(images), np.int64))).batch(32)
     names = ["conv2_block1_1_relu", "conv5_block3_out"]
-    from_array = prune.apoz(network, names, images, batch_size=8, verbose=0)
-    from_dataset = prune.apoz(network, names, dataset, verbose=0)
+    from_array = channel_importance.apoz(network, names, images, batch_size=8, verbose=0)
+    from_dataset = channel_importance.apoz(network, names, dataset, verbose=0)
     for name in names:
         np.testing.assert_allclose(from_dataset[name], from_array[name], rtol=0, atol=1e-12)
 
@@ -233,7 +234,7 @@ def foreign_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["no base model", "prune_iter 0", "fraction 1.5", "fraction 0",
-                                  "not our ResNet50", "not HDF5", "would empty a layer"])
+                                  "nothing to prune", "not HDF5", "would empty a layer"])
 def test_bad_input_is_one_line_and_writes_nothing(case, base_path, foreign_files, tmp_path, capfd):
     root = tmp_path / "root"
     flags = {
@@ -241,7 +242,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, base_path, foreign_files
         "prune_iter 0": ["--base_model_path", base_path, "--prune_iter", "0"],
         "fraction 1.5": ["--base_model_path", base_path, "--criterion", "fraction", "--prune_fraction", "1.5"],
         "fraction 0": ["--base_model_path", base_path, "--prune_fraction", "0"],
-        "not our ResNet50": ["--base_model_path", foreign_files / "other.h5"],
+        "nothing to prune": ["--base_model_path", foreign_files / "other.h5"],
         "not HDF5": ["--base_model_path", foreign_files / "text.h5"],
         "would empty a layer": ["--base_model_path", base_path, "--criterion", "fraction", "--prune_fraction", "0.9",
                                 "--min_channels", "0"],
@@ -250,7 +251,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, base_path, foreign_files
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
     assert {"no base model": "no base model", "prune_iter 0": "--prune_iter", "fraction 1.5": "--prune_fraction",
-            "fraction 0": "--prune_fraction", "not our ResNet50": "not a ResNet50", "not HDF5": "not an HDF5",
+            "fraction 0": "--prune_fraction", "nothing to prune": "has no channel group this run may prune", "not HDF5": "not an HDF5",
             "would empty a layer": "remove all 4 channels of conv2_block1_1_relu"}[case] in lines[0]
     assert not root.exists()
 

@@ -1,0 +1,133 @@
+"""prune_model.py on a functional classifier that is not our ResNet50: groups traced off the graph
+each iteration, the surgery of prune.prune_groups, logits or probabilities, and its refusals."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import channel_graph
+import cli
+import evaluate_model
+import prune
+import prune_model
+from conftest import assert_one_line_error, run_script
+
+RUN_FLAGS = ["--train_size", 200, "--epoch_num", 1, "--batch_size", 100, "--verbose", 0, "--precision", "float32"]
+
+
+def small_classifier(softmax=False, classes=10):
+    """A CNN for raw 0-255 CIFAR images that is not built by model.py: Rescaling inside, a residual
+    block (Add), a Dropout, and a classifier giving logits (or probabilities)."""
+    layers = keras.layers
+    inputs = keras.Input((32, 32, 3), name="pixels")
+    x = layers.Rescaling(1 / 255.0, name="scale")(inputs)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
+    x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(name="stem_bn")(x))
+    y = layers.Conv2D(12, 3, padding="same", name="inner")(x)
+    y = layers.ReLU(name="inner_relu")(layers.BatchNormalization(name="inner_bn")(y))
+    y = layers.Conv2D(16, 3, padding="same", name="back")(y)
+    y = layers.BatchNormalization(name="back_bn")(y)
+    x = layers.ReLU(name="block_out")(layers.Add(name="add")([x, y]))
+    x = layers.MaxPooling2D(name="pool")(x)
+    x = layers.Conv2D(24, 3, padding="same", activation="relu", name="wide")(x)
+    x = layers.Dropout(0.1, name="drop")(layers.GlobalAveragePooling2D(name="global")(x))
+    outputs = layers.Dense(classes, activation="softmax" if softmax else None, name="classes")(x)
+    return keras.Model(inputs, outputs, name="small_classifier")
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("any_base") / "classifier.h5"
+    small_classifier().save(str(path))
+    return path
+
+
+def test_prune_model_prunes_any_functional_classifier(base_path, tmp_path, capfd, data_flags):
+    root = tmp_path / "run"
+    arguments = ["--base_model_path", base_path, "--root_folder", root, "--prune_iter", 2, "--criterion", "fraction",
+                 "--prune_fraction", 0.25, *data_flags, *RUN_FLAGS]
+    run_script("prune_model.py", *arguments)
+    summary = json.loads((root / "summary.json").read_text())
+    base = keras.models.load_model(str(base_path), compile=False)
+    assert summary["base"]["group_widths"] == {"stem": 16, "inner": 12, "wide": 24}
+    assert summary["base"]["parameters"] == base.count_params()
+    assert [record["iteration"] for record in summary["iterations"]] == [1, 2]
+    widths = {"stem": 16, "inner": 12, "wide": 24}
+    for record in summary["iterations"]:
+        folder = root / f"iter{record['iteration']}"
+        layers = json.loads((folder / "apoz.json").read_text())["layers"]
+        assert sorted(layers) == ["inner", "wide"]  # stem is the residual stream's: --prune_residual
+        for name in ("inner", "wide"):
+            assert layers[name]["width_before"] == widths[name]
+            widths[name] -= int(np.floor(0.25 * widths[name] + 0.5))
+            assert layers[name]["width_after"] == widths[name] == len(layers[name]["kept"])
+        assert record["group_widths"] == widths
+        network = keras.models.load_model(str(folder / "model.h5"), compile=False)  # plain Keras
+        assert network.count_params() == record["parameters"]
+        assert record["compression_rate"] == pytest.approx(base.count_params() / record["parameters"])
+        assert network.get_layer("inner").filters == widths["inner"] and network.get_layer("wide").filters == widths["wide"]
+        assert network.get_layer("classes").units == 10
+        assert 0 <= record["test_acc"] <= 1 and record["epochs"] == 1
+    # the result is a model of the same layers (the Dropout, the Rescaling), not a ResNet50
+    assert [layer.name for layer in network.layers] == [layer.name for layer in base.layers]
+    # evaluate_model.py measures it as it measures our ResNet50s: the summary's numbers again
+    evaluate_model.main([str(argument) for argument in [
+        "--model_path", root / "iter2" / "model.h5", "--base_model_path", base_path, "--latency_repeats", 0,
+        "--json", tmp_path / "evaluation.json", *data_flags, "--train_size", 200]])
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["parameters"] == record["parameters"] and evaluation["macs"] == record["macs"]
+    assert evaluation["compression_rate"] == pytest.approx(record["compression_rate"])
+    assert evaluation["test_acc"] == pytest.approx(record["test_acc"]) and "width_spec" not in evaluation
+
+    # --prune_residual and a target, in process (no second TensorFlow start): the residual stream goes too
+    residual_root = tmp_path / "residual"
+    capfd.readouterr()
+    prune_model.main([str(argument) for argument in [
+        "--base_model_path", base_path, "--root_folder", residual_root, "--prune_residual", "--importance", "taylor",
+        "--criterion", "fraction", "--prune_fraction", 0.3, "--target_compression", 1.3, "--prune_iter", 3,
+        *data_flags, *RUN_FLAGS]])
+    summary = json.loads((residual_root / "summary.json").read_text())
+    last = summary["iterations"][-1]
+    assert summary["target"]["met_at_iteration"] == last["iteration"]
+    assert 1.3 <= last["compression_rate"] <= 1.3 * 1.02
+    layers = json.loads((residual_root / f"iter{last['iteration']}" / "apoz.json").read_text())["layers"]
+    assert "stem" in layers  # the residual stream, scored through its ReLU after the Add
+    pruned = keras.models.load_model(str(residual_root / f"iter{last['iteration']}" / "model.h5"), compile=False)
+    assert pruned.get_layer("stem").filters == pruned.get_layer("back").filters < 16
+
+
+def test_the_stage_refuses_models_it_cannot_prune(tmp_path):
+    keras.utils.set_random_seed(0)
+    five_classes = tmp_path / "five.h5"
+    small_classifier(classes=5).save(str(five_classes))
+    with pytest.raises(cli.UserError, match=r"outputs \(None, 5\).*\(None, 10\) row of class scores"):
+        prune_model.main(["--base_model_path", str(five_classes), "--root_folder", str(tmp_path / "a"), *map(str, RUN_FLAGS)])
+    # a model with no channel group of two or more channels has nothing to prune
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(1, 3, name="conv")(inputs))
+    frozen = keras.Model(inputs, keras.layers.Dense(10, name="classes")(x))
+    assert not channel_graph.prunable_groups(channel_graph.trace_channel_groups(frozen))
+    frozen_path = tmp_path / "frozen.h5"
+    frozen.save(str(frozen_path))
+    with pytest.raises(cli.UserError, match="no channel group this run may prune"):
+        prune_model.main(["--base_model_path", str(frozen_path), "--root_folder", str(tmp_path / "b"), *map(str, RUN_FLAGS)])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing created
+
+
+def test_apoz_without_relu_outputs_is_refused_in_one_line(tmp_path, data_flags):
+    """A model whose groups have no ReLU-family output gets no APoZ score: one clear line, exit 2."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, activation="tanh", name="conv")(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="tanh", name="conv2")(x)
+    network = keras.Model(inputs, keras.layers.Dense(10, name="classes")(keras.layers.GlobalAveragePooling2D()(x)))
+    path = tmp_path / "tanh.h5"
+    network.save(str(path))
+    completed = run_script("prune_model.py", "--base_model_path", path, "--root_folder", tmp_path / "run",
+                           *data_flags, *RUN_FLAGS, check=False)
+    assert "--importance apoz scores no channel group" in assert_one_line_error(completed)
+    assert not (tmp_path / "run").exists()
+    assert prune.any_model_groups(network)  # groups exist: only the criterion cannot measure them
