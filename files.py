@@ -197,6 +197,9 @@ def create_output_folder(folder):
         raise UserError(f"cannot create output folder {folder}: {error.strerror}") from None
 
 
+_HELD_LOCKS = []
+
+
 def lock_folder(folder):
     """Create `folder` if needed and hold its FolderLock (released at exit)."""
     import atexit
@@ -204,7 +207,15 @@ def lock_folder(folder):
     create_output_folder(folder)
     lock = FolderLock(folder).acquire()
     atexit.register(lock.release)
+    _HELD_LOCKS.append(lock)
     return lock
+
+
+def release_folder_locks():
+    """Release every folder lock this process holds: a script's `main` run inside a longer-lived
+    process (the tests) ends its run without the process ending."""
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().release()
 
 
 REPLACED_FOLDER = ".replaced"

@@ -9,13 +9,19 @@ ResNet50 (fused BatchNorm, --precision as given):
   backward  forward + gradients (so backward alone = backward - forward)
   optimizer applying SGD (Nesterov momentum, weight decay) to precomputed gradients
   fit step  a whole `model.fit` step on in-memory batches (includes Keras' metrics and callbacks)
-and prints each part's median milliseconds and share of the fit step.
+and prints each part's median milliseconds and share of the fit step. Then (--profile_steps) it
+records `fit` steps under TensorFlow's profiler and prints where the executor's time goes by op
+type (the op events of the trace's compute threads, summed): convolutions, BatchNorm, ReLU and
+adds, the optimizer's updates, casts and layout changes, the rest.
 """
 
 import argparse
+import collections
+import glob
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,6 +43,70 @@ def timed(function, repeats):
     return times
 
 
+# Op types by what they are, for the profile's summary (anything else: "other").
+OP_KINDS = {
+    "convolution": ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter", "_FusedConv2D", "DepthwiseConv2dNative"),
+    "BatchNorm": ("FusedBatchNormV3", "FusedBatchNormGradV3", "_FusedBatchNormEx"),
+    "ReLU, add, other element-wise": ("Relu", "ReluGrad", "AddV2", "AddN", "Mul", "Sub", "RealDiv", "Maximum", "Square",
+                                      "Rsqrt", "Sqrt", "Neg", "Sum", "Mean", "BiasAdd", "BiasAddGrad", "Select", "Exp", "Log",
+                                      "Softmax", "Tile", "BroadcastTo", "Reshape", "Pad", "StridedSlice", "ZerosLike",
+                                      "OnesLike", "Fill"),
+    "optimizer (SGD, weight decay)": ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp", "ReadVariableOp",
+                                      "ResourceApplyKerasMomentum", "ResourceApplyMomentum", "ResourceApplyGradientDescent"),
+    "casts and layout": ("Cast", "Transpose", "_MklToTf", "ConcatV2", "Identity"),
+    "dense (classifier)": ("MatMul", "_MklMatMul"),
+}
+
+
+def op_profile(network, dataset, steps):
+    """{op type: seconds} of `steps` fit steps recorded by TensorFlow's profiler (op events of the
+    compute threads; nested call ops left out)."""
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    with tempfile.TemporaryDirectory() as folder:
+        tf.profiler.experimental.start(folder)
+        network.fit(dataset.take(steps), epochs=1, verbose=0)
+        tf.profiler.experimental.stop()
+        path = sorted(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))[-1]
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as handle:
+            space.ParseFromString(handle.read())
+    totals = collections.Counter()
+    for plane in space.planes:
+        names = {key: value.name for key, value in plane.event_metadata.items()}
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                name = names.get(event.metadata_id, "")
+                if ":" not in name:  # executor bookkeeping (ExecutorState::Process, ParallelFor) around the ops
+                    continue
+                op_type = name.rsplit(":", 1)[1]
+                if "PartitionedCall" in op_type:
+                    continue
+                totals[op_type] += event.duration_ps * 1e-12
+    return totals
+
+
+def print_op_profile(totals, steps, batch_size):
+    all_ops = sum(totals.values())
+    kinds = collections.Counter()
+    for op_type, seconds in totals.items():
+        kind = next((kind for kind, members in OP_KINDS.items() if op_type in members), "other")
+        kinds[kind] += seconds
+    print(f"op time over {steps} fit steps: {all_ops:.2f} s on the compute threads "
+          f"({all_ops / steps * 1e3:.0f} ms per step of {batch_size} images)")
+    print("| op kind | ms per step | share of op time |")
+    print("|---|---:|---:|")
+    for kind, seconds in kinds.most_common():
+        print(f"| {kind} | {seconds / steps * 1e3:.1f} | {seconds / all_ops:.0%} |")
+    print("| op type (top 12) | ms per step | share of op time |")
+    print("|---|---:|---:|")
+    for op_type, seconds in totals.most_common(12):
+        print(f"| {op_type} | {seconds / steps * 1e3:.1f} | {seconds / all_ops:.0%} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stem", default="cifar")
@@ -45,6 +115,7 @@ def main():
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each part per round")
+    parser.add_argument("--profile_steps", type=int, default=10, help="fit steps recorded by the profiler (0: none)")
     args = parser.parse_args()
     cli.import_tensorflow()
     import keras
@@ -113,6 +184,8 @@ def main():
              step - medians["backward"] - medians["optimizer"])]
     for name, value in rows:
         print(f"| {name} | {value:.1f} | {value / step:.0%} |")
+    if args.profile_steps:
+        print_op_profile(op_profile(network, in_memory, args.profile_steps), args.profile_steps, args.batch_size)
 
 
 if __name__ == "__main__":

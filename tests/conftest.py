@@ -69,6 +69,31 @@ def run_script(script, *arguments, timeout=600, check=True):
     return completed
 
 
+def run_in_process(script, *arguments):
+    """Run a script's `main` through `cli.run` in this process, as `run_script` would in a new one
+    (no TensorFlow start: for answers to bad input); returns a CompletedProcess."""
+    import contextlib
+    import importlib
+    import io
+
+    module = importlib.import_module(os.path.splitext(script)[0])
+    argv = [str(argument) for argument in arguments]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd, code = sys.argv, os.getcwd(), 0
+    sys.argv = [os.path.join(REPO, script), *argv]
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            cli.run(lambda: module.main(argv))
+    except SystemExit as exited:
+        code = exited.code if isinstance(exited.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        files.release_folder_locks()
+    return subprocess.CompletedProcess([script, *argv], code, stdout.getvalue(), stderr.getvalue())
+
+
 def assert_one_line_error(completed):
     """Bad input: exit code 2, exactly one line on stderr, no traceback."""
     assert completed.returncode == 2, (completed.returncode, completed.stderr)

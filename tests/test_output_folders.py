@@ -14,7 +14,7 @@ import pytest
 import checkpoints
 import files
 import model as resnet
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, run_in_process, run_script
 
 SMALL = ["--width", "0.0625", "--stem", "cifar", "--dataset", "sample", "--train_size", "100", "--batch_size", "50",
          "--epoch_num", "1", "--warmup_epochs", "0", "--verbose", "0"]
@@ -77,7 +77,7 @@ def test_overwrite_with_bad_input_leaves_the_finished_run_untouched(finished, tm
     text.write_text("not data")
     for flags in (["--data_dir", str(text), "--dataset", "cifar10"], ["--model_path", str(text)]):
         arguments = [*SMALL, "--model_path", pretrained, *flags, "--overwrite"]
-        completed = run_script("train_base_model.py", "--save_folder", folder, *arguments, check=False)
+        completed = run_in_process("train_base_model.py", "--save_folder", folder, *arguments)
         assert_one_line_error(completed)
         assert snapshot(folder) == before, flags
 
@@ -91,7 +91,7 @@ def test_inputs_are_compared_by_content_not_by_path(finished, tmp_path):
     assert "nothing to do" in again.stdout
     before = snapshot(folder)
     keras3_weights(moved, seed=2)  # other weights at that path
-    other = run_script("train_base_model.py", "--save_folder", folder, "--model_path", moved, *SMALL, check=False)
+    other = run_in_process("train_base_model.py", "--save_folder", folder, "--model_path", moved, *SMALL)
     assert "pretrained contents" in assert_one_line_error(other)
     assert snapshot(folder) == before
 
@@ -99,12 +99,12 @@ def test_inputs_are_compared_by_content_not_by_path(finished, tmp_path):
 def test_a_failed_start_creates_nothing_and_the_corrected_retry_runs(tmp_path):
     folder = tmp_path / "base"
     for flags in (["--dataset", "cifar10", "--data_dir", str(tmp_path / "missing")], ["--model_path", str(tmp_path / "none.h5")]):
-        completed = run_script("train_base_model.py", "--save_folder", str(folder), *SMALL, *flags, check=False)
+        completed = run_in_process("train_base_model.py", "--save_folder", str(folder), *SMALL, *flags)
         assert_one_line_error(completed)
         assert not folder.exists(), flags
     folder.mkdir()
-    completed = run_script("train_base_model.py", "--save_folder", str(folder), *SMALL, "--model_path", str(tmp_path / "none.h5"),
-                           check=False)
+    completed = run_in_process("train_base_model.py", "--save_folder", str(folder), *SMALL, "--model_path",
+                               str(tmp_path / "none.h5"))
     assert_one_line_error(completed)
     assert os.listdir(folder) == []
 
@@ -182,7 +182,7 @@ def test_the_original_commands_never_touch_the_committed_runs():
     ]
     before = snapshot(os.path.join(REPO, "model"))
     for command in commands:
-        completed = run_script(*command, "--dataset", "sample", check=False)
+        completed = run_in_process(*command, "--dataset", "sample")
         line = assert_one_line_error(completed)
         assert "other arguments" in line or "holds other runs" in line, line
     assert snapshot(os.path.join(REPO, "model")) == before

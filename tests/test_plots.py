@@ -7,7 +7,7 @@ import pytest
 
 import model as resnet
 import checkpoints
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -65,8 +65,8 @@ def test_history_figure_from_a_real_history(tmp_path, project):
 
 
 def test_the_original_readme_typo_is_rejected_with_the_nearest_history(project):
-    completed = run_script("plot_train_history.py", "--history_path=" +
-                           os.path.join(project, "model", "prued_model", "iter1", "history.json"), check=False)
+    completed = run_in_process("plot_train_history.py", "--history_path=" +
+                               os.path.join(project, "model", "prued_model", "iter1", "history.json"))
     line = assert_one_line_error(completed)
     assert "did you mean" in line and os.path.join("pruned_model", "iter1", "history.json") in line
 
@@ -95,5 +95,5 @@ def test_result_figures_are_drawn_from_the_model_tree(project):
 
 
 def test_figures_without_results_say_so(tmp_path):
-    line = assert_one_line_error(run_script("plot_train_history.py", "--figures", "--model_root", tmp_path, check=False))
+    line = assert_one_line_error(run_in_process("plot_train_history.py", "--figures", "--model_root", tmp_path))
     assert "nothing to draw" in line
