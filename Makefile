@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO := demo
 DEMO_FLAGS := --dataset sample --batch_size 64
 
-.PHONY: install demo test figures clean-demo
+.PHONY: install demo test test-all figures clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,11 @@ demo: install
 figures: install
 	$(PY) plot_train_history.py --figures --table results.md
 
+# The suite CI runs (under 10 minutes on 2 cores); test-all adds the slow multi-process repeats.
 test: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+test-all: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean-demo:

@@ -89,6 +89,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(folder, "backup"))  # a rerun must not resume from NaN weights
 
 
+@pytest.mark.slow  # make test-all
 def test_distillation_resumes_after_sigkill_at_every_phase_with_whole_files(tmp_path, data_flags):
     import model as resnet
 

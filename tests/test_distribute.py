@@ -5,6 +5,7 @@ import json
 import os
 
 import keras
+import pytest
 
 import model as resnet
 from conftest import run_script
@@ -32,6 +33,7 @@ def test_base_training_mirrored_on_two_cpus_writes_what_a_single_device_writes(t
     assert resnet.describe_model(saved)[0] == resnet.width_spec(0.0625)
 
 
+@pytest.mark.slow  # make test-all
 def test_distillation_mirrored_on_two_cpus_writes_what_a_single_device_writes(tmp_path):
     import checkpoints
 
@@ -48,6 +50,7 @@ def test_distillation_mirrored_on_two_cpus_writes_what_a_single_device_writes(tm
     assert resnet.describe_model(keras.models.load_model(os.path.join(mirrored, "model.h5"), compile=False))[0]["stages"] == [4, 4, 8, 8]
 
 
+@pytest.mark.slow  # make test-all
 def test_pruning_fine_tunes_mirrored_on_two_cpus_like_single_device(tmp_path):
     import checkpoints
 

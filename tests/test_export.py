@@ -160,6 +160,7 @@ def test_bad_model_is_one_line_and_writes_nothing(case, tmp_path):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.slow  # make test-all
 def test_export_killed_at_any_moment_keeps_whole_files_and_reruns_clean(exported, tiny_model):
     """SIGKILL re-exports late in their run (conversion, testing or the writes); every file stays
     whole (the last good export, or the new one), and a rerun leaves no temporaries."""

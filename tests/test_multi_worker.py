@@ -85,6 +85,7 @@ def scratch_folders():
     return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("worker1-")}
 
 
+@pytest.mark.slow  # make test-all
 def test_two_workers_resume_after_a_kill_and_match_a_single_process_run(tmp_path):
     single = str(tmp_path / "single")
     run_script("train_base_model.py", "--save_folder", single, *TINY, "--epoch_num", "3")
@@ -127,6 +128,7 @@ def test_two_workers_resume_after_a_kill_and_match_a_single_process_run(tmp_path
     assert scratch_folders() == scratch_before  # the other worker's scratch copies are gone
 
 
+@pytest.mark.slow  # make test-all
 def test_two_workers_distil_like_a_single_process(tmp_path):
     import checkpoints
 

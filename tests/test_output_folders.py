@@ -155,6 +155,7 @@ def test_a_second_run_into_a_busy_folder_names_the_holder_and_a_killed_holder_fr
     assert not os.path.exists(os.path.join(folder, files.LOCK_NAME))
 
 
+@pytest.mark.slow  # make test-all (the busy-folder test above covers the refusal)
 def test_two_runs_at_once_one_refused_the_other_whole(tmp_path):
     folder = str(tmp_path / "race")
     first = subprocess.Popen([sys.executable, "train_base_model.py", "--save_folder", folder, *SMALL, "--epoch_num", "2"],

@@ -11,6 +11,7 @@ import tensorflow as tf
 import channel_importance
 import checkpoints
 import cli
+import files
 import model as resnet
 import prune
 import prune_model
@@ -211,8 +212,11 @@ def test_fraction_rule_min_channels_and_round_to():
 def run_in_process(capfd, *arguments):
     """prune_model.py's main through cli.run: (exit code, stderr)."""
     capfd.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        cli.run(lambda: prune_model.main([str(argument) for argument in arguments]))
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.run(lambda: prune_model.main([str(argument) for argument in arguments]))
+    finally:
+        files.release_folder_locks()  # a refusal after the lock was taken: the process lives on
     return exited.value.code, capfd.readouterr().err
 
 
