@@ -80,7 +80,7 @@ def op_profile(network, dataset, steps):
                 continue
             for event in line.events:
                 name = names.get(event.metadata_id, "")
-                if ":" not in name:  # executor bookkeeping (ExecutorState::Process, ParallelFor) around the ops
+                if ":" not in name or "::" in name:  # executor bookkeeping (ExecutorState::Process, ParallelFor) around the ops
                     continue
                 op_type = name.rsplit(":", 1)[1]
                 if "PartitionedCall" in op_type:
