@@ -36,12 +36,14 @@ demo: install
 figures: install
 	$(PY) plot_train_history.py --figures --table results.md
 
-# The suite CI runs (under 10 minutes on 2 cores); test-all adds the slow multi-process repeats.
+# The suite CI runs; test-all adds the slow multi-process repeats. Whole files per worker, longest
+# first (tests/conftest.py orders them).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-all: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PYTEST)
 
 clean-demo:
 	rm -rf $(DEMO) images/demo
