@@ -327,6 +327,7 @@ RUN_FLAGS = ["--dataset", "sample", "--train_size", 200, "--epoch_num", 1, "--ba
              "--precision", "float32"]
 
 
+@pytest.mark.slow  # make test-all (tests/test_prune_any_model.py runs the stage to a target too)
 def test_run_to_a_compression_target(base_path, tmp_path, capfd):
     root = tmp_path / "run"
     arguments = ["--base_model_path", base_path, "--root_folder", root, "--importance", "l1", "--target_compression", 1.5,
