@@ -230,7 +230,7 @@ def size_counter(network, groups):
                 for weight, axis in entry["weights"].items():
                     axes.setdefault((entry["layer"], weight), {}).setdefault(axis, []).append(
                         (group["name"], entry["indices"].shape[1]))
-    terms = []  # (shape, {axis: [(group, k)]}, is parameter, MACs per element)
+    terms = []  # (shape, {axis: [(group, positions per channel)]}, MACs per element)
     for layer in network.layers:
         try:
             positions = int(np.prod(layer.output.shape[1:-1], dtype=np.int64))
