@@ -83,13 +83,16 @@ def test_evaluate_reports_latency_and_speed_up_in_tensorflow_and_tflite(base_run
     assert result["tflite_latency_ms_batch128"] > 0 and "tflite_speedup_batch128" in result
 
 
-def test_original_pretrained_command_trains_from_scratch_when_the_file_is_absent(tmp_path, data_flags):
+def test_original_pretrained_command_trains_from_scratch_when_the_file_is_absent(tmp_path, full_data_flags):
     # The original README's command, with a small budget: no ./model/pretrained_resnet50.h5 here.
+    # The one stage run on the full CIFAR-10 in CI: 5,000 validation and 10,000 test images.
     folder = str(tmp_path / "base_model")
     completed = run_script("train_base_model.py", f"--save_folder={folder}", "--model_path=./model/pretrained_resnet50.h5",
-                           "--width", "0.0625", "--train_size", "100", "--epoch_num", "1", "--verbose", "0", *data_flags)
+                           "--width", "0.0625", "--train_size", "100", "--epoch_num", "1", "--verbose", "0", *full_data_flags)
     assert "training from scratch" in completed.stderr
     assert os.path.exists(os.path.join(folder, "model.h5"))
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config["results"]["test_images"] == (10000 if "--data_dir" in full_data_flags else 500)
 
 
 def test_pretrained_weights_load_by_name(tmp_path):
