@@ -1,14 +1,15 @@
-"""The importance-criterion ablation's figure and table: one pruning run per criterion (see
+"""The importance-criterion ablation's figure and table: one pruning run per criterion and seed (see
 benchmarks/pruning_ablation.sh), compared at the same compressions.
 
-    python benchmarks/pruning_ablation.py --ablation_root model/ablation \
-        --figure images/pruning_ablation.png --table model/ablation/ablation.md
+    python benchmarks/pruning_ablation.py --ablation_root model/ablation/residual \
+        --figure model/ablation/residual/ablation.png --table model/ablation/residual/ablation.md
 
 Reads <ablation_root>/<run>/summary.json of every run folder (prune_model.py's output; the run's
---importance names it) and draws test accuracy against compression, one line per criterion (solid:
-after fine-tuning, dotted: right after pruning), from the base model's point. The Markdown table
-gives, per criterion, the first iteration at or beyond ~2x and ~3x: its compression, test accuracy
-right after pruning and after fine-tuning, and the wall time spent to get there.
+--importance and --seed name it) and draws test accuracy against compression, one line per criterion
+(solid: after fine-tuning, dotted: right after pruning; the mean over the criterion's seeds), from the
+base model's point. The Markdown table gives, per criterion, the first iteration at or beyond ~2x and
+~3x: its compression, test accuracy right after pruning and after fine-tuning, and the wall time spent
+to get there. With several seeds a cell is their mean, followed by each seed's value.
 """
 
 import os
@@ -36,7 +37,7 @@ def parse_args(argv=None):
 
 
 def load_runs(root):
-    """{criterion: summary} of every run folder under `root` with a summary.json."""
+    """{criterion: [summary of each seed, by seed]} of every run folder under `root` with a summary.json."""
     if not os.path.isdir(root):
         raise cli.UserError(f"no ablation folder at {root}; run benchmarks/pruning_ablation.sh first")
     runs = {}
@@ -46,11 +47,11 @@ def load_runs(root):
             continue
         summary = files.read_json(path, "pruning summary")
         label = summary.get("arguments", {}).get("importance") or name
-        if label in runs:
-            label = f"{label} ({name})"
-        runs[label] = summary
+        runs.setdefault(label, []).append(summary)
     if not runs:
         raise cli.UserError(f"no pruning run (summary.json) under {root}")
+    for summaries in runs.values():
+        summaries.sort(key=lambda summary: summary.get("arguments", {}).get("seed", 0))
     return dict(sorted(runs.items(), key=lambda item: (ORDER.index(item[0]) if item[0] in ORDER else len(ORDER), item[0])))
 
 
@@ -71,25 +72,44 @@ def duration(seconds):
     return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
-def format_table(runs, measure, levels):
-    def percent(value):
-        return "—" if value is None else f"{100 * value:.2f}%"
+def mean(values):
+    return sum(values) / len(values)
 
-    header = ["importance", "base test"]
+
+def percent_cell(values):
+    """'63.53%' for one seed; '64.20% (63.53, 64.87)' for several: the mean, then each seed's."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}%"
+    return f"{100 * mean(values):.2f}% (" + ", ".join(f"{100 * value:.2f}" for value in values) + ")"
+
+
+def format_table(runs, measure, levels):
+    header = ["importance", "seeds", "base test"]
     for level in levels:
         header += [f"~{level:g}x: iteration ({measure})", "test, pruned", "test, fine-tuned", "wall time"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (4 * len(levels))]
-    for label, summary in runs.items():
-        row = [label, percent(summary["base"].get("test_acc"))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (1 + 4 * len(levels))]
+    for label, summaries in runs.items():
+        row = [label, str(len(summaries)), percent_cell(sorted({summary["base"]["test_acc"] for summary in summaries}))]
         for level in levels:
-            record, seconds = checkpoint(summary, measure, level)
-            if record is None:
+            reached = [found for found in (checkpoint(summary, measure, level) for summary in summaries) if found[0]]
+            if not reached:
                 row += ["not reached", "—", "—", "—"]
-            else:
-                row += [f"{record['iteration']} ({record[measure]:.2f}x)", percent(record["test_acc_pruned"]),
-                        percent(record["test_acc"]), duration(seconds)]
+                continue
+            iterations = sorted({record["iteration"] for record, _ in reached})
+            where = "/".join(map(str, iterations)) + f" ({mean([record[measure] for record, _ in reached]):.2f}x)"
+            if len(reached) < len(summaries):
+                where += f", {len(reached)} of {len(summaries)} seeds"
+            row += [where, percent_cell([record["test_acc_pruned"] for record, _ in reached]),
+                    percent_cell([record["test_acc"] for record, _ in reached]), duration(mean([seconds for _, seconds in reached]))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def mean_curve(summaries, measure, key):
+    """(compressions, mean of `key`) over the seeds, iteration by iteration, as far as every seed got."""
+    depth = min(len(summary.get("iterations", [])) for summary in summaries)
+    rates = [mean([summary["iterations"][index][measure] for summary in summaries]) for index in range(depth)]
+    return rates, [100 * mean([summary["iterations"][index][key] for summary in summaries]) for index in range(depth)]
 
 
 def plot(runs, measure, out):
@@ -97,18 +117,18 @@ def plot(runs, measure, out):
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 5))
-    for index, (label, summary) in enumerate(runs.items()):
+    for index, (label, summaries) in enumerate(runs.items()):
         colour = f"C{index % 10}"
-        base, records = summary["base"], summary.get("iterations", [])
-        rates = [1.0] + [record[measure] for record in records]
-        axis.plot(rates, [100 * base["test_acc"]] + [100 * record["test_acc"] for record in records], "-o",
-                  color=colour, label=f"{label}, after fine-tuning")
-        axis.plot(rates[1:], [100 * record["test_acc_pruned"] for record in records], ":v", color=colour, alpha=0.7,
-                  label=f"{label}, right after pruning")
+        seeds = "" if len(summaries) == 1 else f" (mean of {len(summaries)} seeds)"
+        base = 100 * mean([summary["base"]["test_acc"] for summary in summaries])
+        rates, tuned = mean_curve(summaries, measure, "test_acc")
+        axis.plot([1.0] + rates, [base] + tuned, "-o", color=colour, label=f"{label}, after fine-tuning{seeds}")
+        rates, pruned = mean_curve(summaries, measure, "test_acc_pruned")
+        axis.plot(rates, pruned, ":v", color=colour, alpha=0.7, label=f"{label}, right after pruning")
     axis.set(xlabel=MEASURES[measure], ylabel="test accuracy (%)")
     axis.legend(fontsize=7, ncol=2)
     figure.suptitle("Importance criteria: test accuracy against compression")
-    note = test_images_note(summary_test_images(next(iter(runs.values()))))
+    note = test_images_note(summary_test_images(next(iter(runs.values()))[0]))
     if note:
         axis.set_title(note, fontsize=8, color="0.35")
     figure.tight_layout()

@@ -398,14 +398,14 @@ def test_a_bad_target_from_the_command_line_is_one_line(base_path, tmp_path):
 # The ablation's figure and table (benchmarks/pruning_ablation.py), on hand-written summaries
 
 
-def write_summary(folder, importance, rates, accuracies, seconds=600.0):
+def write_summary(folder, importance, rates, accuracies, seconds=600.0, seed=0):
     folder.mkdir(parents=True)
     records = [{"iteration": index + 1, "parameters": int(1e6 / rate), "macs": int(5e7 / rate), "compression_rate": rate,
                 "mac_ratio": rate * 0.8, "val_acc_pruned": acc - 0.2, "test_acc_pruned": acc - 0.2, "val_acc": acc,
                 "test_acc": acc, "channels_removed": 10, "epochs": 4, "seconds": seconds}
                for index, (rate, acc) in enumerate(zip(rates, accuracies))]
     summary = {"base": {"parameters": 1000000, "macs": 50000000, "val_acc": 0.7, "test_acc": 0.68, "test_images": 10000},
-               "iterations": records, "arguments": {"importance": importance}, "target": None}
+               "iterations": records, "arguments": {"importance": importance, "seed": seed}, "target": None}
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -420,12 +420,16 @@ def test_ablation_table_compares_criteria_at_the_same_compressions(tmp_path, cap
     write_summary(root / "random", "random", rates, [0.6, 0.55, 0.5, 0.45, 0.4])
     write_summary(root / "taylor", "taylor", rates, [0.67, 0.66, 0.655, 0.65, 0.64], seconds=900.0)
     write_summary(root / "short", "l1", rates[:2], [0.66, 0.65])
+    # a second seed of random, listed first by folder name: the cells give the mean, then seed 0's and seed 1's
+    write_summary(root / "a_random_seed1", "random", rates, [0.6, 0.56, 0.52, 0.47, 0.42], seconds=300.0, seed=1)
     (root / "not_a_run").mkdir()
     ablation.main(["--ablation_root", str(root), "--figure", str(tmp_path / "ablation.png"), "--table", str(tmp_path / "table.md")])
     assert (tmp_path / "ablation.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| l1", "| taylor", "| random"]  # the criteria's order
-    assert lines[3] == ("| taylor | 68.00% | 3 (2.15x) | 45.50% | 65.50% | 45 min | 5 (3.00x) | 44.00% | 64.00% | 75 min |")
+    assert lines[3] == ("| taylor | 1 | 68.00% | 3 (2.15x) | 45.50% | 65.50% | 45 min | 5 (3.00x) | 44.00% | 64.00% | 75 min |")
+    assert lines[4] == ("| random | 2 | 68.00% | 3 (2.15x) | 31.00% (30.00, 32.00) | 51.00% (50.00, 52.00) | 22 min | "
+                        "5 (3.00x) | 21.00% (20.00, 22.00) | 41.00% (40.00, 42.00) | 38 min |")
     assert "not reached" in lines[2]
     with pytest.raises(cli.UserError, match="no pruning run"):
         ablation.main(["--ablation_root", str(root / "not_a_run")])
