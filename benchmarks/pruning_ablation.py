@@ -9,7 +9,8 @@ Reads <ablation_root>/<run>/summary.json of every run folder (prune_model.py's o
 (solid: after fine-tuning, dotted: right after pruning; the mean over the criterion's seeds), from the
 base model's point. The Markdown table gives, per criterion, the first iteration at or beyond ~2x and
 ~3x: its compression, test accuracy right after pruning and after fine-tuning, and the wall time spent
-to get there. With several seeds a cell is their mean, followed by each seed's value.
+to get there. With several seeds a cell is their mean, followed by each seed's value. --verify
+reloads every saved iteration model with plain Keras and checks its test accuracy against the summary.
 """
 
 import os
@@ -33,6 +34,10 @@ def parse_args(argv=None):
                         help="the x axis and the ~2x / ~3x checkpoints")
     parser.add_argument("--levels", type=cli.positive_float, nargs="+", default=[2.0, 3.0],
                         help="the compressions the table reports (the first iteration at or beyond each)")
+    parser.add_argument("--verify", action="store_true",
+                        help="reload every run's saved iteration models with plain Keras and check their test accuracy "
+                             "against summary.json (the CIFAR-10 test set: --data_dir or where data.py finds it)")
+    parser.add_argument("--data_dir", default=None, help="cifar-10-batches-py folder for --verify")
     return parser.parse_args(argv)
 
 
@@ -136,6 +141,38 @@ def plot(runs, measure, out):
     return out
 
 
+def verify(root, data_dir):
+    """Each saved iteration model.h5 under `root`, loaded with plain Keras, against its summary's test
+    accuracy; returns the lines printed. Raises UserError on a mismatch."""
+    import keras
+    import numpy as np
+
+    import data
+
+    try:
+        split = data.load_split("cifar10", data_dir)
+    except data.DataError as error:
+        raise cli.UserError(str(error)) from None
+    lines = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "summary.json")
+        if not os.path.isfile(path):
+            continue
+        for record in files.read_json(path, "pruning summary").get("iterations", []):
+            model_path = os.path.join(root, name, f"iter{record['iteration']}", "model.h5")
+            if not os.path.isfile(model_path):
+                continue
+            network = keras.models.load_model(model_path, compile=False)
+            predicted = network.predict(split.x_test.astype("float32"), batch_size=500, verbose=0).argmax(-1)
+            accuracy = float(np.mean(predicted == split.y_test.reshape(-1)))
+            line = f"{model_path}: plain Keras test accuracy {accuracy:.4f}, summary {record['test_acc']:.4f}"
+            print(line)
+            lines.append(line)
+            if abs(accuracy - record["test_acc"]) > 1e-4:
+                raise cli.UserError(f"{model_path} gives {accuracy:.4f} on the test set, its summary says {record['test_acc']:.4f}")
+    return lines
+
+
 def main(argv=None):
     args = parse_args(argv)
     runs = load_runs(args.ablation_root)
@@ -146,6 +183,8 @@ def main(argv=None):
     if args.table:
         files.write_text(args.table, table + "\n")
         print(f"wrote {args.table}")
+    if args.verify:
+        verify(args.ablation_root, args.data_dir)
 
 
 if __name__ == "__main__":

@@ -409,12 +409,17 @@ def write_summary(folder, importance, rates, accuracies, seconds=600.0, seed=0):
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
-def test_ablation_table_compares_criteria_at_the_same_compressions(tmp_path, capsys):
+def ablation_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pruning_ablation", f"{REPO}/benchmarks/pruning_ablation.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
+    return ablation
+
+
+def test_ablation_table_compares_criteria_at_the_same_compressions(tmp_path, capsys):
+    ablation = ablation_module()
     root = tmp_path / "ablation"
     rates = [1.33, 1.72, 2.15, 2.64, 3.0]
     write_summary(root / "random", "random", rates, [0.6, 0.55, 0.5, 0.45, 0.4])
@@ -433,3 +438,26 @@ def test_ablation_table_compares_criteria_at_the_same_compressions(tmp_path, cap
     assert "not reached" in lines[2]
     with pytest.raises(cli.UserError, match="no pruning run"):
         ablation.main(["--ablation_root", str(root / "not_a_run")])
+
+
+def test_ablation_verify_reloads_the_saved_models_with_plain_keras(tmp_path, cifar10_dir):
+    import data
+
+    ablation = ablation_module()
+    root = tmp_path / "ablation"
+    write_summary(root / "random", "random", [1.5], [0.0])
+    network = resnet.build_resnet50(resnet.width_spec(0.0625))
+    checkpoints.save_model(network, str(root / "random" / "iter1" / "model.h5"))
+    split = data.load_split("cifar10", cifar10_dir)
+    predicted = network.predict(split.x_test.astype("float32"), batch_size=500, verbose=0).argmax(-1)
+    accuracy = float(np.mean(predicted == split.y_test.reshape(-1)))
+    summary_path = root / "random" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["iterations"][0]["test_acc"] = accuracy + 0.01  # a checkpoint that does not give its table row
+    summary_path.write_text(json.dumps(summary))
+    with pytest.raises(cli.UserError, match="summary says"):
+        ablation.verify(str(root), cifar10_dir)
+    summary["iterations"][0]["test_acc"] = accuracy
+    summary_path.write_text(json.dumps(summary))
+    [line] = ablation.verify(str(root), cifar10_dir)
+    assert line.endswith(f"plain Keras test accuracy {accuracy:.4f}, summary {accuracy:.4f}")
