@@ -41,17 +41,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_runs(root):
-    """{criterion: [summary of each seed, by seed]} of every run folder under `root` with a summary.json."""
+def run_folders(root):
+    """(folder, summary) of every run folder under `root` with a summary.json, by name."""
     if not os.path.isdir(root):
         raise cli.UserError(f"no ablation folder at {root}; run benchmarks/pruning_ablation.sh first")
-    runs = {}
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name, "summary.json")
-        if not os.path.isfile(path):
-            continue
-        summary = files.read_json(path, "pruning summary")
-        label = summary.get("arguments", {}).get("importance") or name
+        if os.path.isfile(path):
+            yield os.path.join(root, name), files.read_json(path, "pruning summary")
+
+
+def load_runs(root):
+    """{criterion: [summary of each seed, by seed]} of every run folder under `root` with a summary.json."""
+    runs = {}
+    for folder, summary in run_folders(root):
+        label = summary.get("arguments", {}).get("importance") or os.path.basename(folder)
         runs.setdefault(label, []).append(summary)
     if not runs:
         raise cli.UserError(f"no pruning run (summary.json) under {root}")
@@ -145,26 +149,22 @@ def verify(root, data_dir):
     """Each saved iteration model.h5 under `root`, loaded with plain Keras, against its summary's test
     accuracy; returns the lines printed. Raises UserError on a mismatch."""
     import keras
-    import numpy as np
 
     import data
+    import metrics
 
     try:
         split = data.load_split("cifar10", data_dir)
     except data.DataError as error:
         raise cli.UserError(str(error)) from None
     lines = []
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name, "summary.json")
-        if not os.path.isfile(path):
-            continue
-        for record in files.read_json(path, "pruning summary").get("iterations", []):
-            model_path = os.path.join(root, name, f"iter{record['iteration']}", "model.h5")
+    for folder, summary in run_folders(root):
+        for record in summary.get("iterations", []):
+            model_path = os.path.join(folder, f"iter{record['iteration']}", "model.h5")
             if not os.path.isfile(model_path):
                 continue
             network = keras.models.load_model(model_path, compile=False)
-            predicted = network.predict(split.x_test.astype("float32"), batch_size=500, verbose=0).argmax(-1)
-            accuracy = float(np.mean(predicted == split.y_test.reshape(-1)))
+            accuracy = metrics.accuracy(network, split.x_test, split.y_test, batch_size=500)
             line = f"{model_path}: plain Keras test accuracy {accuracy:.4f}, summary {record['test_acc']:.4f}"
             print(line)
             lines.append(line)
