@@ -11,6 +11,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off stderr
+import onednn  # noqa: E402,F401  (oneDNN on before TensorFlow loads)
 
 
 class UserError(Exception):

@@ -19,6 +19,7 @@ update, so training is plain `fit` with callbacks.
 
 import math
 
+import onednn  # noqa: F401  (before TensorFlow loads)
 import keras
 from keras import ops
 

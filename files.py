@@ -107,8 +107,11 @@ def versions():
     import numpy
     import tensorflow
 
+    import onednn
+
     return {"python": platform.python_version(), "tensorflow": tensorflow.__version__,
-            "keras": keras.__version__, "numpy": numpy.__version__}
+            "keras": keras.__version__, "numpy": numpy.__version__, "onednn": onednn.enabled(),
+            "cpu": onednn.cpu_model()}
 
 
 def fingerprint_file(path):

@@ -14,6 +14,7 @@ plain `keras.models.load_model` is all a later stage needs.
 
 import copy
 
+import onednn  # noqa: F401  (before TensorFlow loads)
 import keras
 import numpy as np
 

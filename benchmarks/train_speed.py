@@ -1,181 +1,248 @@
-"""Training throughput: Keras' BatchNorm against the fused kernel, in float32 and bfloat16.
+"""Training throughput as a user pays it: the base stage's own `fit`, variant against variant.
 
-    python benchmarks/train_speed.py                      # cifar stem width 0.25, imagenet stem width 1.0
-    python benchmarks/train_speed.py --models cifar:0.25 --rounds 5
+    python benchmarks/train_speed.py                                   # every variant, both models
+    python benchmarks/train_speed.py --models cifar:0.25 --rounds 2 --steps 50
 
-For each model, builds three copies and times them interleaved, round after round, in one process
-(so machine load hits all alike): Keras' own BatchNorm in float32 (the reference), the fused
-kernel in float32, and the fused kernel under mixed_bfloat16. Each round is `--steps` batches of
-`model.fit` on an in-memory pipeline (random pixels: speed does not depend on them). Prints the
-median images/s, the ratio to the reference, and the convolutions' GFLOP/s (3x the forward MACs x
-2 per image: forward, input and weight gradients) next to a raw convolution's forward+backward
-rate measured here, i.e. how close a step gets to the hardware. Then APoZ pass and `predict`
-times with each BatchNorm path.
+Each measurement is a fresh process (oneDNN is chosen when TensorFlow loads) that builds, compiles
+and fits exactly as `train_base_model.py` does (its own flags' defaults, `data.make_dataset`'s
+augmenting pipeline on real CIFAR-10, validation on the 5,000-image split), in ONE `fit` call of
+`--steps` batches an epoch for 1 + `--epochs` epochs. The first epoch (tracing, warm-up) is
+dropped; the figure is the median of the others: training images/s (epoch start to validation
+start) and the whole epoch's seconds. Variants run interleaved, round after round, so machine load
+hits all alike; ratios are to the first variant of the same round.
+
+Variants: oneDNN off/on (TF_ENABLE_ONEDNN_OPTS) x Keras' BatchNorm/the fused kernel x float32/
+mixed_bfloat16 (bfloat16 only where the CPU computes it natively: elsewhere TensorFlow emulates
+it, far slower). The stage itself (`train_base_model.py` as a user runs it, its epochs read off
+Keras' per-epoch line) runs in the same rounds for the fused variants (`--stage all`) or for the
+variant a user gets by default (`--stage default`); its epoch time is printed beside the
+benchmark's, and a difference over 15% is reported as a benchmark bug (exit status 1).
+Inference, in the same processes: an APoZ pass, `predict` and the test measurement that closes
+every stage (`metrics.loss_and_accuracy`), each on `--inference_images` test images.
 """
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
-import training  # noqa: E402
-
-VARIANTS = (("keras BN float32", False, "float32"), ("fused float32", True, "float32"),
-            ("fused bfloat16", True, "mixed_bfloat16"))
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AGREEMENT = 0.15  # largest relative difference between the benchmark's epoch and the stage's own
+KERAS_EPOCH_LINE = re.compile(r"^\s*(\d+)/(\d+) - (\d+)s - ")  # verbose=2: steps, the epoch's whole seconds (with validation)
 
 
 def model_spec(text):
     stem, width = text.split(":")
+    if stem not in ("cifar", "imagenet"):
+        raise argparse.ArgumentTypeError(f"unknown stem {stem!r}")
     return stem, float(width)
 
 
-def schedule():
-    return argparse.Namespace(epoch_num=1, learning_rate=0.01, momentum=0.9, weight_decay=5e-4, label_smoothing=0.0,
-                              lr_schedule="cosine", warmup_epochs=0, step_epochs=60)
+def variant_name(variant):
+    return (f"oneDNN {'on' if variant['onednn'] else 'off'}, {'fused' if variant['fused'] else 'Keras'} BN, "
+            f"{'bfloat16' if variant['precision'] == 'mixed_bfloat16' else 'float32'}")
 
 
-def raw_convolution_rate(dtype, batch=128, size=16, channels=64, repeats=10):
-    """GFLOP/s of a 3x3 convolution's forward and both gradients (the bulk of a ResNet step)."""
-    import tensorflow as tf
-
-    x = tf.Variable(tf.random.normal([batch, size, size, channels], dtype=tf.float32))
-    kernel = tf.Variable(tf.random.normal([3, 3, channels, channels], dtype=tf.float32))
-
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            y = tf.nn.conv2d(tf.cast(x, dtype), tf.cast(kernel, dtype), 1, "SAME")
-            loss = tf.reduce_sum(tf.cast(y, tf.float32))
-        return tape.gradient(loss, [x, kernel])
-
-    for _ in range(3):
-        step()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        [g.numpy() for g in step()]
-    seconds = (time.perf_counter() - started) / repeats
-    flops = 3 * 2 * batch * size * size * 9 * channels * channels
-    return flops / seconds / 1e9
+def environment(onednn):
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1" if onednn else "0", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = REPOSITORY + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
-def build_variant(stem, width, fused, precision, batch_size, dataset, steps):
-    import fused_batch_norm
-    import model as resnet
-
-    training.set_precision(precision)
-    context = fused_batch_norm.keras_batch_norm() if not fused else _nothing()
-    with context:
-        network = resnet.build_resnet50(resnet.width_spec(width), stem)
-        training.compile_classifier(network, schedule(), steps)
-        network.fit(dataset.take(2), epochs=1, verbose=0, shuffle=False)  # traced here, on this BatchNorm path
-    training.set_precision("float32")
-    return network
+# ---------------------------------------------------------------------------------------------
+# One measurement, in its own process
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def stage_arguments(task):
+    return ["--stem", task["stem"], "--width", str(task["width"]), "--train_size", str(task["steps"] * task["batch_size"]),
+            "--epoch_num", str(1 + task["epochs"]), "--batch_size", str(task["batch_size"]),
+            "--precision", task["precision"], "--data_dir", task["data_dir"]]
 
 
-def time_training(networks, dataset, steps, batch_size, rounds):
-    rates = {name: [] for name in networks}
-    for _ in range(rounds):
-        for name, network in networks.items():
-            started = time.perf_counter()
-            network.fit(dataset.take(steps), epochs=1, verbose=0, shuffle=False)
-            rates[name].append(steps * batch_size / (time.perf_counter() - started))
-    return {name: statistics.median(values) for name, values in rates.items()}
+def measure(task):
+    """Fit as the base stage does and time each epoch; then the inference passes. Runs in a child."""
+    import numpy as np
 
-
-def time_inference(stem, width, images, rounds):
-    """Seconds of an APoZ pass (inner layers) and of `predict`, with Keras' BatchNorm and the fused one."""
+    import train_base_model  # its flags' defaults are the recipe a user gets
     import channel_importance
+    import data
     import fused_batch_norm
+    import keras
+    import metrics
     import model as resnet
-    import prune
+    import onednn
+    import training
 
-    network = resnet.build_resnet50(resnet.width_spec(width), stem)
-    names = [name for group in prune.prunable_groups() for name in group["activations"]]
-    timings = {}
-    for label, context in (("keras BN", fused_batch_norm.keras_batch_norm), ("fused", _nothing)):
-        with context():
-            counter = channel_importance.zero_counter(network, names)
-            channel_importance.apoz(network, names, images[:256], verbose=0, count=counter)
-            twin = resnet.rebuild_like(network)
-            twin.set_weights(network.get_weights())
-            twin.predict(images[:256], batch_size=128, verbose=0)
-            apoz_times, predict_times = [], []
-            for _ in range(rounds):
-                started = time.perf_counter()
-                channel_importance.apoz(network, names, images, verbose=0, count=counter)
-                apoz_times.append(time.perf_counter() - started)
-                started = time.perf_counter()
-                twin.predict(images, batch_size=128, verbose=0)
-                predict_times.append(time.perf_counter() - started)
-        timings[label] = (statistics.median(apoz_times), statistics.median(predict_times))
-    return timings
+    args = train_base_model.parse_args(stage_arguments(task) + ["--save_folder", "unused"])  # imports TensorFlow
+    training.set_seed(args.seed)
+    args.precision = training.set_precision(args.precision)
+    split = data.load_split("cifar10", args.data_dir, args.train_size, args.seed)
+    train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed)
+    val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size)
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.train, self.whole = [], []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_test_begin(self, logs=None):
+            self.validation_started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.train.append(self.validation_started - self.started)
+            self.whole.append(time.perf_counter() - self.started)
+
+    timer = EpochTimer()
+    path = contextlib.nullcontext() if task["fused"] else fused_batch_norm.keras_batch_norm()
+    with path:  # models traced inside take this BatchNorm path
+        network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
+        training.compile_classifier(network, args, -(-len(split.y_train) // args.batch_size))
+        network.fit(train_data, validation_data=val_data, epochs=args.epoch_num, callbacks=[timer], verbose=0,
+                    shuffle=False)
+        images = split.x_test[: task["inference_images"]]
+        labels = split.y_test[: task["inference_images"]]
+        names = resnet.inner_activation_names()  # the pruning stage's default channels
+        counter = channel_importance.zero_counter(network, names)
+        inference = {}
+        for name, work in (("apoz", lambda: channel_importance.apoz(network, names, images, verbose=0, count=counter)),
+                           ("predict", lambda: network.predict(images, batch_size=args.batch_size, verbose=0)),
+                           ("test", lambda: metrics.loss_and_accuracy(network, images, labels, args.batch_size))):
+            work()  # traced here, timed below
+            started = time.perf_counter()
+            work()
+            inference[name] = time.perf_counter() - started
+    images_per_epoch = len(split.y_train)
+    return {"onednn": onednn.enabled(), "cpu": onednn.cpu_model(), "precision": args.precision,
+            "train_images_per_second": statistics.median(images_per_epoch / s for s in timer.train[1:]),
+            "epoch_seconds": statistics.median(timer.whole[1:]), "macs": resnet.count_macs(network)[1],
+            "inference": inference, "validation_images": len(split.y_val)}
+
+
+def run_benchmark_process(task):
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", json.dumps(task)],
+                            env=environment(task["onednn"]), capture_output=True, text=True, cwd=REPOSITORY)
+    if result.returncode:
+        raise RuntimeError(f"{variant_name(task)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_stage_process(task):
+    """`train_base_model.py` as a user runs it; the median seconds of its epochs after the first."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, os.path.join(REPOSITORY, "train_base_model.py"), "--save_folder", folder,
+                   "--verbose", "2", *stage_arguments(task)]
+        result = subprocess.run(command, env=environment(task["onednn"]), capture_output=True, text=True, cwd=REPOSITORY)
+    if result.returncode:
+        raise RuntimeError(f"the stage failed ({variant_name(task)}):\n{result.stderr[-3000:]}")
+    epochs = [float(m.group(3)) for m in map(KERAS_EPOCH_LINE.match, result.stdout.splitlines()) if m]
+    if len(epochs) != 1 + task["epochs"]:
+        raise RuntimeError(f"expected {1 + task['epochs']} epoch lines from the stage, found {len(epochs)}")
+    return statistics.median(epochs[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The rounds
+
+
+def native_bfloat16():
+    flags = set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def variants(bfloat16):
+    precisions = ("float32", "mixed_bfloat16") if bfloat16 else ("float32",)
+    return [{"onednn": onednn, "fused": fused, "precision": precision}
+            for precision in precisions for onednn in (False, True) for fused in (False, True)]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=model_spec, nargs="+", default=[("cifar", 0.25), ("imagenet", 1.0)],
                         help="stem:width pairs")
+    parser.add_argument("--steps", type=int, default=50, help="batches per epoch (at least 50 for a steady figure)")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the first, per measurement")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8, help="batches per timed round")
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--inference_images", type=int, default=2000)
-    parser.add_argument("--bfloat16", choices=("native", "always"), default="native",
-                        help="native: time the bfloat16 variant only where the hardware computes bfloat16 natively "
-                             "(elsewhere TensorFlow emulates it, 10x or more slower than float32)")
+    parser.add_argument("--data_dir", default=os.environ.get("CIFAR10_DIR", os.path.join(REPOSITORY, "..", "shared", "data",
+                                                                                        "cifar-10-batches-py")))
+    parser.add_argument("--bfloat16", choices=("native", "always", "never"), default="native")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="variant names to keep, e.g. 'oneDNN on, fused BN, float32' (default: all)")
+    parser.add_argument("--stage", choices=("default", "all", "none"), default="default",
+                        help="run the stage itself beside the benchmark for the default variant, every fused one, or none")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    cli.import_tensorflow()
-    import numpy as np
-    import tensorflow as tf
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return 0
+    if args.steps < 50:
+        parser.error("--steps must be at least 50: shorter epochs measure set-up, not training")
+    bfloat16 = args.bfloat16 == "always" or (args.bfloat16 == "native" and native_bfloat16())
+    chosen = [v for v in variants(bfloat16) if args.only is None or variant_name(v) in args.only]
+    default = {"onednn": True, "fused": True, "precision": "mixed_bfloat16" if native_bfloat16() else "float32"}
+    staged = [v for v in chosen if v["fused"] and (args.stage == "all" or (args.stage == "default" and v == default))]
+    results, stage_seconds, cpu = {}, {}, None
+    for round_index in range(args.rounds):
+        for stem, width in args.models:
+            for variant in chosen:
+                task = {**variant, "stem": stem, "width": width, "steps": args.steps, "epochs": args.epochs,
+                        "batch_size": args.batch_size, "data_dir": args.data_dir,
+                        "inference_images": args.inference_images}
+                key = (stem, width, variant_name(variant))
+                outcome = run_benchmark_process(task)
+                cpu = outcome["cpu"]
+                results.setdefault(key, []).append(outcome)
+                line = f"round {round_index + 1}: {stem}:{width:g} {key[2]}: {outcome['train_images_per_second']:.0f} img/s"
+                if variant in staged:
+                    stage_seconds.setdefault(key, []).append(run_stage_process(task))
+                    line += f"; epoch {outcome['epoch_seconds']:.1f} s, the stage's own {stage_seconds[key][-1]:.1f} s"
+                print(line, flush=True)
+    return report(args, chosen, results, stage_seconds, cpu)
 
-    import model as resnet
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.batch_size * 4, 32, 32, 3)).astype(np.float32)
-    labels = tf.one_hot(rng.integers(0, 10, len(images)), 10)
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(args.batch_size).cache().repeat().prefetch(2)
-    print(f"machine: {os.cpu_count()} cores; native bfloat16: {training.native_bfloat16()}; "
-          f"--precision auto gives {training.resolve_precision('auto')}")
-    raw = {dtype: raw_convolution_rate(dtype) for dtype in (tf.float32, tf.bfloat16)}
-    print(f"raw 3x3 convolution forward+backward: {raw[tf.float32]:.0f} GFLOP/s float32, {raw[tf.bfloat16]:.0f} GFLOP/s bfloat16")
-    variants = [variant for variant in VARIANTS
-                if variant[2] == "float32" or args.bfloat16 == "always" or training.native_bfloat16()]
-    if len(variants) < len(VARIANTS):
-        print("(no native bfloat16 here: the bfloat16 variant is skipped; --bfloat16 always times it anyway)")
-    print()
-    print("| model | BatchNorm path | images/s | vs Keras' BN | conv GFLOP/s | of raw conv rate |")
-    print("|---|---|---:|---:|---:|---:|")
+def report(args, chosen, results, stage_seconds, cpu):
+    disagreements = 0
+    print(f"\nCPU: {cpu}; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; {args.rounds} rounds of "
+          f"{args.steps} steps x batch {args.batch_size} (+ 5,000 validation images) an epoch, medians\n")
+    print("| model | variant | train img/s | vs first variant | epoch s (benchmark) | epoch s (the stage) | "
+          "APoZ pass s | predict s | test measurement s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for stem, width in args.models:
-        networks = {name: build_variant(stem, width, fused, precision, args.batch_size, dataset, args.steps)
-                    for name, fused, precision in variants}
-        macs = resnet.count_macs(next(iter(networks.values())))[1]
-        rates = time_training(networks, dataset, args.steps, args.batch_size, args.rounds)
-        reference = rates[variants[0][0]]
-        for name, _, precision in variants:
-            gflops = 3 * 2 * macs * rates[name] / 1e9
-            rate = raw[tf.bfloat16 if precision == "mixed_bfloat16" else tf.float32]
-            print(f"| {stem} stem, width {width:g} | {name} | {rates[name]:.0f} | {rates[name] / reference:.2f}x | "
-                  f"{gflops:.0f} | {gflops / rate:.0%} |")
-        del networks
-    print()
-    inference_images = rng.integers(0, 256, (args.inference_images, 32, 32, 3)).astype(np.float32)
-    for stem, width in args.models:
-        timings = time_inference(stem, width, inference_images, args.rounds)
-        (apoz_keras, predict_keras), (apoz_fused, predict_fused) = timings["keras BN"], timings["fused"]
-        print(f"{stem} stem, width {width:g}, {args.inference_images} images: APoZ pass {apoz_keras:.2f} s -> "
-              f"{apoz_fused:.2f} s ({apoz_keras / apoz_fused:.2f}x); predict {predict_keras:.2f} s -> "
-              f"{predict_fused:.2f} s ({predict_keras / predict_fused:.2f}x)")
+        reference = None
+        for variant in chosen:
+            key = (stem, width, variant_name(variant))
+            runs = results[key]
+            rate = statistics.median(r["train_images_per_second"] for r in runs)
+            epoch = statistics.median(r["epoch_seconds"] for r in runs)
+            reference = reference or rate
+            stage = ""
+            if key in stage_seconds:
+                seconds = statistics.median(stage_seconds[key])
+                agree = abs(seconds - epoch) / seconds <= AGREEMENT
+                disagreements += not agree
+                stage = f"{seconds:.1f}" + ("" if agree else " (DISAGREES: benchmark bug)")
+            inference = {name: statistics.median(r["inference"][name] for r in runs) for name in ("apoz", "predict", "test")}
+            print(f"| {stem} stem, width {width:g} | {key[2]} | {rate:.0f} | {rate / reference:.2f}x | {epoch:.1f} | "
+                  f"{stage} | {inference['apoz']:.2f} | {inference['predict']:.2f} | {inference['test']:.2f} |")
+    if disagreements:
+        print(f"\n{disagreements} benchmark figure(s) differ from the stage's own epoch by more than {AGREEMENT:.0%}")
+    return 1 if disagreements else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Start, resume, pause or save the strong reference run (benchmarks/cifar10_strong.sh) across sessions.
+#
+#     bash benchmarks/strong_run.sh start    # first thing in a session: resume it in the background
+#     bash benchmarks/strong_run.sh pause    # SIGSTOP around your own test runs and benchmarks
+#     bash benchmarks/strong_run.sh continue
+#     bash benchmarks/strong_run.sh status   # the log's last epochs
+#     bash benchmarks/strong_run.sh save     # before the session ends: copy its files here to commit
+#
+# The run executes in a git worktree ($WORKTREE) detached at the commit in model/cifar_stem/RUN_COMMIT,
+# so edits and tests in this checkout never touch its code; it writes under the worktree's
+# model/cifar_stem/, which `start` fills from this checkout's copy and `save` copies back (resume
+# state included) for the commit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CHECKOUT=$(pwd)
+WORKTREE=${WORKTREE:-$CHECKOUT/../strong}
+PIN_FILE=model/cifar_stem/RUN_COMMIT
+LOG=$WORKTREE/cifar10_strong.log
+PY=${PY:-$CHECKOUT/.venv/bin/python}
+
+run_pids() { pgrep -f "$WORKTREE/benchmarks/cifar10_strong.sh|train_base_model.py --save_folder=./model/cifar_stem|prune_model.py --root_folder=./model/cifar_stem|knowledge_distillation.py .*model/cifar_stem" || true; }
+
+case "${1:-status}" in
+  start)
+    [ -f "$PIN_FILE" ] || git rev-parse HEAD > "$PIN_FILE"
+    pin=$(cat "$PIN_FILE")
+    if [ -n "$(run_pids)" ]; then echo "already running: $(run_pids | tr '\n' ' ')"; exit 0; fi
+    if [ ! -d "$WORKTREE" ]; then git worktree add --detach "$WORKTREE" "$pin"; fi
+    [ "$(git -C "$WORKTREE" rev-parse HEAD)" = "$pin" ] || { echo "$WORKTREE is not at $pin" >&2; exit 2; }
+    mkdir -p "$WORKTREE/model/cifar_stem"
+    cp -a --update model/cifar_stem/. "$WORKTREE/model/cifar_stem/"   # never older files over newer ones
+    (cd "$WORKTREE" && PY="$PY" nohup nice -n 5 bash benchmarks/cifar10_strong.sh >> "$LOG" 2>&1 &)
+    echo "started at $pin (log: $LOG; CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))" ;;
+  pause) run_pids | xargs -r kill -STOP; echo "paused" ;;
+  continue) run_pids | xargs -r kill -CONT; echo "running" ;;
+  status) tail -n 5 "$LOG" 2>/dev/null || echo "no log at $LOG"; echo "processes: $(run_pids | tr '\n' ' ')" ;;
+  save)
+    # Copy while paused, so no file is caught half-written (writes are atomic, but a stage's files
+    # change together).
+    pids=$(run_pids); [ -z "$pids" ] || kill -STOP $pids
+    mkdir -p model/cifar_stem
+    tar -C "$WORKTREE/model/cifar_stem" --exclude='*.bkp' --exclude='.lock' --exclude='.tmp-*' -cf - . | tar -C model/cifar_stem -xf -
+    cp "$LOG" model/cifar_stem/cifar10_strong.log
+    [ -z "$pids" ] || kill -CONT $pids
+    echo "copied into model/cifar_stem/: commit it" ;;
+  *) echo "usage: $0 start|pause|continue|status|save" >&2; exit 2 ;;
+esac

@@ -1,0 +1,34 @@
+"""TensorFlow's oneDNN kernels on every x86 CPU: import this module before TensorFlow.
+
+TensorFlow turns oneDNN on by default only on CPUs with AVX512-VNNI, AVX512-BF16 or AMX; elsewhere
+(the AVX2 CPUs most of our runs see) every convolution runs on Eigen, 1.6x slower at the CIFAR stem
+and 8x slower on the original's network (docs/speed.md). The variable is read once, when TensorFlow
+loads, so it must be set first; a value the user has set stands.
+"""
+
+import os
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def enabled():
+    """Whether the loaded TensorFlow computes with oneDNN (False also when TensorFlow cannot tell)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return False
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (speed figures are only meaningful beside it)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
