@@ -23,7 +23,7 @@ run_pids() { pgrep -f "$WORKTREE/benchmarks/cifar10_strong.sh|train_base_model.p
 
 case "${1:-status}" in
   start)
-    [ -f "$PIN_FILE" ] || git rev-parse HEAD > "$PIN_FILE"
+    mkdir -p model/cifar_stem; [ -f "$PIN_FILE" ] || git rev-parse HEAD > "$PIN_FILE"
     pin=$(cat "$PIN_FILE")
     if [ -n "$(run_pids)" ]; then echo "already running: $(run_pids | tr '\n' ' ')"; exit 0; fi
     if [ ! -d "$WORKTREE" ]; then git worktree add --detach "$WORKTREE" "$pin"; fi
