@@ -5,10 +5,12 @@
 
 Each measurement is a fresh process (oneDNN is chosen when TensorFlow loads) that builds, compiles
 and fits exactly as `train_base_model.py` does (its own flags' defaults, `data.make_dataset`'s
-augmenting pipeline on real CIFAR-10, validation on the 5,000-image split), in ONE `fit` call of
-`--steps` batches an epoch for 1 + `--epochs` epochs. The first epoch (tracing, warm-up) is
-dropped; the figure is the median of the others: training images/s (epoch start to validation
-start) and the whole epoch's seconds. Variants run interleaved, round after round, so machine load
+augmenting pipeline on real CIFAR-10, validation on the 5,000-image split, `training.fit_stage`
+with its checkpoint, history and backup callbacks), in ONE `fit` call of `--steps` batches an
+epoch for 1 + `--epochs` epochs. The first epoch (tracing, warm-up) is dropped; the figures are
+the medians of the others: training images/s (epoch start to validation start), and the whole
+epoch's seconds split into training, validation and the stage's per-epoch bookkeeping (best
+checkpoint, history.json, the resume backup). Variants run interleaved, round after round, so machine load
 hits all alike; ratios are to the first variant of the same round.
 
 Variants: oneDNN off/on (TF_ENABLE_ONEDNN_OPTS) x Keras' BatchNorm/the fused kernel x float32/
@@ -89,7 +91,7 @@ def measure(task):
     class EpochTimer(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.train, self.whole = [], []
+            self.train, self.validation, self.whole = [], [], []
 
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.perf_counter()
@@ -97,8 +99,12 @@ def measure(task):
         def on_test_begin(self, logs=None):
             self.validation_started = time.perf_counter()
 
-        def on_epoch_end(self, epoch, logs=None):
+        def on_test_end(self, logs=None):
+            self.validation_ended = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):  # after the stage's own callbacks: checkpoint, history, backup
             self.train.append(self.validation_started - self.started)
+            self.validation.append(self.validation_ended - self.validation_started)
             self.whole.append(time.perf_counter() - self.started)
 
     timer = EpochTimer()
@@ -106,8 +112,9 @@ def measure(task):
     with path:  # models traced inside take this BatchNorm path
         network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
         training.compile_classifier(network, args, -(-len(split.y_train) // args.batch_size))
-        network.fit(train_data, validation_data=val_data, epochs=args.epoch_num, callbacks=[timer], verbose=0,
-                    shuffle=False)
+        args.verbose = 0
+        with tempfile.TemporaryDirectory() as folder:  # the stage's own fit: recorder, checkpoint, backup
+            training.fit_stage(network, train_data, val_data, folder, args, extra_callbacks=(timer,))
         images = split.x_test[: task["inference_images"]]
         labels = split.y_test[: task["inference_images"]]
         names = resnet.inner_activation_names()  # the pruning stage's default channels
@@ -123,7 +130,10 @@ def measure(task):
     images_per_epoch = len(split.y_train)
     return {"onednn": onednn.enabled(), "cpu": onednn.cpu_model(), "precision": args.precision,
             "train_images_per_second": statistics.median(images_per_epoch / s for s in timer.train[1:]),
-            "epoch_seconds": statistics.median(timer.whole[1:]), "macs": resnet.count_macs(network)[1],
+            "epoch_seconds": statistics.median(timer.whole[1:]),
+            "validation_seconds": statistics.median(timer.validation[1:]),
+            "bookkeeping_seconds": statistics.median(w - t - v for w, t, v in zip(timer.whole[1:], timer.train[1:],
+                                                                                   timer.validation[1:])),
             "inference": inference, "validation_images": len(split.y_val)}
 
 
@@ -219,9 +229,9 @@ def report(args, chosen, results, stage_seconds, cpu):
     disagreements = 0
     print(f"\nCPU: {cpu}; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; {args.rounds} rounds of "
           f"{args.steps} steps x batch {args.batch_size} (+ 5,000 validation images) an epoch, medians\n")
-    print("| model | variant | train img/s | vs first variant | epoch s (benchmark) | epoch s (the stage) | "
-          "APoZ pass s | predict s | test measurement s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | variant | train img/s | vs first variant | epoch s (benchmark) | of which validation, "
+          "bookkeeping | epoch s (the stage) | APoZ pass s | predict s | test measurement s |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
     for stem, width in args.models:
         reference = None
         for variant in chosen:
@@ -237,7 +247,9 @@ def report(args, chosen, results, stage_seconds, cpu):
                 disagreements += not agree
                 stage = f"{seconds:.1f}" + ("" if agree else " (DISAGREES: benchmark bug)")
             inference = {name: statistics.median(r["inference"][name] for r in runs) for name in ("apoz", "predict", "test")}
-            print(f"| {stem} stem, width {width:g} | {key[2]} | {rate:.0f} | {rate / reference:.2f}x | {epoch:.1f} | "
+            parts = (f"{statistics.median(r['validation_seconds'] for r in runs):.1f}, "
+                     f"{statistics.median(r['bookkeeping_seconds'] for r in runs):.1f}")
+            print(f"| {stem} stem, width {width:g} | {key[2]} | {rate:.0f} | {rate / reference:.2f}x | {epoch:.1f} | {parts} | "
                   f"{stage} | {inference['apoz']:.2f} | {inference['predict']:.2f} | {inference['test']:.2f} |")
     if disagreements:
         print(f"\n{disagreements} benchmark figure(s) differ from the stage's own epoch by more than {AGREEMENT:.0%}")
