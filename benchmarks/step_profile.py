@@ -19,6 +19,7 @@ import argparse
 import collections
 import glob
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -89,12 +90,21 @@ def op_profile(network, dataset, steps):
     return totals
 
 
+def op_kind(op_type):
+    """The OP_KINDS entry of an op type, oneDNN's rewrites included (_MklNativeFusedConv2D,
+    _MklNativeConv2DBackpropFilterWithBias, ...: TensorFlow's names for its oneDNN kernels)."""
+    plain = re.sub(r"^_Mkl(Native)?", "", op_type).replace("WithBias", "")
+    for kind, members in OP_KINDS.items():
+        if op_type in members or plain in members or f"_{plain}" in members:
+            return kind
+    return "other"
+
+
 def print_op_profile(totals, steps, batch_size):
     all_ops = sum(totals.values())
     kinds = collections.Counter()
     for op_type, seconds in totals.items():
-        kind = next((kind for kind, members in OP_KINDS.items() if op_type in members), "other")
-        kinds[kind] += seconds
+        kinds[op_kind(op_type)] += seconds
     print(f"op time over {steps} fit steps: {all_ops:.2f} s on the compute threads "
           f"({all_ops / steps * 1e3:.0f} ms per step of {batch_size} images)")
     print("| op kind | ms per step | share of op time |")
