@@ -160,9 +160,11 @@ def check_any_model(network, class_num):
 
 
 def from_logits(network):
-    """True unless the model ends in a softmax (our ResNet50 does): its output is then logits."""
-    layer = network.output._keras_history.operation
-    return layer.get_config().get("activation") != "softmax"
+    """True unless the model ends in a softmax (our ResNet50 does): its output is then logits.
+    Any spelling of the softmax (see channel_importance.classifier_head)."""
+    import channel_importance
+
+    return not channel_importance.ends_in_softmax(network)
 
 
 def check_selection(network, groups, args):

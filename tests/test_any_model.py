@@ -277,9 +277,11 @@ def test_l1_and_apoz_importances_against_numpy(small):
         channel_importance.importance_scores("l2", network, groups)
 
 
-def residual_classifier(softmax):
+def residual_classifier(softmax, head="dense"):
     """conv a (BN, ReLU) -> conv b (BN) + shortcut conv (BN) -> Add -> ReLU -> pooled -> 4 classes,
-    with BatchNorms perturbed so that channels differ."""
+    with BatchNorms perturbed so that channels differ. With `softmax`, the probabilities come from
+    `head`: "dense" (Dense(activation="softmax")), "activation" (Activation("softmax")) or
+    "layer" (Softmax()); the weights are the same for one seed whatever the spelling."""
     layers = keras.layers
     inputs = keras.Input((8, 8, 3), name="image")
     x = layers.ReLU(name="a_relu")(layers.BatchNormalization(name="a_bn")(layers.Conv2D(6, 3, padding="same", name="a")(inputs)))
@@ -287,7 +289,14 @@ def residual_classifier(softmax):
     shortcut = layers.BatchNormalization(name="shortcut_bn")(layers.Conv2D(5, 1, name="shortcut")(x))
     x = layers.ReLU(name="out")(layers.Add(name="add")([branch, shortcut]))
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    network = keras.Model(inputs, layers.Dense(4, activation="softmax" if softmax else None, name="classes")(x))
+    if softmax and head == "dense":
+        outputs = layers.Dense(4, activation="softmax", name="classes")(x)
+    else:
+        outputs = layers.Dense(4, name="classes")(x)
+        if softmax:
+            outputs = (layers.Activation("softmax", name="probabilities") if head == "activation"
+                       else layers.Softmax(name="probabilities"))(outputs)
+    network = keras.Model(inputs, outputs)
     rng = np.random.default_rng(9)
     for layer in network.layers:
         if isinstance(layer, layers.BatchNormalization):
@@ -323,6 +332,36 @@ def test_taylor_and_bn_scale_on_traced_groups_against_numpy(softmax):
     np.testing.assert_allclose(bn_scale["b"], (gamma["b"] / gamma["b"].mean() + gamma["shortcut"] / gamma["shortcut"].mean()) / 2)
     random = channel_importance.importance_scores("random", network, groups, seed=(0, 1))
     assert {name: len(values) for name, values in random.items()} == {"a": 6, "b": 5}
+
+
+def test_every_softmax_spelling_gives_the_same_taylor_scores_and_loss():
+    """Dense(activation="softmax"), Dense + Activation("softmax") and Dense + Softmax() are one
+    function: the Taylor scores (through the logits) and the fine-tuning loss's from_logits agree."""
+    import prune_model
+
+    images = random_images(residual_classifier(False), count=10, seed=3)
+    labels = np.arange(10) % 4
+    scores, networks = {}, {}
+    for head in ("dense", "activation", "layer"):
+        keras.utils.set_random_seed(0)
+        network = networks[head] = residual_classifier(True, head)
+        groups = prune.any_model_groups(network, residual=True)
+        scores[head] = channel_importance.importance_scores("taylor", network, groups, images, labels, batch_size=4)
+    np.testing.assert_allclose(networks["layer"].predict(images, verbose=0), networks["dense"].predict(images, verbose=0),
+                               rtol=1e-5, atol=1e-7)  # the same function, the same weights
+    for head in ("activation", "layer"):
+        assert scores[head].keys() == scores["dense"].keys() == {"a", "b"}
+        for name in scores["dense"]:
+            np.testing.assert_allclose(scores[head][name], scores["dense"][name], rtol=1e-4, atol=1e-7, err_msg=(head, name))
+    for head, network in networks.items():
+        assert channel_importance.ends_in_softmax(network) and not prune_model.from_logits(network), head
+    keras.utils.set_random_seed(0)
+    logits = residual_classifier(False)
+    assert not channel_importance.ends_in_softmax(logits) and prune_model.from_logits(logits)
+    # a softmax over another axis than the classes' is not the classifier's softmax
+    inputs = keras.Input((3, 4))
+    across = keras.Model(inputs, keras.layers.Softmax(axis=1)(keras.layers.Dense(4)(inputs)))
+    assert not channel_importance.ends_in_softmax(across)
 
 
 # ---------------------------------------------------------------------------------------------
