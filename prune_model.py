@@ -376,10 +376,16 @@ def run_iteration(k, network, score_data, split, train_data, val_data, base, bas
     started = time.perf_counter()
     training.set_seed(args.seed + k)
     steps_per_epoch = -(-len(split.y_train) // args.batch_size)
-    # Fine-tune a twin built under the strategy (replicated variables) and, for our ResNet50, the
-    # precision policy (a loaded pruned.h5 is float32; any other model keeps its layers' dtypes).
+    # Fine-tune a twin built under the strategy (replicated variables) and the precision policy:
+    # pruned.h5 is float32 (checkpoints.save_model), so any other model is recast to the policy,
+    # its output layers kept float32 as our ResNet50's softmax.
     with strategy.scope():
-        twin = resnet.rebuild_like(pruned) if ours else keras.models.clone_model(pruned)
+        if ours:
+            twin = resnet.rebuild_like(pruned)
+        else:
+            twin = checkpoints.recast(pruned, keras.mixed_precision.global_policy().name)
+            if twin is pruned:  # already in the policy: still a copy built under the strategy
+                twin = keras.models.clone_model(pruned)
     twin.set_weights(pruned.get_weights())
     pruned = twin
     with strategy.scope():

@@ -131,3 +131,32 @@ def test_apoz_without_relu_outputs_is_refused_in_one_line(tmp_path, data_flags):
     assert "--importance apoz scores no channel group" in assert_one_line_error(completed)
     assert not (tmp_path / "run").exists()
     assert prune.any_model_groups(network)  # groups exist: only the criterion cannot measure them
+
+
+def test_any_model_fine_tunes_in_the_precision_policy_and_saves_float32(base_path, tmp_path, monkeypatch, data_flags):
+    """--precision mixed_bfloat16 on a model that is not our ResNet50: the fine-tuned copy computes
+    in bfloat16 (its output layer in float32, as our ResNet50's softmax), the saved model is float32."""
+    import training
+
+    seen = {}
+    fit_stage = training.fit_stage
+
+    def recording_fit_stage(model, *arguments, **options):
+        seen.update({layer.name: (layer.compute_dtype, layer.variable_dtype) for layer in model.layers})
+        return fit_stage(model, *arguments, **options)
+
+    monkeypatch.setattr(training, "fit_stage", recording_fit_stage)
+    flags = RUN_FLAGS[:-2] + ["--precision", "mixed_bfloat16"]
+    assert RUN_FLAGS[-2:] == ["--precision", "float32"]
+    root = tmp_path / "run"
+    try:
+        prune_model.main([str(argument) for argument in [
+            "--base_model_path", base_path, "--root_folder", root, "--prune_iter", 1, "--criterion", "fraction",
+            "--prune_fraction", 0.25, *data_flags, *flags]])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert json.loads((root / "config.json").read_text())["arguments"]["precision"] == "mixed_bfloat16"
+    assert seen["inner"] == seen["wide"] == seen["stem"] == ("bfloat16", "float32")
+    assert seen["classes"] == ("float32", "float32")  # the output layer stays float32
+    saved = keras.models.load_model(str(root / "iter1" / "model.h5"), compile=False)
+    assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
