@@ -452,3 +452,26 @@ def test_prune_model_takes_the_traced_groups_for_the_same_result():
     for layer in by_table.layers:
         for table_weight, traced_weight in zip(layer.get_weights(), by_trace.get_layer(layer.name).get_weights()):
             np.testing.assert_array_equal(traced_weight, table_weight, err_msg=layer.name)
+
+
+def test_macs_of_a_transposed_convolution_and_of_a_layer_called_twice_by_hand():
+    """A transposed convolution multiplies its kernel once per INPUT position (not per output
+    position, stride^2 more); a layer called twice computes twice."""
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    up = layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up")(inputs)  # 16x16x4
+    shared = layers.Conv2D(5, 1, name="shared")
+    big = layers.GlobalAveragePooling2D()(shared(up))  # on 16x16 positions
+    small = layers.GlobalAveragePooling2D()(shared(layers.MaxPooling2D(name="pool")(up)))  # on 8x8 positions
+    network = keras.Model(inputs, layers.Dense(2, name="classes")(layers.Concatenate()([big, small])))
+    up_macs = 8 * 8 * (3 * 3 * 3 * 4)  # input positions x kernel elements
+    shared_macs = (16 * 16 + 8 * 8) * (4 * 5)
+    dense_macs = 10 * 2
+    sequential = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2DTranspose(4, 3, strides=2, padding="same"),
+                                   layers.Flatten(), layers.Dense(2)])
+    assert prune.model_size(sequential) == (sequential.count_params(), up_macs + 16 * 16 * 4 * 2)
+    assert prune.model_size(network) == (network.count_params(), up_macs + shared_macs + dense_macs)
+    groups = prune.any_model_groups(network)
+    assert [group["name"] for group in groups] == ["up", "shared"]
+    # "up" cut to 2 channels: its kernel and the shared 1x1 kernel's input axis halve
+    assert prune.size_counter(network, groups)({"up": 2})[1] == 8 * 8 * (3 * 3 * 3 * 2) + (16 * 16 + 8 * 8) * (2 * 5) + dense_macs
