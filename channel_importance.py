@@ -355,6 +355,21 @@ def random_importance(network, groups, seed=0, **unused):
     return {group["name"]: generator.random(group["width"]) for group in groups}
 
 
+def scored_groups(name, network, groups):
+    """The groups of `groups` that criterion `name` will score (the others keep their channels),
+    known without images: not frozen, and for apoz and taylor with a ReLU-family output, for l1
+    and bn_scale with the weights they read."""
+    if name not in IMPORTANCES:
+        raise ValueError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCES)}")
+    groups = [group for group in groups if not group["frozen"]]
+    if name in ("apoz", "taylor"):
+        return [group for group in groups if group["activations"]]
+    if name in ("l1", "bn_scale"):  # cheap: weights only
+        scores = importance_scores(name, network, groups)
+        return [group for group in groups if group["name"] in scores]
+    return groups
+
+
 def importance_scores(name, network, groups, images=None, labels=None, batch_size=128, seed=0, verbose=0, measured=None):
     """{group name: per-channel importance of criterion `name`} (see the module docstring) for every
     group that is not frozen and that the criterion can measure; HIGHER = MORE IMPORTANT, always.

@@ -160,3 +160,59 @@ def test_any_model_fine_tunes_in_the_precision_policy_and_saves_float32(base_pat
     assert seen["classes"] == ("float32", "float32")  # the output layer stays float32
     saved = keras.models.load_model(str(root / "iter1" / "model.h5"), compile=False)
     assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
+
+
+def split_residual_classifier(width=40):
+    """A residual stream whose producer `x` (2 x width channels) is split in two groups by the two
+    convolutions concatenated onto it: groups named by position, x[0:width] and x[width:2 width]."""
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(2 * width, 1, name="x")(inputs)
+    y = layers.Conv2D(4, 1, name="y")(x)  # p and q come after x: x names the groups
+    halves = layers.Concatenate(name="halves")([layers.Conv2D(width, 1, name="p")(y),
+                                                layers.Conv2D(width, 1, name="q")(y)])
+    x = layers.ReLU(name="out")(layers.Add(name="add")([x, halves]))
+    return keras.Model(inputs, layers.Dense(10, name="classes")(layers.GlobalAveragePooling2D()(x)))
+
+
+def test_global_floors_of_split_groups_follow_them_after_pruning():
+    """--ranking global keeps at least 10% of a group's BASE width; split groups are renamed by
+    their positions after pruning, and must still find their base width."""
+    import argparse
+
+    keras.utils.set_random_seed(0)
+    network = split_residual_classifier()
+    args = argparse.Namespace(prune_residual=True, ranking="global", min_channels=1, round_to=1)
+    base_widths = prune_model.base_group_widths(network, args)
+    groups = prune_model.channel_groups(network, args)
+    assert [group["name"] for group in groups] == ["x[0:40]", "x[40:80]", "y"]
+    pruned = prune.prune_groups(network, groups, {"x[0:40]": np.arange(20), "x[40:80]": np.arange(15)})
+    groups = prune_model.channel_groups(pruned, args)
+    assert [(group["name"], group["width"]) for group in groups] == [("x[0:20]", 20), ("x[20:35]", 15), ("y", 4)]
+    # ceil(10% of 40), not of 20 or 15
+    assert prune_model.floors(base_widths, groups, args) == {"x[0:20]": 4, "x[20:35]": 4, "y": 1}
+
+
+def test_a_target_out_of_reach_of_the_groups_the_criterion_scores_is_refused_up_front(tmp_path, data_flags):
+    """apoz scores only groups with a ReLU-family output; a tanh group keeps its channels. A target
+    that only pruning that group too could reach is refused before anything is written."""
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(16, 3, activation="relu", name="a")(inputs)
+    x = layers.Conv2D(32, 3, activation="tanh", name="b")(x)
+    network = keras.Model(inputs, layers.Dense(10, name="classes")(layers.GlobalAveragePooling2D()(x)))
+    path = tmp_path / "tanh.h5"
+    network.save(str(path))
+    groups = prune.any_model_groups(network)
+    assert [group["name"] for group in groups] == ["a", "b"] and not groups[1]["activations"]
+    count = prune.size_counter(network, groups)
+    base = network.count_params()
+    # by hand: a at one channel, b whole: 3*3*3*1+1 + 3*3*1*32+32 + 32*10+10 = 678 parameters
+    assert count({"a": 1})[0] == 678 and base == 5418
+    assert base / count({"a": 1, "b": 1})[0] > 20 > base / 678  # 20x needs b, which apoz cannot score
+    with pytest.raises(cli.UserError, match=r"--target_compression 20 is out of reach: .* gives 7\.99x \(1 group\(s\) --importance apoz cannot score"):
+        prune_model.main([str(argument) for argument in [
+            "--base_model_path", path, "--root_folder", tmp_path / "run", "--criterion", "fraction",
+            "--target_compression", 20, "--prune_iter", 1, *data_flags, *RUN_FLAGS]])
+    assert not (tmp_path / "run").exists()
