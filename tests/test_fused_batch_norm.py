@@ -63,9 +63,30 @@ def test_fused_path_matches_keras_maths(policy, training):
         assert not np.allclose(got[4], run_layer(policy, True, images, False)[0][4])
 
 
-def test_scripts_run_the_fused_path_and_save_plain_batch_norm(tmp_path):
-    assert fused_batch_norm.installed()  # conftest imports TensorFlow the way every script does
+def traced_training_step_ops(network):
+    """Op types of the stage's training step (Keras' train_step under training.compile_classifier),
+    traced afresh on one batch."""
+    import argparse
+
+    import training
+
+    args = argparse.Namespace(epoch_num=1, learning_rate=0.01, momentum=0.9, weight_decay=5e-4, label_smoothing=0.0,
+                              lr_schedule="cosine", warmup_epochs=0, step_epochs=60)
+    training.compile_classifier(network, args, steps_per_epoch=1)
+    images = tf.zeros((2, 32, 32, 3), tf.float32)
+    labels = tf.one_hot([0, 1], 10)
+    graph = tf.function(network.train_step).get_concrete_function((images, labels)).graph
+    return {operation.type for operation in graph.get_operations()}
+
+
+def test_a_stage_training_step_runs_the_fused_kernel_and_saves_plain_batch_norm(tmp_path):
+    """The step a stage trains with (forward and backward) goes through FusedBatchNormV3, as
+    the scripts install it (cli.import_tensorflow, which conftest calls); Keras' own path has none."""
     network = resnet.build_resnet50(resnet.width_spec(0.0625), "cifar")
+    operations = traced_training_step_ops(network)
+    assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= operations
+    with fused_batch_norm.keras_batch_norm():
+        assert "FusedBatchNormV3" not in traced_training_step_ops(resnet.build_resnet50(resnet.width_spec(0.0625), "cifar"))
     path = str(tmp_path / "m.h5")
     network.save(path)
     loaded = keras.models.load_model(path, compile=False)  # no custom objects
