@@ -237,8 +237,8 @@ def make_stage_recorder(folder, model_to_save=None, monitor="val_acc", run_folde
     return StageRecorder()
 
 
-def replay_early_stopping(scores, patience):
-    """(best, wait) of keras.callbacks.EarlyStopping(mode="max", patience) after the epochs whose
+def replay_early_stopping(scores):
+    """(best, wait) of keras.callbacks.EarlyStopping(mode="max") after the epochs whose
     monitored `scores` (None: not measured) are given, by its own rule: every measured epoch
     counts one more wait, an improvement on the best resets it."""
     best, wait = None, 0
@@ -268,7 +268,7 @@ def make_early_stopping(recorder, patience, monitor="val_acc"):
         def on_epoch_begin(self, epoch, logs=None):
             if not self.replayed:  # the recorder (earlier in the callbacks) has read the history by now
                 self.replayed = True
-                self.best, self.wait = replay_early_stopping((recorder.history or {}).get(monitor, [])[:epoch], patience)
+                self.best, self.wait = replay_early_stopping((recorder.history or {}).get(monitor, [])[:epoch])
 
     return ResumedEarlyStopping(monitor="val_accuracy", mode="max", patience=patience)
 
