@@ -82,6 +82,49 @@ def full_data_flags():
     return ["--data_dir", folder] if folder else ["--dataset", "sample"]
 
 
+def perturb_batch_norms(network, seed=0):
+    """Set every BatchNorm's gamma (negative ones too), beta and moving statistics at random, so
+    that channels differ in every criterion (APoZ, |gamma|, L1 downstream, Taylor)."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in network.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(-1.5, 1.5, gamma.shape).astype("float32"),
+                               rng.uniform(-0.5, 0.3, beta.shape).astype("float32"),
+                               rng.normal(0, 0.1, mean.shape).astype("float32"),
+                               rng.uniform(0.8, 1.2, variance.shape).astype("float32")])
+    return network
+
+
+TINY_WIDTH = 0.0625  # stem 4, blocks 4..32, stages 16..128: every layer prunable, cheap to trace
+
+
+@pytest.fixture(scope="module")
+def network():
+    """A tiny CIFAR-stem ResNet50 whose BatchNorms are
+    perturbed so that channels differ. Module-scoped: a test that changes it works on a copy."""
+    import model as resnet
+    import training
+
+    training.set_seed(0)
+    return perturb_batch_norms(resnet.build_resnet50(resnet.width_spec(TINY_WIDTH), "cifar", 10))
+
+
+@pytest.fixture(scope="session")
+def base_path(tmp_path_factory):
+    """A freshly initialised tiny ResNet50 saved as a base model for prune_model.py runs."""
+    import checkpoints
+    import model as resnet
+    import training
+
+    path = tmp_path_factory.mktemp("base") / "base.h5"
+    training.set_seed(0)
+    checkpoints.save_model(resnet.build_resnet50(resnet.width_spec(TINY_WIDTH), "imagenet", 10), str(path))
+    return path
+
+
 def run_script(script, *arguments, timeout=600, check=True):
     """Run one of the repository's scripts in a fresh process; returns the CompletedProcess."""
     completed = subprocess.run(

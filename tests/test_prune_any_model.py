@@ -38,20 +38,20 @@ def small_classifier(softmax=False, classes=10):
 
 
 @pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
+def classifier_path(tmp_path_factory):
     keras.utils.set_random_seed(0)
     path = tmp_path_factory.mktemp("any_base") / "classifier.h5"
     small_classifier().save(str(path))
     return path
 
 
-def test_prune_model_prunes_any_functional_classifier(base_path, tmp_path, capfd, data_flags):
+def test_prune_model_prunes_any_functional_classifier(classifier_path, tmp_path, capfd, data_flags):
     root = tmp_path / "run"
-    arguments = ["--base_model_path", base_path, "--root_folder", root, "--prune_iter", 2, "--criterion", "fraction",
+    arguments = ["--base_model_path", classifier_path, "--root_folder", root, "--prune_iter", 2, "--criterion", "fraction",
                  "--prune_fraction", 0.25, *data_flags, *RUN_FLAGS]
     run_script("prune_model.py", *arguments)
     summary = json.loads((root / "summary.json").read_text())
-    base = keras.models.load_model(str(base_path), compile=False)
+    base = keras.models.load_model(str(classifier_path), compile=False)
     assert summary["base"]["group_widths"] == {"stem": 16, "inner": 12, "wide": 24}
     assert summary["base"]["parameters"] == base.count_params()
     assert [record["iteration"] for record in summary["iterations"]] == [1, 2]
@@ -75,7 +75,7 @@ def test_prune_model_prunes_any_functional_classifier(base_path, tmp_path, capfd
     assert [layer.name for layer in network.layers] == [layer.name for layer in base.layers]
     # evaluate_model.py measures it as it measures our ResNet50s: the summary's numbers again
     evaluate_model.main([str(argument) for argument in [
-        "--model_path", root / "iter2" / "model.h5", "--base_model_path", base_path, "--latency_repeats", 0,
+        "--model_path", root / "iter2" / "model.h5", "--base_model_path", classifier_path, "--latency_repeats", 0,
         "--json", tmp_path / "evaluation.json", *data_flags, "--train_size", 200]])
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluation["parameters"] == record["parameters"] and evaluation["macs"] == record["macs"]
@@ -86,7 +86,7 @@ def test_prune_model_prunes_any_functional_classifier(base_path, tmp_path, capfd
     residual_root = tmp_path / "residual"
     capfd.readouterr()
     prune_model.main([str(argument) for argument in [
-        "--base_model_path", base_path, "--root_folder", residual_root, "--prune_residual", "--importance", "taylor",
+        "--base_model_path", classifier_path, "--root_folder", residual_root, "--prune_residual", "--importance", "taylor",
         "--criterion", "fraction", "--prune_fraction", 0.3, "--target_compression", 1.3, "--prune_iter", 3,
         *data_flags, *RUN_FLAGS]])
     summary = json.loads((residual_root / "summary.json").read_text())
@@ -133,7 +133,7 @@ def test_apoz_without_relu_outputs_is_refused_in_one_line(tmp_path, data_flags):
     assert prune.any_model_groups(network)  # groups exist: only the criterion cannot measure them
 
 
-def test_any_model_fine_tunes_in_the_precision_policy_and_saves_float32(base_path, tmp_path, monkeypatch, data_flags):
+def test_any_model_fine_tunes_in_the_precision_policy_and_saves_float32(classifier_path, tmp_path, monkeypatch, data_flags):
     """--precision mixed_bfloat16 on a model that is not our ResNet50: the fine-tuned copy computes
     in bfloat16 (its output layer in float32, as our ResNet50's softmax), the saved model is float32."""
     import training
@@ -151,7 +151,7 @@ def test_any_model_fine_tunes_in_the_precision_policy_and_saves_float32(base_pat
     root = tmp_path / "run"
     try:
         prune_model.main([str(argument) for argument in [
-            "--base_model_path", base_path, "--root_folder", root, "--prune_iter", 1, "--criterion", "fraction",
+            "--base_model_path", classifier_path, "--root_folder", root, "--prune_iter", 1, "--criterion", "fraction",
             "--prune_fraction", 0.25, *data_flags, *flags]])
     finally:
         keras.mixed_precision.set_global_policy("float32")
