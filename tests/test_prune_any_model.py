@@ -216,3 +216,42 @@ def test_a_target_out_of_reach_of_the_groups_the_criterion_scores_is_refused_up_
             "--base_model_path", path, "--root_folder", tmp_path / "run", "--criterion", "fraction",
             "--target_compression", 20, "--prune_iter", 1, *data_flags, *RUN_FLAGS]])
     assert not (tmp_path / "run").exists()
+
+
+def test_global_ranking_through_the_script_moves_channels_between_groups_down_to_the_base_floors(tmp_path, data_flags):
+    """--ranking global in prune_model.py: 9 of `inner`'s 12 filters made tiny, so ranked across
+    groups (each group's L1 divided by its mean) they go first and `wide` gives the rest; the
+    kept channels are prune.select_global's on the scores apoz.json records, the widths differ from
+    the layer ranking's, and the second iteration stops at the floors, 10% of the BASE widths."""
+    keras.utils.set_random_seed(0)
+    network = small_classifier()
+    kernel, bias = network.get_layer("inner").get_weights()
+    kernel[..., :9] *= 0.01
+    network.get_layer("inner").set_weights([kernel, bias])
+    path = tmp_path / "base.h5"
+    network.save(str(path))
+    root = tmp_path / "run"
+    prune_model.main([str(argument) for argument in [
+        "--base_model_path", path, "--root_folder", root, "--ranking", "global", "--importance", "l1",
+        "--criterion", "fraction", "--prune_fraction", 0.8, "--prune_iter", 2, *data_flags, *RUN_FLAGS]])
+    summary = json.loads((root / "summary.json").read_text())
+    floors = {"inner": 2, "wide": 3}  # ceil(10% of 12 and of 24); 10% of the pruned widths would be 1 and 1
+    widths = {"stem": 16, "inner": 12, "wide": 24}
+    for record in summary["iterations"]:
+        layers = json.loads((root / f"iter{record['iteration']}" / "apoz.json").read_text())["layers"]
+        assert sorted(layers) == ["inner", "wide"]
+        scores = {name: np.asarray(layers[name]["score"]) for name in layers}
+        assert {name: len(score) for name, score in scores.items()} == {"inner": widths["inner"], "wide": widths["wide"]}
+        expected = prune.select_global(scores, "fraction", fraction=0.8, floors=floors)
+        for name in layers:
+            assert layers[name]["kept"] == expected[name].tolist(), name
+            widths[name] = len(expected[name])
+        assert record["group_widths"] == widths
+        assert all(widths[name] >= floors[name] for name in floors)
+    first, second = summary["iterations"]
+    # the layer ranking removes round(80%) of each group: inner 12 -> 2, wide 24 -> 5; global took the 9 tiny filters
+    # of inner and 20 of wide (29 = round(80% of 36) in all)
+    assert first["group_widths"] == {"stem": 16, "inner": 3, "wide": 4} != {"stem": 16, "inner": 2, "wide": 5}
+    assert second["group_widths"] == {"stem": 16, **floors}  # 80% of 7 would be 6 channels: only 2 could go
+    pruned = keras.models.load_model(str(root / "iter2" / "model.h5"), compile=False)
+    assert pruned.get_layer("inner").filters == 2 and pruned.get_layer("wide").filters == 3
