@@ -474,3 +474,45 @@ def test_macs_of_a_transposed_convolution_and_of_a_layer_called_twice_by_hand():
     assert [group["name"] for group in groups] == ["up", "shared"]
     # "up" cut to 2 channels: its kernel and the shared 1x1 kernel's input axis halve
     assert prune.size_counter(network, groups)({"up": 2})[1] == 8 * 8 * (3 * 3 * 3 * 2) + (16 * 16 + 8 * 8) * (2 * 5) + dense_macs
+
+
+def test_surgery_of_a_layer_called_twice_computes_the_original_on_the_kept_channels():
+    """A 1x1 convolution `shared` called on two producers' outputs (`up`, 16x16, and `other`, 8x8):
+    one kernel reads both, so their channels form one group, and pruning that group and `shared`'s
+    own outputs slices the one kernel once; the Dense after the concatenation of both calls' pooled
+    outputs loses the rows of both copies. The pruned model against numpy on the original weights
+    restricted to the kept channels."""
+    layers = keras.layers
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8, 8, 3))
+    up = layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up")(inputs)
+    other = layers.Conv2D(4, 3, padding="same", name="other")(inputs)
+    shared = layers.Conv2D(5, 1, name="shared")
+    big = layers.GlobalAveragePooling2D()(shared(up))
+    small = layers.GlobalAveragePooling2D()(shared(other))
+    network = keras.Model(inputs, layers.Dense(2, name="classes")(layers.Concatenate()([big, small])))
+    for layer in network.layers:  # non-zero biases, so a bias left unsliced would show
+        if layer.weights:
+            kernel, bias = layer.get_weights()
+            layer.set_weights([kernel, np.random.default_rng(1).normal(0, 0.5, bias.shape).astype("float32")])
+    groups = prune.any_model_groups(network, residual=True)  # two producers tied: pruned like a residual stream
+    assert [(group["name"], group["width"], sorted(entry["layer"] for entry in group["producers"])) for group in groups] == [
+        ("up", 4, ["other", "up"]), ("shared", 5, ["shared"])]
+    keep_in, keep_out = [0, 2, 3], [1, 4]
+    pruned = prune.prune_groups(network, groups, {"up": keep_in, "shared": keep_out})
+    assert pruned.get_layer("up").filters == pruned.get_layer("other").filters == 3
+    assert pruned.get_layer("shared").filters == 2
+
+    images = random_images(network, count=3, seed=2)
+    up_kept, other_kept = (outputs_of(keras.Model(network.input, network.get_layer(name).output), images)[..., keep_in]
+                           .astype(np.float64) for name in ("up", "other"))
+    kernel, bias = (weight.astype(np.float64) for weight in network.get_layer("shared").get_weights())
+    kernel, bias = kernel[0, 0][keep_in][:, keep_out], bias[keep_out]  # (in, out) of the 1x1 kernel
+
+    def shared_then_mean(x):
+        return (np.einsum("nhwi,io->nhwo", x, kernel) + bias).mean(axis=(1, 2))
+
+    dense_kernel, dense_bias = (weight.astype(np.float64) for weight in network.get_layer("classes").get_weights())
+    rows = keep_out + [5 + channel for channel in keep_out]  # both calls' copies in the concatenation
+    expected = np.concatenate([shared_then_mean(up_kept), shared_then_mean(other_kept)], axis=1) @ dense_kernel[rows] + dense_bias
+    np.testing.assert_allclose(outputs_of(pruned, images), expected, rtol=1e-5, atol=1e-5)
