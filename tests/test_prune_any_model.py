@@ -255,3 +255,53 @@ def test_global_ranking_through_the_script_moves_channels_between_groups_down_to
     assert second["group_widths"] == {"stem": 16, **floors}  # 80% of 7 would be 6 channels: only 2 could go
     pruned = keras.models.load_model(str(root / "iter2" / "model.h5"), compile=False)
     assert pruned.get_layer("inner").filters == 2 and pruned.get_layer("wide").filters == 3
+
+
+def test_any_model_pruning_killed_mid_fine_tuning_resumes_to_the_uninterrupted_files(classifier_path, tmp_path, data_flags):
+    """SIGKILL of prune_model.py on a model that is not our ResNet50 once iteration 1's first
+    fine-tuning epoch is backed up; the same command then resumes at epoch 2 (epoch 1 kept as the
+    killed run wrote it) and writes what an uninterrupted run writes. The training numbers
+    themselves are compared by structure only: the random crops and flips (stateful random ops in a
+    parallel tf.data map) differ between any two processes, interrupted or not."""
+    import os
+
+    from conftest import REPO, assert_files_whole, kill_when
+
+    flags = ["--base_model_path", classifier_path, "--prune_iter", 1, "--criterion", "fraction", "--prune_fraction", 0.25,
+             *data_flags, *RUN_FLAGS[:3], 2, *RUN_FLAGS[4:]]  # two epochs
+    assert RUN_FLAGS[2:4] == ["--epoch_num", 1]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_script("prune_model.py", "--root_folder", whole, *flags)
+    marker = killed / "iter1" / "backup" / "training_metadata.json"
+
+    def first_epoch_backed_up():
+        try:
+            return json.loads(marker.read_text())["epoch"] == 1
+        except (OSError, ValueError, KeyError):
+            return False
+
+    kill_when([os.path.join(REPO, "prune_model.py"), "--root_folder", killed, *flags], first_epoch_backed_up)
+    assert_files_whole(killed)
+    assert json.loads((killed / "summary.json").read_text())["iterations"] == []
+    at_kill = json.loads((killed / "iter1" / "history.json").read_text())
+    assert {key: len(values) for key, values in at_kill.items()} == {key: 1 for key in at_kill}
+    rerun = run_script("prune_model.py", "--root_folder", killed, *flags[:-4], "--verbose", 2, *flags[-2:])
+    assert "resuming the fine-tuning" in rerun.stdout and "Epoch 2/2" in rerun.stdout and "Epoch 1/2" not in rerun.stdout
+
+    # before the fine-tuning: the same scores, the same channels, the same pruned model's accuracies
+    assert json.loads((killed / "iter1" / "apoz.json").read_text()) == json.loads((whole / "iter1" / "apoz.json").read_text())
+    pruned, whole_pruned = (json.loads((root / "iter1" / "pruned.json").read_text()) for root in (killed, whole))
+    assert pruned.pop("seconds") > 0 and whole_pruned.pop("seconds") > 0 and pruned == whole_pruned
+    history, whole_history = (json.loads((root / "iter1" / "history.json").read_text()) for root in (killed, whole))
+    assert {key: values[:1] for key, values in history.items()} == at_kill  # epoch 1 not trained again
+    assert {key: len(values) for key, values in history.items()} == {key: len(values) for key, values in whole_history.items()}
+    assert history["lr"] == whole_history["lr"]  # the schedule continued where it stood
+    summary, whole_summary = (json.loads((root / "summary.json").read_text()) for root in (killed, whole))
+    assert summary["base"] == whole_summary["base"]
+    [record], [whole_record] = summary["iterations"], whole_summary["iterations"]
+    trained = ("val_acc", "test_acc", "seconds")
+    assert {key: value for key, value in record.items() if key not in trained} == \
+        {key: value for key, value in whole_record.items() if key not in trained}
+    assert record["val_acc"] == pytest.approx(max(history["val_acc"]), abs=2e-4)  # the resumed fit's best checkpoint
+    assert json.loads((killed / "config.json").read_text())["complete"] is True
+    assert sorted(os.listdir(killed / "iter1")) == sorted(os.listdir(whole / "iter1"))  # no backup left
