@@ -198,6 +198,20 @@ def kill_when(arguments, condition, timeout=300, stdout=None, may_finish=False):
     return True
 
 
+def assert_same_steps(result, replicas):
+    """tests/distributed_steps.py's output: the distributed steps against the one-device steps, the
+    same losses at every step, the same weights (to float32 summation order), from the same start,
+    and the steps really changed the weights."""
+    assert result["replicas"] == replicas
+    for kind in ("classifier", "distiller"):
+        steps = result[kind]
+        assert len(steps["losses"]) == len(steps["single_losses"]) == 4, kind
+        assert steps["losses"] == pytest.approx(steps["single_losses"], rel=1e-5), kind
+        assert steps["start"] == 0 and steps["moved"] > 1e-3, kind
+        # a loss summed instead of averaged over the replicas would move the weights twice as far
+        assert steps["weights"] < 1e-5 < steps["moved"] / 100, kind
+
+
 def temporaries(folder):
     """Files of writes still in progress (files.write_atomically's temporaries) anywhere under `folder`."""
     return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
