@@ -69,11 +69,8 @@ def test_distillation_mirrored_on_two_cpus_writes_what_a_single_device_writes(tm
 
 
 @pytest.mark.slow  # make test-all
-def test_pruning_fine_tunes_mirrored_on_two_cpus_like_single_device(tmp_path):
-    import checkpoints
-
-    base = str(tmp_path / "base.h5")
-    checkpoints.save_model(resnet.build_resnet50(resnet.width_spec(0.0625)), base)
+def test_pruning_fine_tunes_mirrored_on_two_cpus_like_single_device(tmp_path, base_path):
+    base = str(base_path)  # conftest's: a fresh width-0.0625 ResNet50
     mirrored = str(tmp_path / "mirrored")
     run_script("prune_model.py", "--base_model_path", base, "--prune_iter", "1", "--criterion", "fraction",
                "--prune_fraction", "0.25", *TINY[:2], *TINY[4:], "--root_folder", mirrored,
