@@ -234,15 +234,47 @@ def bn_scale_importance(network, groups, **unused):
 # First-order Taylor (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning")
 
 
+def classifier_head(network):
+    """(is_probabilities, logits) of `network`'s single output: whether it is a softmax over its
+    last axis, and the Keras tensor of the logits before that softmax where the graph has one
+    (the input of a final Activation("softmax") or Softmax() layer), else None (the output is
+    itself the logits, or a Dense(activation="softmax") computes them inside its layer).
+
+    The one answer every stage and criterion uses (the Taylor loss, the fine-tuning loss), so that
+    the three spellings of the same function are scored and trained alike."""
+    import keras
+
+    output = network.output
+    history = output._keras_history
+    layer = history.operation
+    # the inputs of the call that made the output (a layer may be called more than once)
+    inputs = layer._inbound_nodes[history.node_index].input_tensors
+    logits = inputs[0] if inputs else None
+    rank = len(output.shape)
+    if isinstance(layer, keras.layers.Softmax):
+        # a softmax over another axis than the last one is not a classifier's
+        axes = {int(axis) % rank for axis in np.atleast_1d(layer.axis)}
+        return (True, logits) if axes == {rank - 1} else (False, None)
+    activation = getattr(layer, "activation", None)
+    # keras.activations.softmax normalises the last axis; compare the function, as the config
+    # name of a layer's activation may be a serialized object rather than "softmax"
+    if activation is keras.activations.softmax or layer.get_config().get("activation") == "softmax":
+        return (True, logits) if isinstance(layer, keras.layers.Activation) else (True, None)
+    return False, None
+
+
+def ends_in_softmax(network):
+    """True when `network` outputs probabilities (a final softmax), False for logits."""
+    return classifier_head(network)[0]
+
+
 def _loss_input(network):
     """(tensor, is_probabilities): the logits before a final softmax where the graph has them,
-    else the model's output and whether it is a probability (a softmax activation in its layer)."""
-    output = network.output
-    layer = output._keras_history.operation
-    config = layer.get_config()
-    if type(layer).__name__ == "Activation" and config.get("activation") == "softmax":
-        return layer.input, False
-    return output, config.get("activation") == "softmax"
+    else the model's output and whether it is a probability (see `classifier_head`)."""
+    probabilities, logits = classifier_head(network)
+    if logits is not None:
+        return logits, False
+    return network.output, probabilities
 
 
 def taylor_accumulator(network, groups):
@@ -321,6 +353,21 @@ def random_importance(network, groups, seed=0, **unused):
     groups give the same scores."""
     generator = np.random.default_rng(seed)
     return {group["name"]: generator.random(group["width"]) for group in groups}
+
+
+def scored_groups(name, network, groups):
+    """The groups of `groups` that criterion `name` will score (the others keep their channels),
+    known without images: not frozen, and for apoz and taylor with a ReLU-family output, for l1
+    and bn_scale with the weights they read."""
+    if name not in IMPORTANCES:
+        raise ValueError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCES)}")
+    groups = [group for group in groups if not group["frozen"]]
+    if name in ("apoz", "taylor"):
+        return [group for group in groups if group["activations"]]
+    if name in ("l1", "bn_scale"):  # cheap: weights only
+        scores = importance_scores(name, network, groups)
+        return [group for group in groups if group["name"] in scores]
+    return groups
 
 
 def importance_scores(name, network, groups, images=None, labels=None, batch_size=128, seed=0, verbose=0, measured=None):

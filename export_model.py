@@ -40,7 +40,8 @@ def percent(text):
 
 
 def parse_args(argv=None):
-    parser = cli.Parser(description="Export a ResNet50 checkpoint to float32 and int8 TensorFlow Lite models.")
+    parser = cli.Parser(description="Export a checkpoint (our ResNet50 or any Keras classifier on 32x32 images) to float32 "
+                                    "and int8 TensorFlow Lite models.")
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--out_dir", default=None, help="folder for the .tflite files and export.json (default: the model's folder)")
     parser.add_argument("--calibration_images", type=cli.positive_int, default=DEFAULT_CALIBRATION_IMAGES,
@@ -289,8 +290,8 @@ def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_i
     beside the Keras model's (`keras_test_acc`, measured here when not given). `network` is the
     model already loaded from `model_path`, if any.
     """
-    if network is None:
-        network = checkpoints.load_model(model_path)
+    if network is None:  # any Keras classifier: what evaluate_model.py and the pruning stage accept
+        network = checkpoints.load_model(model_path, any_model=True)
     out_dir = out_dir or os.path.dirname(os.path.abspath(model_path))
     stages.check_output_folder(out_dir)
     files.remove_temporaries(out_dir)  # of a killed earlier export
@@ -351,7 +352,7 @@ def main(argv=None):
     args = parse_args(argv)
     import data
 
-    network = checkpoints.load_model(args.model_path)  # reject bad files before loading the data set
+    network = checkpoints.load_model(args.model_path, any_model=True)  # reject bad files before loading the data set
     if args.out_dir:
         stages.check_output_folder(args.out_dir)
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)

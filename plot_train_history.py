@@ -146,7 +146,7 @@ def plot_histories(paths, out):
     figure.suptitle(title)
     figure.tight_layout()
     _save(figure, out)
-    return out
+    return figure
 
 
 def _save(figure, path):
@@ -211,6 +211,7 @@ def plot_pruning(summary, out):
         accuracy_axis.set_title(note, fontsize=8, color="0.35")
     figure.tight_layout()
     _save(figure, out)
+    return figure
 
 
 def removed_matrix(apoz):
@@ -245,6 +246,7 @@ def plot_apoz_bars(apoz, out):
     axis.set_title("Channels removed per layer and iteration (APoZ)")
     axis.view_init(elev=28, azim=-60)
     _save(figure, out)
+    return figure
 
 
 def plot_apoz_heatmap(apoz, out):
@@ -264,6 +266,7 @@ def plot_apoz_heatmap(apoz, out):
     axis.set_title("Channels removed per layer and iteration (APoZ)")
     figure.tight_layout()
     _save(figure, out)
+    return figure
 
 
 VARIANT_ORDER = ("student alone", "L_b", "L_b + L_inter", "L_b + L_inter + L_adv")
@@ -322,6 +325,7 @@ def plot_students(students, teacher, out):
                   fontsize=7, color="0.35")
     figure.tight_layout()
     _save(figure, out)
+    return figure
 
 
 def plot_compression(summary, students, out):
@@ -368,6 +372,7 @@ def plot_compression(summary, students, out):
     axis.legend(fontsize=8, loc="upper right")
     figure.tight_layout()
     _save(figure, out)
+    return figure
 
 
 def results_rows(model_root):
@@ -435,7 +440,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.history_path:
         out = args.out or os.path.join(os.path.dirname(args.history_path[0]) or ".", "history.png")
-        print(f"wrote {plot_histories(args.history_path, out)}")
+        plot_histories(args.history_path, out)
+        print(f"wrote {out}")
     if args.figures:
         for path in draw_figures(args.model_root, args.images_dir):
             print(f"wrote {path}")

@@ -231,11 +231,9 @@ def size_counter(network, groups):
                     axes.setdefault((entry["layer"], weight), {}).setdefault(axis, []).append(
                         (group["name"], entry["indices"].shape[1]))
     terms = []  # (shape, {axis: [(group, positions per channel)]}, MACs per element)
+    calls = _kernel_positions(network)
     for layer in network.layers:
-        try:
-            positions = int(np.prod(layer.output.shape[1:-1], dtype=np.int64))
-        except (AttributeError, ValueError, TypeError):  # a layer called several times has no single output
-            positions = 0
+        positions = calls.get(layer.name, 0)
         for weight in layer.weights:
             shape = tuple(int(size) for size in weight.shape)
             by_axis = {axis % len(shape): shares for axis, shares in axes.get((layer.name, weight.name), {}).items()}
@@ -257,6 +255,34 @@ def size_counter(network, groups):
         return parameters, macs
 
     return count
+
+
+TRANSPOSED_CONVOLUTIONS = ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
+
+
+def _kernel_positions(network):
+    """{layer name: positions its kernel is applied at for one image, summed over its calls in
+    `network`}: the output positions (channels_last), or for a transposed convolution the input
+    positions (each input position is multiplied by the whole kernel once; its output has
+    stride^2 times more positions). A layer called twice computes twice."""
+    nodes = [node for depth in getattr(network, "_nodes_by_depth", {}).values() for node in depth]
+    if not nodes:  # a Sequential keeps no node lists of its own: each layer's one call
+        nodes = [layer._inbound_nodes[0] for layer in network.layers if layer._inbound_nodes]
+    positions = {}
+
+    def count(tensor):
+        return int(np.prod(tensor.shape[1:-1], dtype=np.int64))
+
+    for node in nodes:
+        layer = node.operation
+        tensors = node.input_tensors if type(layer).__name__ in TRANSPOSED_CONVOLUTIONS else node.output_tensors
+        if len(tensors) != 1:  # several inputs or outputs (a merge, a nested model): no kernel positions
+            continue
+        try:
+            positions[layer.name] = positions.get(layer.name, 0) + count(tensors[0])
+        except (ValueError, TypeError):  # an undefined spatial size
+            continue
+    return positions
 
 
 def model_size(network):

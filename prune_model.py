@@ -160,9 +160,11 @@ def check_any_model(network, class_num):
 
 
 def from_logits(network):
-    """True unless the model ends in a softmax (our ResNet50 does): its output is then logits."""
-    layer = network.output._keras_history.operation
-    return layer.get_config().get("activation") != "softmax"
+    """True unless the model ends in a softmax (our ResNet50 does): its output is then logits.
+    Any spelling of the softmax (see channel_importance.classifier_head)."""
+    import channel_importance
+
+    return not channel_importance.ends_in_softmax(network)
 
 
 def check_selection(network, groups, args):
@@ -190,16 +192,45 @@ def check_selection(network, groups, args):
             raise cli.UserError(str(error)) from None
 
 
+SPLIT_GROUP = re.compile(r"^(?P<layer>.*)\[(?P<start>\d+):\d+\](?P<repeat>#\d+)?$")  # channel_graph's layer[start:stop]
+
+
+def stable_keys(groups):
+    """{group name: a key that names the same group in the base model and after any pruning}.
+
+    A group that splits a layer's channels is named by its positions, layer[start:stop], which
+    shift when channels before it go; its rank among that layer's split groups does not (pruning
+    keeps every group, with at least one channel). Other names stay as they are."""
+    ranks = {}
+    for group in groups:
+        match = SPLIT_GROUP.match(group["name"])
+        if match:
+            ranks.setdefault((match["layer"], match["repeat"] or ""), []).append((int(match["start"]), group["name"]))
+    keys = {group["name"]: group["name"] for group in groups}
+    for (layer, repeat), members in ranks.items():
+        for rank, (_, name) in enumerate(sorted(members)):
+            keys[name] = f"{layer}[split {rank}]{repeat}"
+    return keys
+
+
+def base_group_widths(base_network, args):
+    """{stable key (see stable_keys): width} of the groups this run prunes in the base model."""
+    groups = channel_groups(base_network, args)
+    keys = stable_keys(groups)
+    return {keys[group["name"]]: group["width"] for group in groups}
+
+
 def floors(base_widths, groups, args):
     """{group name: fewest channels the selection can leave}, never above the current width.
-    `base_widths`: {group name: width in the base model} (global ranking's floor is a share of it)."""
+    `base_widths`: base_group_widths of the base model (global ranking's floor is a share of it)."""
     import prune
 
+    keys = stable_keys(groups)
     result = {}
     for group in groups:
         width = group["width"]
         if args.ranking == "global":
-            floor = prune.global_floor(base_widths.get(group["name"], width), args.min_channels)
+            floor = prune.global_floor(base_widths.get(keys[group["name"]], width), args.min_channels)
         else:
             floor = max(1, args.min_channels)
         result[group["name"]] = min(width, -(-floor // args.round_to) * args.round_to)
@@ -229,18 +260,25 @@ def predictor(base_network, network, groups, measure):
 
 
 def check_target(base_network, network, groups, base_widths, args):
-    """Refuse up front a target that even every pruned group at its floor would not reach."""
+    """Refuse up front a target that even every group the run prunes at its floor would not reach:
+    a group the criterion cannot score keeps its channels, so it stays whole here too."""
+    import channel_importance
+
     target = target_of(args)
     if target is None:
         return
     measure, value = target
-    widths = floors(base_widths, groups, args)
+    floor = floors(base_widths, groups, args)  # of every group: split groups are ranked among all
+    scored = channel_importance.scored_groups(args.importance, network, groups)
+    widths = {group["name"]: floor[group["name"]] for group in scored}
     best = predictor(base_network, network, groups, measure)(widths)
     if best < value:
         flag = "--target_compression" if measure == "compression_rate" else "--target_macs"
         what = "inner and residual" if args.prune_residual else "inner (add --prune_residual for more)"
+        unscored = len([group for group in groups if not group["frozen"]]) - len(scored)
+        kept = f" ({unscored} group(s) --importance {args.importance} cannot score keep their channels)" if unscored else ""
         raise cli.UserError(f"{flag} {value:g} is out of reach: every {what} channel group at its floor gives "
-                            f"{best:.2f}x")
+                            f"{best:.2f}x{kept}")
 
 
 def describe(network, split, args, path=None):
@@ -273,10 +311,12 @@ def select(k, network, groups, scores, base_network, base_widths, args):
     apoz.json or None)."""
     import prune
 
+    # floors of every group: a split group's base width is found by its rank among all of its layer's
+    floor = floors(base_widths, groups, args)
     groups = [group for group in groups if group["name"] in scores]
     if args.ranking == "global":
         keep = prune.select_global(scores, args.criterion, args.std_k, args.prune_fraction,
-                                   floors(base_widths, groups, args), args.round_to)
+                                   {group["name"]: floor[group["name"]] for group in groups}, args.round_to)
     else:
         keep = {}
         for group in groups:
@@ -374,10 +414,16 @@ def run_iteration(k, network, score_data, split, train_data, val_data, base, bas
     started = time.perf_counter()
     training.set_seed(args.seed + k)
     steps_per_epoch = -(-len(split.y_train) // args.batch_size)
-    # Fine-tune a twin built under the strategy (replicated variables) and, for our ResNet50, the
-    # precision policy (a loaded pruned.h5 is float32; any other model keeps its layers' dtypes).
+    # Fine-tune a twin built under the strategy (replicated variables) and the precision policy:
+    # pruned.h5 is float32 (checkpoints.save_model), so any other model is recast to the policy,
+    # its output layers kept float32 as our ResNet50's softmax.
     with strategy.scope():
-        twin = resnet.rebuild_like(pruned) if ours else keras.models.clone_model(pruned)
+        if ours:
+            twin = resnet.rebuild_like(pruned)
+        else:
+            twin = checkpoints.recast(pruned, keras.mixed_precision.global_policy().name)
+            if twin is pruned:  # already in the policy: still a copy built under the strategy
+                twin = keras.models.clone_model(pruned)
     twin.set_weights(pruned.get_weights())
     pruned = twin
     with strategy.scope():
@@ -446,7 +492,7 @@ def main(argv=None):
                                          f"iteration {len(done)} model", any_model=not ours)
     try:
         groups = channel_groups(network, args)
-        base_widths = {group["name"]: group["width"] for group in channel_groups(base_network, args)}
+        base_widths = base_group_widths(base_network, args)
     except ValueError as error:  # the graph and model.channel_groups() disagree, or a model the trace refuses
         raise cli.UserError(f"cannot trace the channels of {args.base_model_path}: {error}") from None
     check_selection(network, groups, args)

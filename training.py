@@ -237,6 +237,42 @@ def make_stage_recorder(folder, model_to_save=None, monitor="val_acc", run_folde
     return StageRecorder()
 
 
+def replay_early_stopping(scores):
+    """(best, wait) of keras.callbacks.EarlyStopping(mode="max") after the epochs whose
+    monitored `scores` (None: not measured) are given, by its own rule: every measured epoch
+    counts one more wait, an improvement on the best resets it."""
+    best, wait = None, 0
+    for score in scores:
+        if score is None:
+            continue  # EarlyStopping skips an epoch without the monitored value
+        wait += 1
+        if best is None or score > best:  # NaN never improves, as in Keras
+            best, wait = score, 0
+    return best, wait
+
+
+def make_early_stopping(recorder, patience, monitor="val_acc"):
+    """EarlyStopping on validation accuracy whose best score and wait continue across a resume.
+
+    Keras' EarlyStopping starts afresh at every fit, so a fit resumed by BackupAndRestore would
+    stop at another epoch than an uninterrupted one. At the first epoch of a fit this one replays
+    the `recorder`'s history (cut back to the epoch training resumes from) instead.
+    """
+    import keras
+
+    class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self.replayed = False
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if not self.replayed:  # the recorder (earlier in the callbacks) has read the history by now
+                self.replayed = True
+                self.best, self.wait = replay_early_stopping((recorder.history or {}).get(monitor, [])[:epoch])
+
+    return ResumedEarlyStopping(monitor="val_accuracy", mode="max", patience=patience)
+
+
 class TrainingDiverged(UserError):
     pass
 
@@ -268,7 +304,7 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
     callbacks = [recorder, keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
                  keras.callbacks.TerminateOnNaN(), *extra_callbacks]
     if args.patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=args.patience))
+        callbacks.append(make_early_stopping(recorder, args.patience))
     if getattr(args, "tensorboard", None):
         # One log folder per fitted folder (a pruning run's iterations each get theirs).
         name = os.path.basename(os.path.normpath(folder))

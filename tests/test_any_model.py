@@ -266,9 +266,8 @@ def test_l1_and_apoz_importances_against_numpy(small):
     images = random_images(network, count=12, seed=5)
     scores = channel_importance.importance_scores("apoz", network, groups, images, batch_size=5)  # a partial last batch
     assert set(scores) == {"hidden", "side", "transpose"}  # groups with a ReLU-family output
-    relu, depthwise, hidden = resnet.feature_model(network, ["relu", "depthwise", "hidden"])(images, training=False)
-    zeros = {name: np.mean(keras.ops.convert_to_numpy(output) == 0, axis=tuple(range(len(output.shape) - 1)))
-             for name, output in (("relu", relu), ("depthwise", depthwise), ("hidden", hidden))}
+    # per-layer APoZ is checked against numpy once (test_prune.py); here: how traced groups combine their layers'
+    zeros = channel_importance.apoz(network, ["relu", "depthwise", "hidden"], images, batch_size=12, verbose=0)
     np.testing.assert_allclose(1 - scores["transpose"], (zeros["relu"][:4] + zeros["depthwise"]) / 2, rtol=0, atol=1e-12)
     np.testing.assert_allclose(1 - scores["side"], zeros["relu"][4:], rtol=0, atol=1e-12)
     np.testing.assert_allclose(1 - scores["hidden"], zeros["hidden"], rtol=0, atol=1e-12)
@@ -277,9 +276,11 @@ def test_l1_and_apoz_importances_against_numpy(small):
         channel_importance.importance_scores("l2", network, groups)
 
 
-def residual_classifier(softmax):
+def residual_classifier(softmax, head="dense"):
     """conv a (BN, ReLU) -> conv b (BN) + shortcut conv (BN) -> Add -> ReLU -> pooled -> 4 classes,
-    with BatchNorms perturbed so that channels differ."""
+    with BatchNorms perturbed so that channels differ. With `softmax`, the probabilities come from
+    `head`: "dense" (Dense(activation="softmax")), "activation" (Activation("softmax")) or
+    "layer" (Softmax()); the weights are the same for one seed whatever the spelling."""
     layers = keras.layers
     inputs = keras.Input((8, 8, 3), name="image")
     x = layers.ReLU(name="a_relu")(layers.BatchNormalization(name="a_bn")(layers.Conv2D(6, 3, padding="same", name="a")(inputs)))
@@ -287,7 +288,14 @@ def residual_classifier(softmax):
     shortcut = layers.BatchNormalization(name="shortcut_bn")(layers.Conv2D(5, 1, name="shortcut")(x))
     x = layers.ReLU(name="out")(layers.Add(name="add")([branch, shortcut]))
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    network = keras.Model(inputs, layers.Dense(4, activation="softmax" if softmax else None, name="classes")(x))
+    if softmax and head == "dense":
+        outputs = layers.Dense(4, activation="softmax", name="classes")(x)
+    else:
+        outputs = layers.Dense(4, name="classes")(x)
+        if softmax:
+            outputs = (layers.Activation("softmax", name="probabilities") if head == "activation"
+                       else layers.Softmax(name="probabilities"))(outputs)
+    network = keras.Model(inputs, outputs)
     rng = np.random.default_rng(9)
     for layer in network.layers:
         if isinstance(layer, layers.BatchNormalization):
@@ -323,6 +331,36 @@ def test_taylor_and_bn_scale_on_traced_groups_against_numpy(softmax):
     np.testing.assert_allclose(bn_scale["b"], (gamma["b"] / gamma["b"].mean() + gamma["shortcut"] / gamma["shortcut"].mean()) / 2)
     random = channel_importance.importance_scores("random", network, groups, seed=(0, 1))
     assert {name: len(values) for name, values in random.items()} == {"a": 6, "b": 5}
+
+
+def test_every_softmax_spelling_gives_the_same_taylor_scores_and_loss():
+    """Dense(activation="softmax"), Dense + Activation("softmax") and Dense + Softmax() are one
+    function: the Taylor scores (through the logits) and the fine-tuning loss's from_logits agree."""
+    import prune_model
+
+    images = random_images(residual_classifier(False), count=10, seed=3)
+    labels = np.arange(10) % 4
+    scores, networks = {}, {}
+    for head in ("dense", "activation", "layer"):
+        keras.utils.set_random_seed(0)
+        network = networks[head] = residual_classifier(True, head)
+        groups = prune.any_model_groups(network, residual=True)
+        scores[head] = channel_importance.importance_scores("taylor", network, groups, images, labels, batch_size=4)
+    np.testing.assert_allclose(networks["layer"].predict(images, verbose=0), networks["dense"].predict(images, verbose=0),
+                               rtol=1e-5, atol=1e-7)  # the same function, the same weights
+    for head in ("activation", "layer"):
+        assert scores[head].keys() == scores["dense"].keys() == {"a", "b"}
+        for name in scores["dense"]:
+            np.testing.assert_allclose(scores[head][name], scores["dense"][name], rtol=1e-4, atol=1e-7, err_msg=(head, name))
+    for head, network in networks.items():
+        assert channel_importance.ends_in_softmax(network) and not prune_model.from_logits(network), head
+    keras.utils.set_random_seed(0)
+    logits = residual_classifier(False)
+    assert not channel_importance.ends_in_softmax(logits) and prune_model.from_logits(logits)
+    # a softmax over another axis than the classes' is not the classifier's softmax
+    inputs = keras.Input((3, 4))
+    across = keras.Model(inputs, keras.layers.Softmax(axis=1)(keras.layers.Dense(4)(inputs)))
+    assert not channel_importance.ends_in_softmax(across)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,3 +451,68 @@ def test_prune_model_takes_the_traced_groups_for_the_same_result():
     for layer in by_table.layers:
         for table_weight, traced_weight in zip(layer.get_weights(), by_trace.get_layer(layer.name).get_weights()):
             np.testing.assert_array_equal(traced_weight, table_weight, err_msg=layer.name)
+
+
+def test_macs_of_a_transposed_convolution_and_of_a_layer_called_twice_by_hand():
+    """A transposed convolution multiplies its kernel once per INPUT position (not per output
+    position, stride^2 more); a layer called twice computes twice."""
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    up = layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up")(inputs)  # 16x16x4
+    shared = layers.Conv2D(5, 1, name="shared")
+    big = layers.GlobalAveragePooling2D()(shared(up))  # on 16x16 positions
+    small = layers.GlobalAveragePooling2D()(shared(layers.MaxPooling2D(name="pool")(up)))  # on 8x8 positions
+    network = keras.Model(inputs, layers.Dense(2, name="classes")(layers.Concatenate()([big, small])))
+    up_macs = 8 * 8 * (3 * 3 * 3 * 4)  # input positions x kernel elements
+    shared_macs = (16 * 16 + 8 * 8) * (4 * 5)
+    dense_macs = 10 * 2
+    sequential = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2DTranspose(4, 3, strides=2, padding="same"),
+                                   layers.Flatten(), layers.Dense(2)])
+    assert prune.model_size(sequential) == (sequential.count_params(), up_macs + 16 * 16 * 4 * 2)
+    assert prune.model_size(network) == (network.count_params(), up_macs + shared_macs + dense_macs)
+    groups = prune.any_model_groups(network)
+    assert [group["name"] for group in groups] == ["up", "shared"]
+    # "up" cut to 2 channels: its kernel and the shared 1x1 kernel's input axis halve
+    assert prune.size_counter(network, groups)({"up": 2})[1] == 8 * 8 * (3 * 3 * 3 * 2) + (16 * 16 + 8 * 8) * (2 * 5) + dense_macs
+
+
+def test_surgery_of_a_layer_called_twice_computes_the_original_on_the_kept_channels():
+    """A 1x1 convolution `shared` called on two producers' outputs (`up`, 16x16, and `other`, 8x8):
+    one kernel reads both, so their channels form one group, and pruning that group and `shared`'s
+    own outputs slices the one kernel once; the Dense after the concatenation of both calls' pooled
+    outputs loses the rows of both copies. The pruned model against numpy on the original weights
+    restricted to the kept channels."""
+    layers = keras.layers
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8, 8, 3))
+    up = layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up")(inputs)
+    other = layers.Conv2D(4, 3, padding="same", name="other")(inputs)
+    shared = layers.Conv2D(5, 1, name="shared")
+    big = layers.GlobalAveragePooling2D()(shared(up))
+    small = layers.GlobalAveragePooling2D()(shared(other))
+    network = keras.Model(inputs, layers.Dense(2, name="classes")(layers.Concatenate()([big, small])))
+    for layer in network.layers:  # non-zero biases, so a bias left unsliced would show
+        if layer.weights:
+            kernel, bias = layer.get_weights()
+            layer.set_weights([kernel, np.random.default_rng(1).normal(0, 0.5, bias.shape).astype("float32")])
+    groups = prune.any_model_groups(network, residual=True)  # two producers tied: pruned like a residual stream
+    assert [(group["name"], group["width"], sorted(entry["layer"] for entry in group["producers"])) for group in groups] == [
+        ("up", 4, ["other", "up"]), ("shared", 5, ["shared"])]
+    keep_in, keep_out = [0, 2, 3], [1, 4]
+    pruned = prune.prune_groups(network, groups, {"up": keep_in, "shared": keep_out})
+    assert pruned.get_layer("up").filters == pruned.get_layer("other").filters == 3
+    assert pruned.get_layer("shared").filters == 2
+
+    images = random_images(network, count=3, seed=2)
+    up_kept, other_kept = (outputs_of(keras.Model(network.input, network.get_layer(name).output), images)[..., keep_in]
+                           .astype(np.float64) for name in ("up", "other"))
+    kernel, bias = (weight.astype(np.float64) for weight in network.get_layer("shared").get_weights())
+    kernel, bias = kernel[0, 0][keep_in][:, keep_out], bias[keep_out]  # (in, out) of the 1x1 kernel
+
+    def shared_then_mean(x):
+        return (np.einsum("nhwi,io->nhwo", x, kernel) + bias).mean(axis=(1, 2))
+
+    dense_kernel, dense_bias = (weight.astype(np.float64) for weight in network.get_layer("classes").get_weights())
+    rows = keep_out + [5 + channel for channel in keep_out]  # both calls' copies in the concatenation
+    expected = np.concatenate([shared_then_mean(up_kept), shared_then_mean(other_kept)], axis=1) @ dense_kernel[rows] + dense_bias
+    np.testing.assert_allclose(outputs_of(pruned, images), expected, rtol=1e-5, atol=1e-5)

@@ -89,6 +89,50 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(folder, "backup"))  # a rerun must not resume from NaN weights
 
 
+class Killed(Exception):
+    """Stands for a SIGKILL: raised once the epoch's files and backup are written."""
+
+
+def test_a_resumed_fit_stops_early_at_the_same_epoch_as_an_uninterrupted_one(tmp_path):
+    """EarlyStopping's best score and wait survive a kill: the resumed fit replays them from the
+    history. A learning rate of 0 keeps the validation accuracy constant, so patience 2 stops after
+    3 epochs (an improvement, then two without); the kill falls after epoch 2, one epoch before
+    that stop. Before the fix the resumed fit started counting afresh and ran 5 epochs."""
+    import argparse
+
+    import numpy as np
+    import tensorflow as tf
+
+    args = argparse.Namespace(epoch_num=8, learning_rate=0.0, momentum=0.9, weight_decay=0.0, label_smoothing=0.0,
+                              lr_schedule="cosine", warmup_epochs=0, step_epochs=60, patience=2, verbose=0)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(32, 6)).astype("float32")
+    labels = np.eye(3, dtype="float32")[rng.integers(0, 3, 32)]
+    train = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
+
+    def fit(folder, extra_callbacks=()):
+        training.set_seed(0)
+        inputs = keras.Input((6,))
+        network = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+        training.compile_classifier(network, args, steps_per_epoch=2)
+        return training.fit_stage(network, train, train, str(folder), args, extra_callbacks=extra_callbacks)
+
+    uninterrupted = fit(tmp_path / "whole")
+    assert len(uninterrupted["val_acc"]) == 3 and len(set(uninterrupted["val_acc"])) == 1
+
+    class KillAfterEpoch2(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):  # after the recorder and the backup (fit_stage's order)
+            if epoch == 1:
+                raise Killed()
+
+    with pytest.raises(Killed):
+        fit(tmp_path / "killed", [KillAfterEpoch2()])
+    assert epochs_recorded(str(tmp_path / "killed")) == 2
+    resumed = fit(tmp_path / "killed")
+    assert resumed == uninterrupted
+    assert files.read_history(str(tmp_path / "killed" / "history.json")) == uninterrupted
+
+
 @pytest.mark.slow  # make test-all
 def test_distillation_resumes_after_sigkill_at_every_phase_with_whole_files(tmp_path, data_flags):
     import model as resnet

@@ -1,14 +1,19 @@
-"""--distribute mirrored on two logical CPU devices writes what a single device writes (the
-single-device runs are in the stage tests; their files and keys are spelled out here)."""
+"""--distribute mirrored on two logical CPU devices: a few steps compute what one device computes
+with the same global batch (losses and weights, the stage's classifier and the Distiller), and the
+stage scripts write what a single device writes (the single-device runs are in the stage tests;
+their files and keys are spelled out here)."""
 
 import json
 import os
+
+import subprocess
+import sys
 
 import keras
 import pytest
 
 import model as resnet
-from conftest import run_script
+from conftest import REPO, assert_same_steps, run_script
 
 TINY = ["--dataset", "sample", "--width", "0.0625", "--train_size", "128", "--epoch_num", "1", "--batch_size", "64",
         "--verbose", "0"]
@@ -21,6 +26,19 @@ def stage_files(folder):
 
 # What a single-device run of one epoch writes (tests/test_base_stage.py and test_prune.py run those).
 SINGLE_DEVICE_HISTORY = {key: 1 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr")}
+
+
+def distributed_steps(tmp_path, distribute, cpu_devices):
+    """tests/distributed_steps.py in a fresh process (logical CPUs are set before TensorFlow starts)."""
+    output = tmp_path / "steps.json"
+    completed = subprocess.run([sys.executable, os.path.join(REPO, "tests", "distributed_steps.py"), distribute,
+                                str(cpu_devices), str(output)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
+def test_mirrored_steps_on_two_cpus_compute_what_one_device_computes(tmp_path):
+    assert_same_steps(distributed_steps(tmp_path, "mirrored", 2), replicas=2)
 
 
 def test_base_training_mirrored_on_two_cpus_writes_what_a_single_device_writes(tmp_path):
@@ -51,11 +69,8 @@ def test_distillation_mirrored_on_two_cpus_writes_what_a_single_device_writes(tm
 
 
 @pytest.mark.slow  # make test-all
-def test_pruning_fine_tunes_mirrored_on_two_cpus_like_single_device(tmp_path):
-    import checkpoints
-
-    base = str(tmp_path / "base.h5")
-    checkpoints.save_model(resnet.build_resnet50(resnet.width_spec(0.0625)), base)
+def test_pruning_fine_tunes_mirrored_on_two_cpus_like_single_device(tmp_path, base_path):
+    base = str(base_path)  # conftest's: a fresh width-0.0625 ResNet50
     mirrored = str(tmp_path / "mirrored")
     run_script("prune_model.py", "--base_model_path", base, "--prune_iter", "1", "--criterion", "fraction",
                "--prune_fraction", "0.25", *TINY[:2], *TINY[4:], "--root_folder", mirrored,

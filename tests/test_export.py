@@ -138,6 +138,25 @@ def test_evaluate_model_flag_calls_the_same_export(exported, tiny_model, monkeyp
     assert "TFLite int8" in printed
 
 
+def test_evaluate_model_exports_a_model_that_is_not_our_resnet(tmp_path, capsys):
+    """evaluate_model.py measures any functional classifier; --export_tflite exports it too."""
+    import evaluate_model
+
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(8, 3, strides=2, name="conv")(layers.Rescaling(1 / 255.0)(inputs))
+    x = layers.GlobalAveragePooling2D()(layers.ReLU()(layers.BatchNormalization()(x)))
+    path = tmp_path / "classifier.h5"
+    keras.Model(inputs, layers.Dense(10, activation="softmax")(x)).save(str(path))
+    evaluate_model.main(["--model_path", str(path), "--base_model_path", str(path), "--dataset", "sample",
+                         "--latency_repeats", "0", "--export_tflite"])
+    report = json.load(open(tmp_path / "export.json"))
+    assert report["keras"]["test_acc"] == report["float32"]["test_acc"]  # the float model computes what Keras does
+    assert os.path.getsize(tmp_path / "model_int8.tflite") < os.path.getsize(tmp_path / "model_float32.tflite")
+    assert "TFLite int8" in capsys.readouterr().out
+
+
 def test_export_refuses_an_output_folder_that_is_a_file(tiny_model, tmp_path):
     taken = tmp_path / "taken"
     taken.write_text("a file\n")

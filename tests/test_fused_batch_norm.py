@@ -1,4 +1,5 @@
-"""The fused BatchNorm path against Keras' own maths, in float32 and bfloat16."""
+"""The fused BatchNorm path against Keras' own maths, in float32, bfloat16 and float16, and the
+cases it leaves to Keras' own path."""
 
 import keras
 import numpy as np
@@ -8,7 +9,8 @@ import tensorflow as tf
 import fused_batch_norm
 import model as resnet
 
-TOLERANCE = {"float32": 2e-5, "mixed_bfloat16": 3e-2}
+TOLERANCE = {"float32": 2e-5, "mixed_bfloat16": 3e-2, "mixed_float16": 4e-3}  # 4e-3: a few float16 ulps
+COMPUTE_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 
 
 def run_layer(policy, fused, images, training):
@@ -34,8 +36,10 @@ def run_layer(policy, fused, images, training):
 
             weights = tf.constant(np.random.default_rng(2).normal(size=images.shape), tf.float32)
             outputs, gradients = step(tf.constant(images))
+            graph = step.get_concrete_function(tf.constant(images)).graph
+        fused_kernel = "FusedBatchNormV3" in {operation.type for operation in graph.get_operations()}
         return ([np.asarray(tf.cast(outputs, tf.float32))] + [np.asarray(tf.cast(g, tf.float32)) for g in gradients]
-                + [np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)], str(outputs.dtype.name))
+                + [np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)], (str(outputs.dtype.name), fused_kernel))
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -48,13 +52,13 @@ class _installed:
         return False
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_path_matches_keras_maths(policy, training):
     images = np.random.default_rng(0).normal(3, 2, (8, 5, 5, 16)).astype("float32")
     expected, expected_dtype = run_layer(policy, False, images, training)
     got, got_dtype = run_layer(policy, True, images, training)
-    assert got_dtype == expected_dtype == ("float32" if policy == "float32" else "bfloat16")
+    assert got_dtype == (COMPUTE_DTYPE[policy], True) and expected_dtype == (COMPUTE_DTYPE[policy], False)  # kernel vs Keras
     names = ["outputs", "input gradient", "gamma gradient", "beta gradient", "moving mean", "moving variance"]
     for name, want, have in zip(names, expected, got):
         scale = max(1.0, float(np.max(np.abs(want))))
@@ -63,9 +67,86 @@ def test_fused_path_matches_keras_maths(policy, training):
         assert not np.allclose(got[4], run_layer(policy, True, images, False)[0][4])
 
 
-def test_scripts_run_the_fused_path_and_save_plain_batch_norm(tmp_path):
-    assert fused_batch_norm.installed()  # conftest imports TensorFlow the way every script does
+FALLBACKS = {  # BatchNormalization options (and the input) FusedBatchNormV3 does not cover
+    "mask": ({}, (4, 5, 5, 6), True),
+    "renorm": ({"renorm": True}, (4, 5, 5, 6), False),
+    "no scale": ({"scale": False}, (4, 5, 5, 6), False),
+    "no centre": ({"center": False}, (4, 5, 5, 6), False),
+    "rank 2": ({}, (8, 6), False),
+    "rank 3": ({}, (4, 5, 6), False),
+    "axis 1": ({"axis": 1}, (4, 6, 5, 5), False),
+    "epsilon 1e-5": ({"epsilon": 1e-5}, (4, 5, 5, 6), False),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+@pytest.mark.parametrize("training", [True, False])
+def test_what_the_fused_kernel_does_not_cover_takes_keras_path_and_numbers(case, training):
+    options, shape, masked = FALLBACKS[case]
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.normal(3, 2, shape).astype("float32"))
+    mask = tf.constant(rng.uniform(size=shape[:-1]) < 0.7) if masked else None
+    channels = shape[options.get("axis", -1)]
+
+    def run(fused):
+        layer = keras.layers.BatchNormalization(momentum=0.9, **options)
+        layer.build(shape)
+        for variable, value in zip(layer.non_trainable_weights, (rng_state.normal(0, 0.5, channels), rng_state.uniform(0.5, 2, channels))):
+            variable.assign(value.astype("float32"))
+        if fused:
+            assert not fused_batch_norm._fusable(layer, images, mask)
+        context = fused_batch_norm.keras_batch_norm() if not fused else _installed()
+        with context:
+            step = tf.function(lambda x: layer(x, training=training, mask=mask))
+            outputs = step(images)
+            operations = {operation.type for operation in step.get_concrete_function(images).graph.get_operations()}
+        return np.asarray(outputs), [np.asarray(weight) for weight in layer.weights], operations
+
+    rng_state = np.random.default_rng(1)
+    expected, expected_weights, _ = run(False)
+    rng_state = np.random.default_rng(1)
+    got, got_weights, operations = run(True)
+    assert not any(operation.startswith("FusedBatchNorm") for operation in operations)
+    np.testing.assert_array_equal(got, expected)  # Keras' own ops: the same numbers, not just close ones
+    for have, want in zip(got_weights, expected_weights):
+        np.testing.assert_array_equal(have, want)
+    assert fused_batch_norm.installed()
+
+
+def test_the_default_layer_is_fusable_and_the_kernel_runs():
+    """The control for the cases above: one option away from them the kernel does run."""
+    layer = keras.layers.BatchNormalization(epsilon=fused_batch_norm.CUDNN_MIN_EPSILON)
+    images = tf.zeros((2, 3, 3, 4))
+    layer.build(images.shape)
+    assert fused_batch_norm._fusable(layer, images, None)
+    step = tf.function(lambda x: layer(x, training=True))
+    assert "FusedBatchNormV3" in {operation.type for operation in step.get_concrete_function(images).graph.get_operations()}
+
+
+def traced_training_step_ops(network):
+    """Op types of the stage's training step (Keras' train_step under training.compile_classifier),
+    traced afresh on one batch."""
+    import argparse
+
+    import training
+
+    args = argparse.Namespace(epoch_num=1, learning_rate=0.01, momentum=0.9, weight_decay=5e-4, label_smoothing=0.0,
+                              lr_schedule="cosine", warmup_epochs=0, step_epochs=60)
+    training.compile_classifier(network, args, steps_per_epoch=1)
+    images = tf.zeros((2, 32, 32, 3), tf.float32)
+    labels = tf.one_hot([0, 1], 10)
+    graph = tf.function(network.train_step).get_concrete_function((images, labels)).graph
+    return {operation.type for operation in graph.get_operations()}
+
+
+def test_a_stage_training_step_runs_the_fused_kernel_and_saves_plain_batch_norm(tmp_path):
+    """The step a stage trains with (forward and backward) goes through FusedBatchNormV3, as
+    the scripts install it (cli.import_tensorflow, which conftest calls); Keras' own path has none."""
     network = resnet.build_resnet50(resnet.width_spec(0.0625), "cifar")
+    operations = traced_training_step_ops(network)
+    assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= operations
+    with fused_batch_norm.keras_batch_norm():
+        assert "FusedBatchNormV3" not in traced_training_step_ops(resnet.build_resnet50(resnet.width_spec(0.0625), "cifar"))
     path = str(tmp_path / "m.h5")
     network.save(path)
     loaded = keras.models.load_model(path, compile=False)  # no custom objects

@@ -19,26 +19,10 @@ import model as resnet
 import prune
 import prune_model
 import training
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, run_in_process, run_script
 
 WIDTH = 0.0625  # stem 4, blocks 4..32, stages 16..128
 IMAGES = 24
-
-
-@pytest.fixture(scope="module")
-def network():
-    """A tiny CIFAR-stem ResNet50 whose BatchNorms are perturbed so that channels differ."""
-    training.set_seed(0)
-    built = resnet.build_resnet50(resnet.width_spec(WIDTH), "cifar", 10)
-    rng = np.random.default_rng(0)
-    for layer in built.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, variance = layer.get_weights()
-            layer.set_weights([rng.uniform(-1.5, 1.5, gamma.shape).astype("float32"),  # negative gammas too: |gamma|
-                               rng.uniform(-0.5, 0.3, beta.shape).astype("float32"),
-                               rng.normal(0, 0.1, mean.shape).astype("float32"),
-                               rng.uniform(0.8, 1.2, variance.shape).astype("float32")])
-    return built
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +91,11 @@ def test_apoz_importance_is_one_minus_apoz_and_keeps_the_original_rule(network, 
     images, _ = batch
     measured = {}
     scores = channel_importance.importance_scores("apoz", network, groups, images, batch_size=10, measured=measured)  # 24 = 10 + 10 + 4
-    names = [name for group in groups for name in activation_names(group)]
-    activations = dict(zip(names, resnet.feature_model(network, names).predict(images.astype("float32"), verbose=0)))
+    # per-layer APoZ is checked against numpy once, in test_prune.py; here: the importance is 1 - the group's APoZ
+    names = list(dict.fromkeys(name for group in groups for name in activation_names(group)))
+    per_layer = channel_importance.apoz(network, names, images, batch_size=24, verbose=0)
     for group in groups:
-        apoz = np.mean([np.mean(activations[name] == 0, axis=(0, 1, 2)) for name in activation_names(group)], axis=0)
+        apoz = np.mean([per_layer[name] for name in activation_names(group)], axis=0)
         np.testing.assert_allclose(scores[group["name"]], 1 - apoz, atol=1e-12, err_msg=group["name"])
         np.testing.assert_array_equal(measured[group["name"]], apoz)  # apoz.json's "apoz": as measured
         # the std rule on importances removes exactly what the original removed: APoZ > mean + std
@@ -314,14 +299,6 @@ def test_global_ranking_compares_normalised_scores_and_respects_floors():
 # prune_model.py
 
 
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "base.h5"
-    training.set_seed(0)
-    checkpoints.save_model(resnet.build_resnet50(resnet.width_spec(WIDTH), "imagenet", 10), str(path))
-    return path
-
-
 # float32 whatever the CPU: the in-process rerun below must not switch this process to bfloat16
 RUN_FLAGS = ["--dataset", "sample", "--train_size", 200, "--epoch_num", 1, "--batch_size", 100, "--verbose", 0,
              "--precision", "float32"]
@@ -362,13 +339,6 @@ def test_run_to_a_compression_target(base_path, tmp_path, capfd):
     assert after == before  # (this process holds the folder's lock until it exits)
 
 
-def run_in_process(capfd, *arguments):
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        cli.run(lambda: prune_model.main([str(argument) for argument in arguments]))
-    return exited.value.code, capfd.readouterr().err
-
-
 @pytest.mark.parametrize("case, flags, message", [
     ("both targets", ["--target_compression", 2, "--target_macs", 2, "--criterion", "fraction"], "not allowed with"),
     ("target 1", ["--target_compression", 1, "--criterion", "fraction"], "must be greater than 1"),
@@ -378,12 +348,10 @@ def run_in_process(capfd, *arguments):
     ("unknown importance", ["--importance", "l2"], "invalid choice"),
     ("unknown ranking", ["--ranking", "network"], "invalid choice"),
 ])
-def test_bad_flag_combinations_are_one_line_and_write_nothing(case, flags, message, base_path, tmp_path, capfd):
+def test_bad_flag_combinations_are_one_line_and_write_nothing(case, flags, message, base_path, tmp_path):
     root = tmp_path / "root"
-    code, stderr = run_in_process(capfd, "--base_model_path", base_path, "--root_folder", root, *flags, *RUN_FLAGS)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert message in lines[0]
+    completed = run_in_process("prune_model.py", "--base_model_path", base_path, "--root_folder", root, *flags, *RUN_FLAGS)
+    assert message in assert_one_line_error(completed)
     assert not root.exists()
 
 

@@ -1,5 +1,6 @@
-"""--distribute multi_worker with real worker processes on 127.0.0.1: TF_CONFIG checks, training
-that matches a single-process run, and a resume after one worker is SIGKILLed. Every wait is bounded."""
+"""--distribute multi_worker with real worker processes on 127.0.0.1: TF_CONFIG checks, steps that
+compute what one device computes (losses and weights), training that matches a single-process run,
+and a resume after one worker is SIGKILLed. Every wait is bounded."""
 
 import json
 import os
@@ -17,7 +18,7 @@ import cli
 import launch_workers
 import model as resnet
 import multi_worker
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, assert_same_steps, run_script
 
 DATA = ["--dataset", "sample", "--train_size", "256", "--batch_size", "64", "--warmup_epochs", "0", "--verbose", "2"]
 TINY = ["--width", "0.0625", "--stem", "cifar", *DATA]  # the base model's
@@ -62,6 +63,18 @@ def test_missing_tf_config_or_a_busy_port_exits_2_in_one_line(tmp_path):
         taken = subprocess.run(arguments, cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
     assert f"port {port}" in assert_one_line_error(taken)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_two_workers_steps_compute_what_one_device_computes(tmp_path):
+    """Two worker processes (one CPU each) train the stage's classifier and a Distiller for 4 steps
+    of a global batch of 32 (tests/distributed_steps.py); each worker then runs the same steps on
+    one device: the same losses at every step and the same weights."""
+    output = tmp_path / "steps.json"
+    code = launch_workers.launch([os.path.join(REPO, "tests", "distributed_steps.py"), "multi_worker", "1", str(output)], 2,
+                                 log_dir=str(tmp_path / "logs"), timeout=WORKER_TIMEOUT)
+    assert code == 0, open(tmp_path / "logs" / "worker0.log").read()[-3000:]
+    for index in (0, 1):
+        assert_same_steps(json.loads(open(f"{output}.{index}").read()), replicas=2)
 
 
 def start_workers(arguments, logs):

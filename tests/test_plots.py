@@ -3,10 +3,12 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
-import model as resnet
 import checkpoints
+import model as resnet
+import plot_train_history
 from conftest import assert_one_line_error, run_in_process, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -53,15 +55,47 @@ def project(tmp_path):
     return tmp_path
 
 
-def test_history_figure_from_a_real_history(tmp_path, project):
-    history = os.path.join(project, "model", "pruned_model", "iter1", "history.json")
-    run_script("plot_train_history.py", f"--history_path={history}")
-    with open(os.path.join(os.path.dirname(history), "history.png"), "rb") as handle:
+def line_data(axis):
+    """{label: (x, y)} of the axis' lines."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axis.get_lines()}
+
+
+def test_history_figure_draws_the_history_values(tmp_path, project):
+    iter1 = os.path.join(project, "model", "pruned_model", "iter1", "history.json")
+    iter2 = iter1.replace("iter1", "iter2")
+    with open(iter2) as handle:
+        history = json.load(handle)
+    history["val_loss"][0] = 100.0  # one huge early validation loss: a log scale, so the rest stays readable
+    with open(iter2, "w") as handle:
+        json.dump(history, handle)
+    # the script: history.png beside the history
+    run_script("plot_train_history.py", f"--history_path={iter1}")
+    with open(os.path.join(os.path.dirname(iter1), "history.png"), "rb") as handle:
         assert handle.read(8) == PNG_SIGNATURE
+    # two histories overlaid: per axis, training and validation of each, their values exactly
     overlay = str(tmp_path / "overlay.png")
-    run_script("plot_train_history.py", "--history_path", history, "--history_path",
-               history.replace("iter1", "iter2"), "--out", overlay)
-    assert os.path.getsize(overlay) > 10_000
+    figure = plot_train_history.plot_histories([iter1, iter2], overlay)
+    assert open(overlay, "rb").read(8) == PNG_SIGNATURE
+    loss_axis, accuracy_axis = figure.axes
+    assert figure._suptitle.get_text() == "Training history"
+    assert loss_axis.get_title() == "Loss (log scale)" and loss_axis.get_yscale() == "log"
+    assert accuracy_axis.get_title() == "Accuracy" and accuracy_axis.get_ylabel() == "accuracy (%)"
+    for path in (iter1, iter2):
+        with open(path) as handle:
+            history = json.load(handle)
+        label = "/".join(path.split(os.sep)[-3:-1])  # pruned_model/iterN
+        epochs = list(range(1, 6))
+        for axis, key, scale in ((loss_axis, "loss", 1), (accuracy_axis, "acc", 100)):
+            lines = line_data(axis)
+            assert len(lines) == 4
+            for split, name in (("train", "training"), ("val", "validation")):
+                x, y = lines[f"{label} {name}"]
+                assert x == epochs
+                np.testing.assert_allclose(y, np.array(history[f"{split}_{key}"]) * scale, rtol=1e-12)
+    # one history: no labels of runs, its name in the title, a linear loss axis
+    figure = plot_train_history.plot_histories([iter1], str(tmp_path / "one.png"))
+    assert figure._suptitle.get_text() == "Training history: pruned_model/iter1"
+    assert sorted(line_data(figure.axes[0])) == ["training", "validation"] and figure.axes[0].get_yscale() == "linear"
 
 
 def test_the_original_readme_typo_is_rejected_with_the_nearest_history(project):
@@ -92,6 +126,51 @@ def test_result_figures_are_drawn_from_the_model_tree(project):
         assert name in completed.stdout
     with open(os.path.join(images, "3d_apoz.jpg"), "rb") as handle:
         assert handle.read(3) == JPEG_SIGNATURE
+
+
+def test_result_figures_draw_the_summary_apoz_and_student_values(project, tmp_path):
+    model_root = os.path.join(project, "model")
+    summary, apoz = plot_train_history.load_pruning(model_root)
+    students = plot_train_history.load_students(model_root)
+    entries = summary["iterations"]
+
+    # accuracy per iteration: four series in percent, the base's test accuracy, compression bars
+    figure = plot_train_history.plot_pruning(summary, str(tmp_path / "pruning.png"))
+    accuracy_axis, rate_axis = figure.axes
+    lines = line_data(accuracy_axis)
+    for key, label in (("val_acc_pruned", "validation, right after pruning"), ("test_acc_pruned", "test, right after pruning"),
+                       ("val_acc", "validation, after fine-tuning"), ("test_acc", "test, after fine-tuning")):
+        assert lines[label][0] == [1, 2]
+        np.testing.assert_allclose(lines[label][1], [100 * entry[key] for entry in entries])
+    assert lines["base model, test"][1] == [61.0, 61.0]
+    assert [bar.get_height() for bar in rate_axis.patches] == [1.4, 2.1]
+
+    # channels removed: layers by iterations, from apoz.json's "removed"
+    figure = plot_train_history.plot_apoz_heatmap(apoz, str(tmp_path / "heatmap.png"))
+    [image] = figure.axes[0].get_images()
+    np.testing.assert_array_equal(image.get_array(), [[1, 1], [1, 2]])  # rows: iterations; columns: the two layers
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["c2.1_1", "c2.1_2"]
+    figure = plot_train_history.plot_apoz_bars(apoz, str(tmp_path / "bars.jpg"))
+    assert figure.axes[0].get_zlabel() == "channels removed" and len(figure.axes[0].collections) == 2  # a bar row per layer
+
+    # students against the teacher: bar heights are their test accuracies, in the variants' order
+    figure = plot_train_history.plot_students(students, 0.59, str(tmp_path / "students.png"))
+    axis = figure.axes[0]
+    assert [label.get_text() for label in axis.get_xticklabels()] == ["student alone", "L_b + L_inter + L_adv", "teacher (pruned)"]
+    np.testing.assert_allclose([bar.get_height() for bar in axis.patches], [40, 50, 59])
+
+    # accuracy against compression: the base and the iterations as one line, a point per student
+    figure = plot_train_history.plot_compression(summary, students, str(tmp_path / "compression.png"))
+    axis = figure.axes[0]
+    rates, accuracies = line_data(axis)["pruning iterations (fine-tuned)"]
+    np.testing.assert_allclose(rates, [1.0, 1.4, 2.1])
+    np.testing.assert_allclose(accuracies, [61, 59, 59])
+    rate = 1_000_000 / resnet.build_resnet50(resnet.width_spec(0.0625)).count_params()
+    points = {collection.get_label(): collection.get_offsets() for collection in axis.collections}
+    assert set(points) == {"base", f"student ({rate:.1f}x): student alone, 40.00%", f"student ({rate:.1f}x): L_b + L_inter + L_adv, 50.00%"}
+    np.testing.assert_allclose(points["base"], [[1.0, 61.0]])
+    np.testing.assert_allclose(points[f"student ({rate:.1f}x): student alone, 40.00%"][0][1], 40.0)
+    assert axis.get_xscale() == "log"
 
 
 def test_figures_without_results_say_so(tmp_path):

@@ -38,20 +38,20 @@ def small_classifier(softmax=False, classes=10):
 
 
 @pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
+def classifier_path(tmp_path_factory):
     keras.utils.set_random_seed(0)
     path = tmp_path_factory.mktemp("any_base") / "classifier.h5"
     small_classifier().save(str(path))
     return path
 
 
-def test_prune_model_prunes_any_functional_classifier(base_path, tmp_path, capfd, data_flags):
+def test_prune_model_prunes_any_functional_classifier(classifier_path, tmp_path, capfd, data_flags):
     root = tmp_path / "run"
-    arguments = ["--base_model_path", base_path, "--root_folder", root, "--prune_iter", 2, "--criterion", "fraction",
+    arguments = ["--base_model_path", classifier_path, "--root_folder", root, "--prune_iter", 2, "--criterion", "fraction",
                  "--prune_fraction", 0.25, *data_flags, *RUN_FLAGS]
     run_script("prune_model.py", *arguments)
     summary = json.loads((root / "summary.json").read_text())
-    base = keras.models.load_model(str(base_path), compile=False)
+    base = keras.models.load_model(str(classifier_path), compile=False)
     assert summary["base"]["group_widths"] == {"stem": 16, "inner": 12, "wide": 24}
     assert summary["base"]["parameters"] == base.count_params()
     assert [record["iteration"] for record in summary["iterations"]] == [1, 2]
@@ -75,7 +75,7 @@ def test_prune_model_prunes_any_functional_classifier(base_path, tmp_path, capfd
     assert [layer.name for layer in network.layers] == [layer.name for layer in base.layers]
     # evaluate_model.py measures it as it measures our ResNet50s: the summary's numbers again
     evaluate_model.main([str(argument) for argument in [
-        "--model_path", root / "iter2" / "model.h5", "--base_model_path", base_path, "--latency_repeats", 0,
+        "--model_path", root / "iter2" / "model.h5", "--base_model_path", classifier_path, "--latency_repeats", 0,
         "--json", tmp_path / "evaluation.json", *data_flags, "--train_size", 200]])
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluation["parameters"] == record["parameters"] and evaluation["macs"] == record["macs"]
@@ -86,7 +86,7 @@ def test_prune_model_prunes_any_functional_classifier(base_path, tmp_path, capfd
     residual_root = tmp_path / "residual"
     capfd.readouterr()
     prune_model.main([str(argument) for argument in [
-        "--base_model_path", base_path, "--root_folder", residual_root, "--prune_residual", "--importance", "taylor",
+        "--base_model_path", classifier_path, "--root_folder", residual_root, "--prune_residual", "--importance", "taylor",
         "--criterion", "fraction", "--prune_fraction", 0.3, "--target_compression", 1.3, "--prune_iter", 3,
         *data_flags, *RUN_FLAGS]])
     summary = json.loads((residual_root / "summary.json").read_text())
@@ -131,3 +131,177 @@ def test_apoz_without_relu_outputs_is_refused_in_one_line(tmp_path, data_flags):
     assert "--importance apoz scores no channel group" in assert_one_line_error(completed)
     assert not (tmp_path / "run").exists()
     assert prune.any_model_groups(network)  # groups exist: only the criterion cannot measure them
+
+
+def test_any_model_fine_tunes_in_the_precision_policy_and_saves_float32(classifier_path, tmp_path, monkeypatch, data_flags):
+    """--precision mixed_bfloat16 on a model that is not our ResNet50: the fine-tuned copy computes
+    in bfloat16 (its output layer in float32, as our ResNet50's softmax), the saved model is float32."""
+    import training
+
+    seen = {}
+    fit_stage = training.fit_stage
+
+    def recording_fit_stage(model, *arguments, **options):
+        seen.update({layer.name: (layer.compute_dtype, layer.variable_dtype) for layer in model.layers})
+        return fit_stage(model, *arguments, **options)
+
+    monkeypatch.setattr(training, "fit_stage", recording_fit_stage)
+    flags = RUN_FLAGS[:-2] + ["--precision", "mixed_bfloat16"]
+    assert RUN_FLAGS[-2:] == ["--precision", "float32"]
+    root = tmp_path / "run"
+    try:
+        prune_model.main([str(argument) for argument in [
+            "--base_model_path", classifier_path, "--root_folder", root, "--prune_iter", 1, "--criterion", "fraction",
+            "--prune_fraction", 0.25, *data_flags, *flags]])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert json.loads((root / "config.json").read_text())["arguments"]["precision"] == "mixed_bfloat16"
+    assert seen["inner"] == seen["wide"] == seen["stem"] == ("bfloat16", "float32")
+    assert seen["classes"] == ("float32", "float32")  # the output layer stays float32
+    saved = keras.models.load_model(str(root / "iter1" / "model.h5"), compile=False)
+    assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
+
+
+def split_residual_classifier(width=40):
+    """A residual stream whose producer `x` (2 x width channels) is split in two groups by the two
+    convolutions concatenated onto it: groups named by position, x[0:width] and x[width:2 width]."""
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(2 * width, 1, name="x")(inputs)
+    y = layers.Conv2D(4, 1, name="y")(x)  # p and q come after x: x names the groups
+    halves = layers.Concatenate(name="halves")([layers.Conv2D(width, 1, name="p")(y),
+                                                layers.Conv2D(width, 1, name="q")(y)])
+    x = layers.ReLU(name="out")(layers.Add(name="add")([x, halves]))
+    return keras.Model(inputs, layers.Dense(10, name="classes")(layers.GlobalAveragePooling2D()(x)))
+
+
+def test_global_floors_of_split_groups_follow_them_after_pruning():
+    """--ranking global keeps at least 10% of a group's BASE width; split groups are renamed by
+    their positions after pruning, and must still find their base width."""
+    import argparse
+
+    keras.utils.set_random_seed(0)
+    network = split_residual_classifier()
+    args = argparse.Namespace(prune_residual=True, ranking="global", min_channels=1, round_to=1)
+    base_widths = prune_model.base_group_widths(network, args)
+    groups = prune_model.channel_groups(network, args)
+    assert [group["name"] for group in groups] == ["x[0:40]", "x[40:80]", "y"]
+    pruned = prune.prune_groups(network, groups, {"x[0:40]": np.arange(20), "x[40:80]": np.arange(15)})
+    groups = prune_model.channel_groups(pruned, args)
+    assert [(group["name"], group["width"]) for group in groups] == [("x[0:20]", 20), ("x[20:35]", 15), ("y", 4)]
+    # ceil(10% of 40), not of 20 or 15
+    assert prune_model.floors(base_widths, groups, args) == {"x[0:20]": 4, "x[20:35]": 4, "y": 1}
+
+
+def test_a_target_out_of_reach_of_the_groups_the_criterion_scores_is_refused_up_front(tmp_path, data_flags):
+    """apoz scores only groups with a ReLU-family output; a tanh group keeps its channels. A target
+    that only pruning that group too could reach is refused before anything is written."""
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(16, 3, activation="relu", name="a")(inputs)
+    x = layers.Conv2D(32, 3, activation="tanh", name="b")(x)
+    network = keras.Model(inputs, layers.Dense(10, name="classes")(layers.GlobalAveragePooling2D()(x)))
+    path = tmp_path / "tanh.h5"
+    network.save(str(path))
+    groups = prune.any_model_groups(network)
+    assert [group["name"] for group in groups] == ["a", "b"] and not groups[1]["activations"]
+    count = prune.size_counter(network, groups)
+    base = network.count_params()
+    # by hand: a at one channel, b whole: 3*3*3*1+1 + 3*3*1*32+32 + 32*10+10 = 678 parameters
+    assert count({"a": 1})[0] == 678 and base == 5418
+    assert base / count({"a": 1, "b": 1})[0] > 20 > base / 678  # 20x needs b, which apoz cannot score
+    with pytest.raises(cli.UserError, match=r"--target_compression 20 is out of reach: .* gives 7\.99x \(1 group\(s\) --importance apoz cannot score"):
+        prune_model.main([str(argument) for argument in [
+            "--base_model_path", path, "--root_folder", tmp_path / "run", "--criterion", "fraction",
+            "--target_compression", 20, "--prune_iter", 1, *data_flags, *RUN_FLAGS]])
+    assert not (tmp_path / "run").exists()
+
+
+def test_global_ranking_through_the_script_moves_channels_between_groups_down_to_the_base_floors(tmp_path, data_flags):
+    """--ranking global in prune_model.py: 9 of `inner`'s 12 filters made tiny, so ranked across
+    groups (each group's L1 divided by its mean) they go first and `wide` gives the rest; the
+    kept channels are prune.select_global's on the scores apoz.json records, the widths differ from
+    the layer ranking's, and the second iteration stops at the floors, 10% of the BASE widths."""
+    keras.utils.set_random_seed(0)
+    network = small_classifier()
+    kernel, bias = network.get_layer("inner").get_weights()
+    kernel[..., :9] *= 0.01
+    network.get_layer("inner").set_weights([kernel, bias])
+    path = tmp_path / "base.h5"
+    network.save(str(path))
+    root = tmp_path / "run"
+    prune_model.main([str(argument) for argument in [
+        "--base_model_path", path, "--root_folder", root, "--ranking", "global", "--importance", "l1",
+        "--criterion", "fraction", "--prune_fraction", 0.8, "--prune_iter", 2, *data_flags, *RUN_FLAGS]])
+    summary = json.loads((root / "summary.json").read_text())
+    floors = {"inner": 2, "wide": 3}  # ceil(10% of 12 and of 24); 10% of the pruned widths would be 1 and 1
+    widths = {"stem": 16, "inner": 12, "wide": 24}
+    for record in summary["iterations"]:
+        layers = json.loads((root / f"iter{record['iteration']}" / "apoz.json").read_text())["layers"]
+        assert sorted(layers) == ["inner", "wide"]
+        scores = {name: np.asarray(layers[name]["score"]) for name in layers}
+        assert {name: len(score) for name, score in scores.items()} == {"inner": widths["inner"], "wide": widths["wide"]}
+        expected = prune.select_global(scores, "fraction", fraction=0.8, floors=floors)
+        for name in layers:
+            assert layers[name]["kept"] == expected[name].tolist(), name
+            widths[name] = len(expected[name])
+        assert record["group_widths"] == widths
+        assert all(widths[name] >= floors[name] for name in floors)
+    first, second = summary["iterations"]
+    # the layer ranking removes round(80%) of each group: inner 12 -> 2, wide 24 -> 5; global took the 9 tiny filters
+    # of inner and 20 of wide (29 = round(80% of 36) in all)
+    assert first["group_widths"] == {"stem": 16, "inner": 3, "wide": 4} != {"stem": 16, "inner": 2, "wide": 5}
+    assert second["group_widths"] == {"stem": 16, **floors}  # 80% of 7 would be 6 channels: only 2 could go
+    pruned = keras.models.load_model(str(root / "iter2" / "model.h5"), compile=False)
+    assert pruned.get_layer("inner").filters == 2 and pruned.get_layer("wide").filters == 3
+
+
+def test_any_model_pruning_killed_mid_fine_tuning_resumes_to_the_uninterrupted_files(classifier_path, tmp_path, data_flags):
+    """SIGKILL of prune_model.py on a model that is not our ResNet50 once iteration 1's first
+    fine-tuning epoch is backed up; the same command then resumes at epoch 2 (epoch 1 kept as the
+    killed run wrote it) and writes what an uninterrupted run writes. The training numbers
+    themselves are compared by structure only: the random crops and flips (stateful random ops in a
+    parallel tf.data map) differ between any two processes, interrupted or not."""
+    import os
+
+    from conftest import REPO, assert_files_whole, kill_when
+
+    flags = ["--base_model_path", classifier_path, "--prune_iter", 1, "--criterion", "fraction", "--prune_fraction", 0.25,
+             *data_flags, *RUN_FLAGS[:3], 2, *RUN_FLAGS[4:]]  # two epochs
+    assert RUN_FLAGS[2:4] == ["--epoch_num", 1]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_script("prune_model.py", "--root_folder", whole, *flags)
+    marker = killed / "iter1" / "backup" / "training_metadata.json"
+
+    def first_epoch_backed_up():
+        try:
+            return json.loads(marker.read_text())["epoch"] == 1
+        except (OSError, ValueError, KeyError):
+            return False
+
+    kill_when([os.path.join(REPO, "prune_model.py"), "--root_folder", killed, *flags], first_epoch_backed_up)
+    assert_files_whole(killed)
+    assert json.loads((killed / "summary.json").read_text())["iterations"] == []
+    at_kill = json.loads((killed / "iter1" / "history.json").read_text())
+    assert {key: len(values) for key, values in at_kill.items()} == {key: 1 for key in at_kill}
+    rerun = run_script("prune_model.py", "--root_folder", killed, *flags[:-4], "--verbose", 2, *flags[-2:])
+    assert "resuming the fine-tuning" in rerun.stdout and "Epoch 2/2" in rerun.stdout and "Epoch 1/2" not in rerun.stdout
+
+    # before the fine-tuning: the same scores, the same channels, the same pruned model's accuracies
+    assert json.loads((killed / "iter1" / "apoz.json").read_text()) == json.loads((whole / "iter1" / "apoz.json").read_text())
+    pruned, whole_pruned = (json.loads((root / "iter1" / "pruned.json").read_text()) for root in (killed, whole))
+    assert pruned.pop("seconds") > 0 and whole_pruned.pop("seconds") > 0 and pruned == whole_pruned
+    history, whole_history = (json.loads((root / "iter1" / "history.json").read_text()) for root in (killed, whole))
+    assert {key: values[:1] for key, values in history.items()} == at_kill  # epoch 1 not trained again
+    assert {key: len(values) for key, values in history.items()} == {key: len(values) for key, values in whole_history.items()}
+    assert history["lr"] == whole_history["lr"]  # the schedule continued where it stood
+    summary, whole_summary = (json.loads((root / "summary.json").read_text()) for root in (killed, whole))
+    assert summary["base"] == whole_summary["base"]
+    [record], [whole_record] = summary["iterations"], whole_summary["iterations"]
+    trained = ("val_acc", "test_acc", "seconds")
+    assert {key: value for key, value in record.items() if key not in trained} == \
+        {key: value for key, value in whole_record.items() if key not in trained}
+    assert record["val_acc"] == pytest.approx(max(history["val_acc"]), abs=2e-4)  # the resumed fit's best checkpoint
+    assert json.loads((killed / "config.json").read_text())["complete"] is True
+    assert sorted(os.listdir(killed / "iter1")) == sorted(os.listdir(whole / "iter1"))  # no backup left
