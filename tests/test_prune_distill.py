@@ -139,7 +139,17 @@ def test_distill_from_another_classifier_fine_tunes_any_model(models, tmp_path, 
     assert config["inputs"]["teacher"] == files.fingerprint_file(str(models / "teacher.h5"))
 
 
-def test_alpha_zero_trains_the_same_weights_as_no_teacher(models, tmp_path, data_flags):
+@pytest.fixture
+def no_augmentation(monkeypatch):
+    """The training pipeline without its random crops and flips: their random ops run in a parallel
+    map, whose batches draw from the generator in no fixed order (in every stage, whatever the
+    seed). The seeded shuffle stays, so two runs see the same batches."""
+    import data
+
+    monkeypatch.setattr(data, "_augment", lambda images: images)
+
+
+def test_alpha_zero_trains_the_same_weights_as_no_teacher(models, tmp_path, data_flags, no_augmentation):
     """With alpha 0 the loss is the labels' cross-entropy alone: the same seed gives the same
     fine-tuned weights as a run without --distill_from, so the Distiller adds nothing else."""
     plain, distilled = tmp_path / "plain", tmp_path / "distilled"
@@ -170,3 +180,62 @@ def test_a_bad_teacher_is_refused_in_one_line_before_anything_is_written(case, m
             "other input": "takes input (None, 16, 16, 3)", "not HDF5": "is not an HDF5",
             "alpha without teacher": "need --distill_from"}[case] in line
     assert not root.exists()
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL: raised once the epoch's files and backup are written."""
+
+
+def test_a_killed_distilling_fine_tuning_resumes_and_writes_the_same_files(models, tmp_path, monkeypatch, data_flags,
+                                                                           no_augmentation):
+    """Killed after its first epoch (history, model.h5 and the backup written), the rerun resumes the
+    iteration's fine-tuning at epoch 2 through BackupAndRestore (the Distiller's weights, teacher
+    included); killed again after the fit, before the iteration's record, the last rerun trains no
+    more and leaves model.h5 and history.json as they were. The first epoch is the uninterrupted
+    run's to the bit (augmentation off, see no_augmentation); later epochs see another data order (a
+    rebuilt pipeline restarts its shuffle sequence, in every stage), so only their keys, count and
+    learning rates are compared."""
+    flags = ["--base_model_path", models / "logits.h5", "--distill_from", models / "teacher.h5", *data_flags,
+             *RUN_FLAGS, "--epoch_num", 3]
+    run("--root_folder", tmp_path / "whole", *flags)
+    fit_stage = training.fit_stage
+    epochs_begun = []
+
+    class KillAfterEpoch1(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):  # after the recorder and the backup (fit_stage's order)
+            if epoch == 0:
+                raise Killed()
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            epochs_begun.append(epoch)
+
+    def killed_after_the_fit(*arguments, **options):
+        fit_stage(*arguments, **options, extra_callbacks=[Count()])
+        raise Killed()
+
+    root = tmp_path / "killed"
+    for fitting in (lambda *a, **k: fit_stage(*a, **k, extra_callbacks=[KillAfterEpoch1()]), killed_after_the_fit):
+        monkeypatch.setattr(training, "fit_stage", fitting)
+        try:
+            with pytest.raises(Killed):
+                run("--root_folder", root, *flags)
+        finally:
+            files.release_folder_locks()
+        if fitting is not killed_after_the_fit:
+            assert len(history_of(root)["train_loss"]) == 1 and (root / "iter1" / "backup").is_dir()
+            at_first_kill = history_of(root)
+    assert epochs_begun == [1, 2]  # resumed at epoch 2, not started again
+    at_kill = {name: (root / "iter1" / name).read_bytes() for name in ("model.h5", "history.json")}
+    monkeypatch.setattr(training, "fit_stage", lambda *a, **k: fit_stage(*a, **k, extra_callbacks=[Count()]))
+    run("--root_folder", root, *flags)
+    assert epochs_begun == [1, 2]  # the finished fit was not trained again
+    assert {name: (root / "iter1" / name).read_bytes() for name in at_kill} == at_kill
+    whole, resumed = history_of(tmp_path / "whole"), history_of(root)
+    assert list(resumed) == list(whole) and all(len(values) == 3 for values in resumed.values())
+    assert {key: values[0] for key, values in resumed.items()} == {key: values[0] for key, values in whole.items()}
+    assert {key: values[0] for key, values in at_first_kill.items()} == {key: values[0] for key, values in whole.items()}
+    assert resumed["lr"] == whole["lr"]  # the schedule went on from the restored optimizer step
+    assert not (root / "iter1" / "backup").exists() and json.loads((root / "config.json").read_text())["complete"]
+    summary = json.loads((root / "summary.json").read_text())
+    assert [record["iteration"] for record in summary["iterations"]] == [1]
