@@ -14,7 +14,9 @@ the iterations go on until the target is reached (at most --prune_iter of them),
 removing only what reaches it. Rerunning the same command resumes: it continues after the last
 iteration summary.json lists (a run that met its target is complete), and an interrupted
 fine-tuning resumes from its last finished epoch (the pruned architecture is saved first, as
-iter{k}/pruned.h5).
+iter{k}/pruned.h5). With --distill_from (a teacher .h5, or 'base': --base_model_path) each
+fine-tuning minimises (1 - alpha) * CE + alpha * T^2 * KL(teacher || student), the distillation
+stage's backbone loss (docs/pruning.md).
 
 --base_model_path may also be any functional Keras classifier that takes 32x32x3 raw 0-255
 images (preprocessing inside the model) and outputs one row of class scores (probabilities
