@@ -46,6 +46,33 @@ def _float32(x):
     return ops.cast(x, "float32")
 
 
+def head_model(network, layer_names=()):
+    """(model, is_probabilities): `network` returning [its class scores, the named layers' outputs].
+
+    The class scores are the logits before a final softmax where the graph has them (our
+    ResNet50's `predictions`), else its output: probabilities when a layer computes the softmax
+    inside (Dense(activation="softmax")), logits otherwise (channel_importance.classifier_head,
+    the answer every stage uses). Pass such scores through `as_logits(scores, is_probabilities)`.
+    """
+    import channel_importance
+
+    probabilities, logits = channel_importance.classifier_head(network)
+    head = logits if logits is not None else network.output
+    is_probabilities = probabilities and logits is None
+    outputs = [head] + [network.get_layer(name).output for name in layer_names]
+    return keras.Model(network.input, outputs, name=f"{network.name}_features"), is_probabilities
+
+
+def as_logits(scores, is_probabilities):
+    """Logits of a head's class scores: log-probabilities for probabilities (softmax(log p) = p,
+    so every loss on logits sees the same distribution), floored so that a probability rounded
+    to 0 gives a finite logit."""
+    if not is_probabilities:
+        return scores
+    tiny = 1e-30  # far below any probability that matters, far above float32's underflow
+    return ops.log(ops.maximum(_float32(scores), tiny))
+
+
 def cross_entropy(labels, logits, label_smoothing=0.0):
     """Per-example categorical cross-entropy of one-hot `labels` against `logits`."""
     return keras.losses.categorical_crossentropy(
@@ -251,6 +278,10 @@ class Distiller(keras.Model):
     A lambda of 0 removes its term and its cost: no regressors or teacher stage outputs without
     lambda2, no discriminator without lambda3. `teacher=None` trains the student on labels alone
     (cross-entropy), the baseline distillation is measured against.
+
+    The backbone and adversarial terms take any classifier of the same class count (logits or
+    probabilities, see `head_model`), as pruning's fine-tuning does with --distill_from; the
+    intermediate term needs our ResNet50's stage outputs.
     """
 
     def __init__(self, student, teacher=None, lambdas=(0.7, 0.3, 0.2), regressor_name="conv1x1",
@@ -276,14 +307,23 @@ class Distiller(keras.Model):
         self.label_smoothing = float(label_smoothing)
         use_features = self.lambdas[1] > 0
         stage_names = resnet.stage_output_names() if use_features else []
-        # One model per network returning [logits, stage outputs...]: each network runs once per step.
-        self.student_features = resnet.feature_model(student, ["predictions"] + stage_names)
-        self.teacher_features = None
+        for network in (student, teacher) if use_features else ():
+            missing = [name for name in stage_names if name not in {layer.name for layer in network.layers}]
+            if missing:  # the hint term reads our ResNet50's stage outputs; the others take any classifier
+                raise ValueError(f"{network.name} has no layer {missing[0]}: the intermediate term (lambda2) needs "
+                                 "our ResNet50's stage outputs")
+        # One model per network returning [class scores, stage outputs...]: each network runs once
+        # per step. The scores are logits, or probabilities turned into logits by as_logits.
+        self.student_features, self.student_probabilities = head_model(student, stage_names)
+        self.teacher_features, self.teacher_probabilities = None, False
         self.regressors = []
         self.discriminator = None
         if teacher is not None:
             teacher.trainable = False
-            self.teacher_features = resnet.feature_model(teacher, ["predictions"] + stage_names)
+            if teacher.output_shape[-1] != student.output_shape[-1]:
+                raise ValueError(f"the teacher scores {teacher.output_shape[-1]} classes, the student "
+                                 f"{student.output_shape[-1]}")
+            self.teacher_features, self.teacher_probabilities = head_model(teacher, stage_names)
             self.teacher_features.trainable = False
             if use_features:
                 for index, name in enumerate(stage_names):
@@ -292,7 +332,7 @@ class Distiller(keras.Model):
                     self.regressors.append(Regressor(regressor_name, student_channels, teacher_channels,
                                                      name=f"regressor{index + 1}"))
             if self.lambdas[2] > 0:
-                self.discriminator = build_discriminator(resnet.describe_model(student)[2])
+                self.discriminator = build_discriminator(int(student.output_shape[-1]))
         self.discriminator_optimizer = None
         self.trackers = {name: keras.metrics.Mean(name=name) for name in self.logged_terms()}
         self.accuracy_metric = keras.metrics.CategoricalAccuracy(name="accuracy")
@@ -325,17 +365,20 @@ class Distiller(keras.Model):
         self.optimizer.build(self.student_variables())
 
     def call(self, images, training=False):
-        return _as_list(self.student_features(images, training=training))[0]
+        return self.student_logits(images, training)
+
+    def student_logits(self, images, training=False):
+        return as_logits(_as_list(self.student_features(images, training=training))[0], self.student_probabilities)
 
     def compute_terms(self, images, labels, training=True):
         """Student logits, the loss terms {name: scalar} and the discriminator's loss (or None)."""
         student_outputs = _as_list(self.student_features(images, training=training))
-        student_logits = student_outputs[0]
+        student_logits = as_logits(student_outputs[0], self.student_probabilities)
         terms = {"cross_entropy": ops.mean(cross_entropy(labels, student_logits, self.label_smoothing))}
         if self.teacher is None:
             return student_logits, terms, None
         teacher_outputs = _as_list(self.teacher_features(images, training=False))  # frozen BatchNorm statistics
-        teacher_logits = ops.stop_gradient(teacher_outputs[0])
+        teacher_logits = ops.stop_gradient(as_logits(teacher_outputs[0], self.teacher_probabilities))
         lambda1, lambda2, lambda3 = self.lambdas
         if lambda1 > 0:
             terms["backbone_loss"] = backbone_loss(labels, student_logits, teacher_logits, self.temperature,
@@ -406,7 +449,7 @@ class Distiller(keras.Model):
     def test_step(self, data):
         # Validation measures the student alone: cross-entropy on labels and accuracy.
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        logits = _as_list(self.student_features(images, training=False))[0]
+        logits = self.student_logits(images, training=False)
         self.trackers["loss"].update_state(ops.mean(cross_entropy(labels, logits)))
         self.accuracy_metric.update_state(labels, logits)
         return {"loss": self.trackers["loss"].result(), "accuracy": self.accuracy_metric.result()}

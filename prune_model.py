@@ -14,7 +14,9 @@ the iterations go on until the target is reached (at most --prune_iter of them),
 removing only what reaches it. Rerunning the same command resumes: it continues after the last
 iteration summary.json lists (a run that met its target is complete), and an interrupted
 fine-tuning resumes from its last finished epoch (the pruned architecture is saved first, as
-iter{k}/pruned.h5).
+iter{k}/pruned.h5). With --distill_from (a teacher .h5, or 'base': --base_model_path) each
+fine-tuning minimises (1 - alpha) * CE + alpha * T^2 * KL(teacher || student), the distillation
+stage's backbone loss (docs/pruning.md).
 
 --base_model_path may also be any functional Keras classifier that takes 32x32x3 raw 0-255
 images (preprocessing inside the model) and outputs one row of class scores (probabilities
@@ -86,13 +88,83 @@ def parse_args(argv=None):
                               "iterations; the last one removes only what reaches R (needs --criterion fraction)")
     targets.add_argument("--target_macs", type=target_ratio, default=None, metavar="R",
                          help="the same for base MACs / MACs")
+    group = parser.add_argument_group("distillation while pruning")
+    group.add_argument("--distill_from", default=None, metavar="PATH",
+                       help="fine-tune every iteration against this frozen teacher (an .h5 classifier of the base "
+                            "model's classes and input; 'base': --base_model_path): (1 - alpha) * CE + alpha * T^2 "
+                            "* KL(teacher || student), the distillation stage's backbone loss")
+    # None when not distilling, so that config.json shows them unused; the defaults come with --distill_from
+    group.add_argument("--distill_alpha", type=unit_interval, default=None,
+                       help=f"alpha: the KL term's share (default {DISTILL_ALPHA}: labels and teacher weigh alike)")
+    group.add_argument("--distill_temperature", type=cli.positive_float, default=None,
+                       help=f"softmax temperature T (default {DISTILL_TEMPERATURE}, the distillation stage's)")
     cli.add_data_flags(parser)
     cli.add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=5)
     args = parser.parse_args(argv)
     if target_of(args) and args.criterion != "fraction":
         flag = "--target_compression" if args.target_compression else "--target_macs"
         parser.error(f"{flag} needs --criterion fraction: --prune_fraction is the step of each iteration")
+    if args.distill_from is None and (args.distill_alpha is not None or args.distill_temperature is not None):
+        parser.error("--distill_alpha and --distill_temperature need --distill_from")
+    if args.distill_from is not None:
+        args.distill_alpha = DISTILL_ALPHA if args.distill_alpha is None else args.distill_alpha
+        args.distill_temperature = DISTILL_TEMPERATURE if args.distill_temperature is None else args.distill_temperature
     return args
+
+
+# The pruned student starts as a copy of (a pruned) teacher: an equal share keeps the labels'
+# correction of the teacher's mistakes while the soft targets carry its class similarities
+# (T^2 keeps both terms' gradients on one scale). T: the distillation stage's default.
+DISTILL_ALPHA = 0.5
+DISTILL_TEMPERATURE = 4.0
+
+
+def unit_interval(text):
+    return cli.number(text, float, minimum=0, maximum=1)
+
+
+def teacher_path(args):
+    """The --distill_from model file ('base': the run's own base model), or None."""
+    if args.distill_from is None:
+        return None
+    return args.base_model_path if args.distill_from == "base" else args.distill_from
+
+
+def load_teacher(args, base_network, strategy):
+    """The --distill_from teacher, built under `strategy` and recast to the precision policy
+    (saved models are float32), or None. Refuses one that cannot teach the base model's student:
+    not a single-output classifier, another class count or input shape."""
+    path = teacher_path(args)
+    if path is None:
+        return None
+    import keras
+
+    with strategy.scope():
+        # loaded again for 'base': the teacher is frozen, the base model stays as it is
+        teacher = checkpoints.load_model(path, "teacher model (--distill_from)", any_model=True)
+        teacher = checkpoints.recast(teacher, keras.mixed_precision.global_policy().name)
+    outputs = teacher.output_shape
+    if isinstance(outputs, list) or len(outputs) != 2:
+        raise cli.UserError(f"--distill_from {path} outputs {outputs}: a teacher must give one row of class scores")
+    if outputs[-1] != base_network.output_shape[-1]:
+        raise cli.UserError(f"--distill_from {path} scores {outputs[-1]} classes, the base model "
+                            f"{base_network.output_shape[-1]}: a teacher must have the student's classes")
+    if teacher.input_shape != base_network.input_shape:
+        raise cli.UserError(f"--distill_from {path} takes input {teacher.input_shape}, the base model "
+                            f"{base_network.input_shape}: a teacher must see the student's images")
+    return teacher
+
+
+def distiller(student, teacher, args, steps_per_epoch):
+    """The fine-tuning model of --distill_from: the distillation stage's Distiller with its
+    backbone term alone, (1 - alpha) * CE + alpha * T^2 * KL, compiled. It fits `student` and
+    validates it alone (plain cross-entropy and accuracy); `student` is the model to save."""
+    import distillation
+
+    model = distillation.Distiller(student, teacher, lambdas=(1.0, 0.0, 0.0), temperature=args.distill_temperature,
+                                   kd_beta=args.distill_alpha, label_smoothing=args.label_smoothing)
+    model.compile(optimizer=training.make_optimizer(args, steps_per_epoch))
+    return model
 
 
 def target_of(args):
@@ -394,8 +466,10 @@ def prune_once(k, network, score_data, split, base_network, base_widths, args):
     return pruned, state
 
 
-def run_iteration(k, network, score_data, split, train_data, val_data, base, base_network, base_widths, args, strategy):
-    """One complete iteration; returns its summary.json record and the fine-tuned model."""
+def run_iteration(k, network, score_data, split, train_data, val_data, base, base_network, base_widths, args, strategy,
+                  teacher=None):
+    """One complete iteration; returns its summary.json record and the fine-tuned model.
+    `teacher`: --distill_from's model (load_teacher), or None to fine-tune on labels alone."""
     import keras
 
     import model as resnet
@@ -410,7 +484,8 @@ def run_iteration(k, network, score_data, split, train_data, val_data, base, bas
     else:
         pruned, state = prune_once(k, network, score_data, split, base_network, base_widths, args)
     print(f"iteration {k}: {pruned.count_params():,} parameters, {state['channels_removed']} channels removed; "
-          f"validation accuracy right after pruning {state['val_acc_pruned']:.4f}; fine-tuning")
+          f"validation accuracy right after pruning {state['val_acc_pruned']:.4f}; fine-tuning"
+          + (f" against the teacher {teacher_path(args)}" if teacher is not None else ""))
     started = time.perf_counter()
     training.set_seed(args.seed + k)
     steps_per_epoch = -(-len(split.y_train) // args.batch_size)
@@ -427,8 +502,13 @@ def run_iteration(k, network, score_data, split, train_data, val_data, base, bas
     twin.set_weights(pruned.get_weights())
     pruned = twin
     with strategy.scope():
-        training.compile_classifier(pruned, args, steps_per_epoch, from_logits=from_logits(pruned))
-    history = training.fit_stage(pruned, train_data, val_data, folder, args, run_folder=args.root_folder)
+        if teacher is None:
+            training.compile_classifier(pruned, args, steps_per_epoch, from_logits=from_logits(pruned))
+            fitted = pruned
+        else:
+            fitted = distiller(pruned, teacher, args, steps_per_epoch)
+    history = training.fit_stage(fitted, train_data, val_data, folder, args, model_to_save=pruned,
+                                 run_folder=args.root_folder)
     best = checkpoints.load_model(os.path.join(folder, "model.h5"), any_model=not ours)
     measured = describe(best, split, args)
     record = {
@@ -477,6 +557,7 @@ def main(argv=None):
     ours = is_resnet(base_network)
     if not ours:
         check_any_model(base_network, len(data.CLASS_NAMES))
+    teacher = load_teacher(args, base_network, strategy)
     has_config = os.path.exists(os.path.join(root, "config.json"))
     summary = None
     if not args.overwrite and os.path.isdir(root):
@@ -501,6 +582,8 @@ def main(argv=None):
     if args.apoz_samples and args.apoz_samples > len(split.y_val):
         raise cli.UserError(f"--apoz_samples {args.apoz_samples} exceeds the {len(split.y_val)} validation images")
     inputs = {"data": split.fingerprint(), "base_model": files.fingerprint_file(args.base_model_path)}
+    if teacher is not None:
+        inputs["teacher"] = files.fingerprint_file(teacher_path(args))
     stages.check_output_folder(root)
     files.lock_folder(root)
     if args.overwrite and os.listdir(root) not in ([], [files.LOCK_NAME]):
@@ -542,6 +625,10 @@ def main(argv=None):
     if args.apoz_samples:
         chosen = data.stratified_indices(split.y_val, args.apoz_samples, args.seed)
         score_data = split.x_val[chosen], split.y_val[chosen]
+    # The augmentation's random ops take their seeds from the global seed when the pipeline is
+    # built: seeded here, as the other stages do, not left to whatever ran before (a second run
+    # in one process). Its parallel map still hands the draws to batches in no fixed order.
+    training.set_seed(args.seed)
     train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=class_num)
     print(f"data: {split.sizes()} from {split.source}; {'resuming after iteration ' + str(len(done)) if done else 'starting'} in {root}")
@@ -549,7 +636,7 @@ def main(argv=None):
         if met:
             break
         record, network = run_iteration(k, network, score_data, split, train_data, val_data, summary["base"],
-                                        base_network, base_widths, args, strategy)
+                                        base_network, base_widths, args, strategy, teacher)
         summary["iterations"].append(record)
         summary["arguments"] = vars(args)
         if target_met(record, target):
