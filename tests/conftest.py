@@ -30,6 +30,16 @@ FILE_SECONDS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def float32_policy_after_each_test():
+    """A stage's main run in process sets Keras' global precision policy (--precision auto is
+    mixed_bfloat16 on a CPU with AMX); the next test in the worker must not inherit it."""
+    yield
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+
+
 def pytest_collection_modifyitems(items):
     """Longest files first (see FILE_SECONDS); the order within a file is kept."""
     items.sort(key=lambda item: -FILE_SECONDS.get(os.path.basename(str(item.fspath)), 0))
