@@ -1,6 +1,7 @@
 """Shared test helpers: the repository on sys.path, real CIFAR-10 images (the bundled sample for
 stage runs; the full set, when $CIFAR10_DIR is set, for the data tests and one stage run), script runs."""
 
+import json
 import os
 import subprocess
 import sys
@@ -179,6 +180,20 @@ def assert_one_line_error(completed):
     assert len(lines) == 1, completed.stderr
     assert "Traceback" not in completed.stderr
     return lines[0]
+
+
+def epoch_backed_up(folder, epoch=1):
+    """A `kill_when` condition: `folder`'s BackupAndRestore has recorded `epoch` finished epochs
+    (its metadata is the backup's last write, so a rerun must resume after them)."""
+    marker = folder / "backup" / "training_metadata.json"
+
+    def condition():
+        try:
+            return json.loads(marker.read_text())["epoch"] == epoch
+        except (OSError, ValueError, KeyError):
+            return False
+
+    return condition
 
 
 def kill_when(arguments, condition, timeout=300, stdout=None, may_finish=False):

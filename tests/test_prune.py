@@ -14,7 +14,8 @@ import model as resnet
 import prune
 import prune_model
 import training
-from conftest import REPO, assert_files_whole, assert_one_line_error, kill_when, run_in_process, run_script, temporaries
+from conftest import (REPO, assert_files_whole, assert_one_line_error, epoch_backed_up, kill_when, run_in_process, run_script,
+                      temporaries)
 
 
 
@@ -275,15 +276,7 @@ def interrupted_run(tmp_path_factory, base_path, data_flags):
 
     # 2. Once iteration 2's first fine-tuning epoch is fully backed up (the metadata is the backup's
     # last write), so the rerun must resume at epoch 2.
-    marker = root / "iter2" / "backup" / "training_metadata.json"
-
-    def first_epoch_backed_up():
-        try:
-            return json.loads(marker.read_text())["epoch"] == 1
-        except (OSError, ValueError, KeyError):
-            return False
-
-    kill_when(script, first_epoch_backed_up, timeout=600)
+    kill_when(script, epoch_backed_up(root / "iter2"), timeout=600)
     assert_files_whole(root)
     at_kill = {
         "summary": json.loads((root / "summary.json").read_text()),

@@ -265,22 +265,14 @@ def test_any_model_pruning_killed_mid_fine_tuning_resumes_to_the_uninterrupted_f
     parallel tf.data map) differ between any two processes, interrupted or not."""
     import os
 
-    from conftest import REPO, assert_files_whole, kill_when
+    from conftest import REPO, assert_files_whole, epoch_backed_up, kill_when
 
     flags = ["--base_model_path", classifier_path, "--prune_iter", 1, "--criterion", "fraction", "--prune_fraction", 0.25,
              *data_flags, *RUN_FLAGS[:3], 2, *RUN_FLAGS[4:]]  # two epochs
     assert RUN_FLAGS[2:4] == ["--epoch_num", 1]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run_script("prune_model.py", "--root_folder", whole, *flags)
-    marker = killed / "iter1" / "backup" / "training_metadata.json"
-
-    def first_epoch_backed_up():
-        try:
-            return json.loads(marker.read_text())["epoch"] == 1
-        except (OSError, ValueError, KeyError):
-            return False
-
-    kill_when([os.path.join(REPO, "prune_model.py"), "--root_folder", killed, *flags], first_epoch_backed_up)
+    kill_when([os.path.join(REPO, "prune_model.py"), "--root_folder", killed, *flags], epoch_backed_up(killed / "iter1"))
     assert_files_whole(killed)
     assert json.loads((killed / "summary.json").read_text())["iterations"] == []
     at_kill = json.loads((killed / "iter1" / "history.json").read_text())
