@@ -7,10 +7,11 @@ DEMO_FLAGS := --dataset sample --batch_size 64
 
 .PHONY: install demo test test-all figures clean-demo
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps --editable .  # cnn_compression and the stage modules, importable anywhere
 	touch $@
 
 install: $(VENV)/.installed

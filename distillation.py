@@ -19,7 +19,7 @@ update, so training is plain `fit` with callbacks.
 
 import math
 
-import onednn  # noqa: F401  (before TensorFlow loads)
+from cnn_compression import onednn  # noqa: F401  (before TensorFlow loads)
 import keras
 from keras import ops
 
@@ -54,7 +54,7 @@ def head_model(network, layer_names=()):
     inside (Dense(activation="softmax")), logits otherwise (channel_importance.classifier_head,
     the answer every stage uses). Pass such scores through `as_logits(scores, is_probabilities)`.
     """
-    import channel_importance
+    from cnn_compression import channel_importance
 
     probabilities, logits = channel_importance.classifier_head(network)
     head = logits if logits is not None else network.output
@@ -504,14 +504,14 @@ def find_base_model(teacher, root_folder, base_model_path=None, default_base_pat
     """
     import os
 
-    import checkpoints
-    import cli
+    from cnn_compression import checkpoints
+    from cnn_compression import cli
 
     teacher_description = resnet.describe_model(teacher)
     notes = []
 
     def from_file(path, what):
-        base = checkpoints.load_model(path, what)
+        base = checkpoints.load_model(path, what, check=resnet.describe_model)
         description = resnet.describe_model(base)
         return description, base_mismatch(description, teacher_description)
 

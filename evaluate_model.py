@@ -12,10 +12,10 @@ import os
 import statistics
 import time
 
-import checkpoints
-import cli
-import metrics
-import files
+from cnn_compression import checkpoints
+from cnn_compression import cli
+from cnn_compression import metrics
+from cnn_compression import files
 
 DEFAULT_BASE = "./model/base_model/model.h5"
 
@@ -56,7 +56,7 @@ def measure(path, split, batch_size, repeats):
     import model as resnet
     import prune
 
-    network = checkpoints.load_model(path, any_model=True)
+    network = checkpoints.load_model(path)
     parameters, macs = prune.model_size(network)
     result = {
         "model_path": path,
@@ -86,12 +86,12 @@ def measure(path, split, batch_size, repeats):
 
 def main(argv=None):
     args = parse_args(argv)
-    import data
+    from cnn_compression import data
 
     base_path = args.base_model_path or (DEFAULT_BASE if os.path.exists(DEFAULT_BASE) else None)
-    checkpoints.load_model(args.model_path, any_model=True)  # reject bad files before loading the data set
+    checkpoints.load_model(args.model_path)  # reject bad files before loading the data set
     if base_path:
-        checkpoints.load_model(base_path, "base model", any_model=True)
+        checkpoints.load_model(base_path, "base model")
     if args.json and os.path.isdir(args.json):
         raise cli.UserError(f"--json {args.json} is a folder")
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)

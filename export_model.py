@@ -21,10 +21,10 @@ import tempfile
 import time
 import warnings
 
-import checkpoints
-import cli
-import files
-import stages
+from cnn_compression import checkpoints
+from cnn_compression import cli
+from cnn_compression import files
+from cnn_compression import stages
 
 FLOAT_NAME = "model_float32.tflite"
 INT8_NAME = "model_int8.tflite"
@@ -259,7 +259,7 @@ def convert_int8(float_model, split, calibration_images, fixed_percentile, seed,
     """
     import numpy as np
 
-    import data
+    from cnn_compression import data
 
     count = min(calibration_images, len(split.y_val) // 2)
     if count < 1:
@@ -291,12 +291,12 @@ def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_i
     model already loaded from `model_path`, if any.
     """
     if network is None:  # any Keras classifier: what evaluate_model.py and the pruning stage accept
-        network = checkpoints.load_model(model_path, any_model=True)
+        network = checkpoints.load_model(model_path)
     out_dir = out_dir or os.path.dirname(os.path.abspath(model_path))
     stages.check_output_folder(out_dir)
     files.remove_temporaries(out_dir)  # of a killed earlier export
     if keras_test_acc is None:
-        import metrics
+        from cnn_compression import metrics
 
         keras_test_acc = metrics.accuracy(network, split.x_test, split.y_test, batch_size)
 
@@ -350,9 +350,9 @@ def format_report(result):
 
 def main(argv=None):
     args = parse_args(argv)
-    import data
+    from cnn_compression import data
 
-    network = checkpoints.load_model(args.model_path, any_model=True)  # reject bad files before loading the data set
+    network = checkpoints.load_model(args.model_path)  # reject bad files before loading the data set
     if args.out_dir:
         stages.check_output_folder(args.out_dir)
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)

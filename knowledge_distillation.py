@@ -12,13 +12,13 @@ import math
 import os
 import sys
 
-import checkpoints
-import cli
-import files
-import multi_worker
-import metrics
-import stages
-import training
+from cnn_compression import checkpoints
+from cnn_compression import cli
+from cnn_compression import files
+from cnn_compression import multi_worker
+from cnn_compression import metrics
+from cnn_compression import stages
+from cnn_compression import training
 
 DEFAULT_BASE = "./model/base_model/model.h5"
 
@@ -80,7 +80,7 @@ def main(argv=None):
     args = parse_args(argv)
     import keras
 
-    import data
+    from cnn_compression import data
     import distillation
     import model as resnet
 
@@ -95,7 +95,7 @@ def main(argv=None):
     strategy = training.distribution_strategy(args)
     with strategy.scope():
         # A saved model is float32: the teacher runs in the student's precision.
-        teacher = checkpoints.recast(checkpoints.load_model(teacher_path, "teacher model"), args.precision)
+        teacher = checkpoints.recast(checkpoints.load_model(teacher_path, "teacher model", check=resnet.describe_model), args.precision)
     if args.student_compression and args.student_stage_widths:
         raise cli.UserError("--student_compression and --student_stage_widths each choose the student's widths: pass one")
     try:

@@ -14,7 +14,8 @@ plain `keras.models.load_model` is all a later stage needs.
 
 import copy
 
-import onednn  # noqa: F401  (before TensorFlow loads)
+from cnn_compression import onednn  # noqa: F401  (before TensorFlow loads)
+from cnn_compression.errors import UserError
 import keras
 import numpy as np
 
@@ -33,7 +34,7 @@ CIFAR10_MEAN = (125.307, 122.950, 113.865)
 CIFAR10_STD = (62.993, 62.089, 66.705)
 
 
-class NotOurResNetError(ValueError):
+class NotOurResNetError(UserError, ValueError):
     """A Keras model that is not a ResNet50 built by this module."""
 
 

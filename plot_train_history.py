@@ -11,9 +11,9 @@ import difflib
 import glob
 import os
 
-import checkpoints
-import cli
-import files
+from cnn_compression import checkpoints
+from cnn_compression import cli
+from cnn_compression import files
 
 FIGURE_NAMES = ("pruning_result.png", "3d_apoz.jpg", "apoz_heatmap.png", "accuracy_result.png", "compression_result.png")
 
@@ -391,7 +391,7 @@ def results_rows(model_root):
     students = load_students(model_root)
     for name in ordered_variants(students):
         results = students[name]["results"]
-        student = checkpoints.load_model(os.path.join(students[name]["folder"], "model.h5"))
+        student = checkpoints.load_model(os.path.join(students[name]["folder"], "model.h5"), check=resnet.describe_model)
         rate = base["parameters"] / results["parameters"] if base else None
         rows.append((f"student, {name}", results["test_acc"], results.get("best_val_acc"), results["parameters"],
                      rate, resnet.count_macs(student)[1]))

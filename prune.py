@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-import channel_graph
+from cnn_compression import channel_graph
 import model as resnet
 
 CRITERIA = ("std", "fraction")

@@ -29,12 +29,12 @@ import re
 import shutil
 import time
 
-import checkpoints
-import cli
-import files
-import multi_worker
-import stages
-import training
+from cnn_compression import checkpoints
+from cnn_compression import cli
+from cnn_compression import files
+from cnn_compression import multi_worker
+from cnn_compression import stages
+from cnn_compression import training
 
 SUMMARY_NAME = "summary.json"
 ITERATION_FOLDER = re.compile(r"^iter\d+$")
@@ -141,7 +141,7 @@ def load_teacher(args, base_network, strategy):
 
     with strategy.scope():
         # loaded again for 'base': the teacher is frozen, the base model stays as it is
-        teacher = checkpoints.load_model(path, "teacher model (--distill_from)", any_model=True)
+        teacher = checkpoints.load_model(path, "teacher model (--distill_from)")
         teacher = checkpoints.recast(teacher, keras.mixed_precision.global_policy().name)
     outputs = teacher.output_shape
     if isinstance(outputs, list) or len(outputs) != 2:
@@ -234,7 +234,7 @@ def check_any_model(network, class_num):
 def from_logits(network):
     """True unless the model ends in a softmax (our ResNet50 does): its output is then logits.
     Any spelling of the softmax (see channel_importance.classifier_head)."""
-    import channel_importance
+    from cnn_compression import channel_importance
 
     return not channel_importance.ends_in_softmax(network)
 
@@ -334,7 +334,7 @@ def predictor(base_network, network, groups, measure):
 def check_target(base_network, network, groups, base_widths, args):
     """Refuse up front a target that even every group the run prunes at its floor would not reach:
     a group the criterion cannot score keeps its channels, so it stays whole here too."""
-    import channel_importance
+    from cnn_compression import channel_importance
 
     target = target_of(args)
     if target is None:
@@ -357,7 +357,7 @@ def describe(network, split, args, path=None):
     """Parameters, MACs, widths (our ResNet50: its width spec; any other model: {group: width})
     and validation / test accuracy of `network`."""
     import model as resnet
-    from metrics import accuracy
+    from cnn_compression.metrics import accuracy
 
     parameters, macs = size_of(network)
     result = {"model_path": path} if path else {}
@@ -416,7 +416,7 @@ def prune_once(k, network, score_data, split, base_network, base_widths, args):
 
     Nothing is written before the selection has succeeded, so a bad rule leaves the folder alone.
     """
-    import channel_importance
+    from cnn_compression import channel_importance
     import prune
 
     started = time.perf_counter()
@@ -478,7 +478,7 @@ def run_iteration(k, network, score_data, split, train_data, val_data, base, bas
     paths = {name: os.path.join(folder, name) for name in ("apoz.json", "pruned.h5", "pruned.json")}
     ours = is_resnet(network)
     if all(os.path.exists(path) for path in paths.values()):
-        pruned = checkpoints.load_model(paths["pruned.h5"], "pruned model", any_model=not ours)
+        pruned = checkpoints.load_model(paths["pruned.h5"], "pruned model")
         state = files.read_json(paths["pruned.json"])
         print(f"iteration {k}: resuming the fine-tuning of {paths['pruned.h5']}")
     else:
@@ -509,7 +509,7 @@ def run_iteration(k, network, score_data, split, train_data, val_data, base, bas
             fitted = distiller(pruned, teacher, args, steps_per_epoch)
     history = training.fit_stage(fitted, train_data, val_data, folder, args, model_to_save=pruned,
                                  run_folder=args.root_folder)
-    best = checkpoints.load_model(os.path.join(folder, "model.h5"), any_model=not ours)
+    best = checkpoints.load_model(os.path.join(folder, "model.h5"))
     measured = describe(best, split, args)
     record = {
         "iteration": k,
@@ -544,7 +544,7 @@ def format_table(summary):
 
 def main(argv=None):
     args = parse_args(argv)
-    import data
+    from cnn_compression import data
 
     strategy = training.distribution_strategy(args)  # before anything starts TensorFlow's runtime
     # Workers other than the chief prune a scratch copy of the folder (same decisions, no shared writes).
@@ -553,7 +553,7 @@ def main(argv=None):
     summary_path = os.path.join(root, SUMMARY_NAME)
     args.precision = training.set_precision(args.precision)  # auto resolved, so config.json records what ran
     # Every check that can refuse the run comes before anything in root_folder is touched.
-    base_network = checkpoints.load_model(args.base_model_path, "base model", any_model=True)
+    base_network = checkpoints.load_model(args.base_model_path, "base model")
     ours = is_resnet(base_network)
     if not ours:
         check_any_model(base_network, len(data.CLASS_NAMES))
@@ -570,7 +570,7 @@ def main(argv=None):
     network = base_network
     if done:
         network = checkpoints.load_model(os.path.join(iteration_folder(root, len(done)), "model.h5"),
-                                         f"iteration {len(done)} model", any_model=not ours)
+                                         f"iteration {len(done)} model")
     try:
         groups = channel_groups(network, args)
         base_widths = base_group_widths(base_network, args)

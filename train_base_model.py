@@ -9,12 +9,12 @@ Rerunning the same command resumes an interrupted run and skips a finished one.
 import os
 import sys
 
-import checkpoints
-import cli
-import files
-import multi_worker
-import stages
-import training
+from cnn_compression import checkpoints
+from cnn_compression import cli
+from cnn_compression import files
+from cnn_compression import multi_worker
+from cnn_compression import stages
+from cnn_compression import training
 
 ORIGINAL_PRETRAINED_PATH = "./model/pretrained_resnet50.h5"
 
@@ -34,7 +34,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import data
+    from cnn_compression import data
     import model as resnet
 
     folder = args.save_folder

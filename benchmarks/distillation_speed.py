@@ -8,16 +8,13 @@ Without --teacher_path a random ResNet50 of --width is the teacher.
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoints  # noqa: E402
-import cli  # noqa: E402
-import training  # noqa: E402
+from cnn_compression import checkpoints  # noqa: E402
+from cnn_compression import cli  # noqa: E402
+from cnn_compression import training  # noqa: E402
 
 
 def main(argv=None):

@@ -18,22 +18,20 @@ import statistics
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def one_run(prebuild, stem, width):
     """In this process: build, compile, fit twice; print a JSON line of the timings."""
     import time
 
-    import cli
+    from cnn_compression import cli
 
     cli.import_tensorflow()
     import numpy as np
     import tensorflow as tf
 
     import model as resnet
-    import training
+    from cnn_compression import training
 
     training.set_precision("float32")
     network = resnet.build_resnet50(resnet.width_spec(width), stem)

@@ -17,13 +17,12 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def train(args):
     """Worker mode: time `args.steps` steps of fit (under the strategy when TF_CONFIG is set)."""
-    import cli
-    import training
+    from cnn_compression import cli
+    from cnn_compression import training
 
     cli.import_tensorflow()
     import numpy as np

@@ -9,14 +9,11 @@ other processes hits all of them alike. Surgery is timed on a full-width ResNet5
 random half of the channels of every group (inner only, then inner and residual).
 """
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoints  # noqa: E402
-import cli  # noqa: E402
+from cnn_compression import checkpoints  # noqa: E402
+from cnn_compression import cli  # noqa: E402
 
 
 def best_time(function, repeats):
@@ -38,9 +35,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import numpy as np
 
-    import data
+    from cnn_compression import data
     import model as resnet
-    import channel_importance
+    from cnn_compression import channel_importance
     import prune
 
     network = checkpoints.load_model(args.model_path) if args.model_path else resnet.build_resnet50(resnet.width_spec(args.width))

@@ -14,12 +14,10 @@ reloads every saved iteration model with plain Keras and checks its test accurac
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cli  # noqa: E402
-import files  # noqa: E402
+from cnn_compression import cli  # noqa: E402
+from cnn_compression import files  # noqa: E402
 
 ORDER = ("apoz", "l1", "bn_scale", "taylor", "random")  # the table's row order; other runs follow by name
 MEASURES = {"compression_rate": "compression (x fewer parameters)", "mac_ratio": "MAC reduction (x fewer MACs)"}
@@ -150,8 +148,8 @@ def verify(root, data_dir):
     accuracy; returns the lines printed. Raises UserError on a mismatch."""
     import keras
 
-    import data
-    import metrics
+    from cnn_compression import data
+    from cnn_compression import metrics
 
     try:
         split = data.load_split("cifar10", data_dir)

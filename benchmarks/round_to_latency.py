@@ -11,12 +11,10 @@ import argparse
 import math
 import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoints  # noqa: E402
-import cli  # noqa: E402
+from cnn_compression import checkpoints  # noqa: E402
+from cnn_compression import cli  # noqa: E402
 
 MODELS = ("./model/pruned_model/iter15", "./model/pruned_residual/iter6", "./model/kd_model/all_three")
 

@@ -15,14 +15,10 @@
 import argparse
 import os
 import statistics
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
-import checkpoints  # noqa: E402
-import cli  # noqa: E402
+from cnn_compression import checkpoints  # noqa: E402
+from cnn_compression import cli  # noqa: E402
 
 COMPRESSED = ("./model/pruned_model/iter5", "./model/pruned_model/iter10", "./model/pruned_model/iter15",
               "./model/pruned_residual/iter3", "./model/pruned_residual/iter6", "./model/kd_model/all_three")

@@ -21,13 +21,11 @@ import glob
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
-import training  # noqa: E402
+from cnn_compression import cli  # noqa: E402
+from cnn_compression import training  # noqa: E402
 
 
 FIT_STEPS = 20
@@ -132,7 +130,7 @@ def main():
     import numpy as np
     import tensorflow as tf
 
-    import data
+    from cnn_compression import data
     import model as resnet
 
     precision = training.set_precision(args.precision)

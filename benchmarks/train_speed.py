@@ -69,17 +69,15 @@ def stage_arguments(task):
 
 def measure(task):
     """Fit as the base stage does and time each epoch; then the inference passes. Runs in a child."""
-    import numpy as np
-
     import train_base_model  # its flags' defaults are the recipe a user gets
-    import channel_importance
-    import data
-    import fused_batch_norm
+    from cnn_compression import channel_importance
+    from cnn_compression import data
+    from cnn_compression import fused_batch_norm
     import keras
-    import metrics
+    from cnn_compression import metrics
     import model as resnet
-    import onednn
-    import training
+    from cnn_compression import onednn
+    from cnn_compression import training
 
     args = train_base_model.parse_args(stage_arguments(task) + ["--save_folder", "unused"])  # imports TensorFlow
     training.set_seed(args.seed)

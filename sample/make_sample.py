@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+from cnn_compression import data  # noqa: E402
 
 TRAIN_SAMPLE = 2000
 TEST_SAMPLE = 500

@@ -1,4 +1,4 @@
-"""Shared test helpers: the repository on sys.path, real CIFAR-10 images (the bundled sample for
+"""Shared test helpers: real CIFAR-10 images (the bundled sample for
 stage runs; the full set, when $CIFAR10_DIR is set, for the data tests and one stage run), script runs."""
 
 import json
@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import cli  # noqa: E402
-import files  # noqa: E402
+from cnn_compression import cli  # noqa: E402
+from cnn_compression import files  # noqa: E402
 
 cli.import_tensorflow()
 
@@ -61,7 +60,7 @@ def cifar10_dir(tmp_path_factory):
         return folder
     import pickle
 
-    import data
+    from cnn_compression import data
 
     x_train, y_train, x_test, y_test = data.load_sample()
     folder = tmp_path_factory.mktemp("sample") / data.FOLDER_NAME
@@ -118,7 +117,7 @@ def network():
     """A tiny CIFAR-stem ResNet50 whose BatchNorms are
     perturbed so that channels differ. Module-scoped: a test that changes it works on a copy."""
     import model as resnet
-    import training
+    from cnn_compression import training
 
     training.set_seed(0)
     return perturb_batch_norms(resnet.build_resnet50(resnet.width_spec(TINY_WIDTH), "cifar", 10))
@@ -127,9 +126,9 @@ def network():
 @pytest.fixture(scope="session")
 def base_path(tmp_path_factory):
     """A freshly initialised tiny ResNet50 saved as a base model for prune_model.py runs."""
-    import checkpoints
+    from cnn_compression import checkpoints
     import model as resnet
-    import training
+    from cnn_compression import training
 
     path = tmp_path_factory.mktemp("base") / "base.h5"
     training.set_seed(0)

@@ -17,9 +17,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cli  # noqa: E402
+from cnn_compression import cli  # noqa: E402
 
 STEPS, BATCH = 4, 32
 
@@ -40,9 +39,9 @@ def train(strategy, args, split):
     """{"classifier"/"distiller": (the loss after every step, starting weights, final weights)} after STEPS steps."""
     import keras
 
-    import data
+    from cnn_compression import data
     import distillation
-    import training
+    from cnn_compression import training
 
     dataset = data.make_dataset(split.x_train, split.y_train, BATCH)  # in order, no augmentation
 
@@ -79,8 +78,8 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    import data
-    import training
+    from cnn_compression import data
+    from cnn_compression import training
 
     args = argparse.Namespace(distribute=distribute, cpu_devices=cpu_devices, epoch_num=1, learning_rate=0.1, momentum=0.9,
                               weight_decay=5e-4, label_smoothing=0.1, lr_schedule="cosine", warmup_epochs=0, step_epochs=60)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import channel_graph
-import channel_importance
+from cnn_compression import channel_graph
+from cnn_compression import channel_importance
 import model as resnet
 import prune
 

@@ -7,7 +7,7 @@ import keras
 import pytest
 
 import model as resnet
-import checkpoints
+from cnn_compression import checkpoints
 from conftest import assert_one_line_error, run_in_process, run_script
 
 
@@ -70,7 +70,7 @@ def evaluate_small_against_base(base_run, data_flags, tmp_path, run, latency_rep
     # for a near tie that another batching may break the other way
     import numpy as np
 
-    import data
+    from cnn_compression import data
 
     split = data.load_split("sample")
     for images, labels, key in ((split.x_test, split.y_test, "test_acc"), (split.x_val, split.y_val, "val_acc")):

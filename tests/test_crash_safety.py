@@ -7,9 +7,9 @@ import os
 import keras
 import pytest
 
-import checkpoints
-import files
-import training
+from cnn_compression import checkpoints
+from cnn_compression import files
+from cnn_compression import training
 from conftest import assert_files_whole, kill_when, run_script, temporaries
 
 
@@ -63,7 +63,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
     import numpy as np
 
-    import data
+    from cnn_compression import data
     import model as resnet
 
     split = data.load_split("sample", train_size=128)

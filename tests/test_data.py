@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import conftest
-import data
+from cnn_compression import data
 
 
 def write_fake_cifar(folder, per_batch=20, seed=0):

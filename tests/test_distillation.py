@@ -12,9 +12,9 @@ from conftest import assert_one_line_error, run_in_process, run_script
 import distillation
 import knowledge_distillation
 import model as resnet
-import checkpoints
-import files
-import training
+from cnn_compression import checkpoints
+from cnn_compression import files
+from cnn_compression import training
 
 RNG = np.random.default_rng(0)
 

@@ -53,7 +53,7 @@ def test_base_training_mirrored_on_two_cpus_writes_what_a_single_device_writes(t
 
 @pytest.mark.slow  # make test-all
 def test_distillation_mirrored_on_two_cpus_writes_what_a_single_device_writes(tmp_path):
-    import checkpoints
+    from cnn_compression import checkpoints
 
     teacher_folder = tmp_path / "iter1"
     teacher_folder.mkdir()

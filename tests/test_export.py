@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import pytest
 
-import data
+from cnn_compression import data
 import export_model
 import model as resnet
-import checkpoints
-import cli
+from cnn_compression import checkpoints
+from cnn_compression import cli
 from conftest import assert_one_line_error, kill_when, run_in_process, run_script, temporaries
 
 

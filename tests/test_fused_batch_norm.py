@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import fused_batch_norm
+from cnn_compression import fused_batch_norm
 import model as resnet
 
 TOLERANCE = {"float32": 2e-5, "mixed_bfloat16": 3e-2, "mixed_float16": 4e-3}  # 4e-3: a few float16 ulps
@@ -128,7 +128,7 @@ def traced_training_step_ops(network):
     traced afresh on one batch."""
     import argparse
 
-    import training
+    from cnn_compression import training
 
     args = argparse.Namespace(epoch_num=1, learning_rate=0.01, momentum=0.9, weight_decay=5e-4, label_smoothing=0.0,
                               lr_schedule="cosine", warmup_epochs=0, step_epochs=60)

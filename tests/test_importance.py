@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import channel_importance
-import checkpoints
-import cli
-import files
+from cnn_compression import channel_importance
+from cnn_compression import checkpoints
+from cnn_compression import cli
+from cnn_compression import files
 import model as resnet
 import prune
 import prune_model
-import training
+from cnn_compression import training
 from conftest import REPO, assert_one_line_error, run_in_process, run_script
 
 WIDTH = 0.0625  # stem 4, blocks 4..32, stages 16..128
@@ -409,7 +409,7 @@ def test_ablation_table_compares_criteria_at_the_same_compressions(tmp_path, cap
 
 
 def test_ablation_verify_reloads_the_saved_models_with_plain_keras(tmp_path, cifar10_dir):
-    import data
+    from cnn_compression import data
 
     ablation = ablation_module()
     root = tmp_path / "ablation"

@@ -1,28 +1,47 @@
-"""The code's shape: no module imports one that imports it back, directly or through others."""
+"""The code's shape: the library package under the scripts, and no module that imports one that
+imports it back, directly or through others."""
 
 import ast
 import os
 
 from conftest import REPO
 
+PACKAGE = "cnn_compression"
 
-def imports_of(path, modules):
-    """Project modules the file at `path` imports anywhere (top level or inside functions)."""
+
+def imports_of(path):
+    """Module names the file at `path` imports anywhere (top level or inside functions); a package
+    module counts by its dotted name (`from cnn_compression import data` -> 'cnn_compression.data')."""
     with open(path) as handle:
         tree = ast.parse(handle.read())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
+            found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
-    return found & modules
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def project_modules(folder):
+    """{module name: file} for the top-level modules of `folder` and those of its package."""
+    modules = {name[:-3]: os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".py")}
+    package = os.path.join(folder, PACKAGE)
+    if os.path.isdir(package):
+        modules.update({f"{PACKAGE}.{name[:-3]}": os.path.join(package, name)
+                        for name in os.listdir(package) if name.endswith(".py") and name != "__init__.py"})
+    return modules
+
+
+def import_graph(folder):
+    modules = project_modules(folder)
+    return {module: (imports_of(path) & set(modules)) - {module} for module, path in modules.items()}
 
 
 def import_circles(folder):
-    """Every import circle among the top-level modules of `folder`, as lists of module names."""
-    modules = {name[:-3] for name in os.listdir(folder) if name.endswith(".py")}
-    graph = {module: imports_of(os.path.join(folder, f"{module}.py"), modules) - {module} for module in modules}
+    """Every import circle among the project's modules in `folder`, as lists of module names."""
+    graph = import_graph(folder)
     circles, finished = [], set()
 
     def visit(module, path):
@@ -33,7 +52,7 @@ def import_circles(folder):
                 visit(imported, path + [imported])
         finished.add(module)
 
-    for module in sorted(modules):
+    for module in sorted(graph):
         if module not in finished:
             visit(module, [module])
     return circles
@@ -44,9 +63,33 @@ def test_no_module_imports_one_that_imports_it_back():
     assert not circles, "import circles: " + "; ".join(" -> ".join(circle) for circle in circles)
 
 
-def test_the_circle_check_finds_direct_and_indirect_circles(tmp_path):
+def test_the_library_never_imports_the_modules_above_it():
+    graph = import_graph(REPO)
+    upward = {module: sorted(imported for imported in targets if not imported.startswith(PACKAGE + "."))
+              for module, targets in graph.items() if module.startswith(PACKAGE + ".")}
+    assert not {module: targets for module, targets in upward.items() if targets}
+
+
+def test_no_test_or_benchmark_edits_sys_path():
+    """The package and the stage modules are installed (editable), so nothing needs sys.path."""
+    offenders = []
+    for folder in ("tests", "benchmarks"):
+        for name in sorted(os.listdir(os.path.join(REPO, folder))):
+            if name.endswith(".py"):
+                with open(os.path.join(REPO, folder, name)) as handle:
+                    if "sys.path.insert" in handle.read().replace('"sys.path.insert"', ""):
+                        offenders.append(f"{folder}/{name}")
+    assert not offenders
+
+
+def test_the_checks_find_circles_and_upward_imports(tmp_path):
     (tmp_path / "a.py").write_text("import b\n")
     (tmp_path / "b.py").write_text("def f():\n    from c import x\n")  # inside a function counts too
     (tmp_path / "c.py").write_text("import os\nimport a\n")
-    (tmp_path / "d.py").write_text("import a\n")
-    assert import_circles(str(tmp_path)) == [["a", "b", "c", "a"]]
+    (tmp_path / "d.py").write_text(f"from {PACKAGE} import low\n")
+    (tmp_path / PACKAGE).mkdir()
+    (tmp_path / PACKAGE / "low.py").write_text(f"from {PACKAGE}.lower import y\n")
+    (tmp_path / PACKAGE / "lower.py").write_text("def g():\n    import d\n")
+    assert import_circles(str(tmp_path)) == [["a", "b", "c", "a"],
+                                             [f"{PACKAGE}.low", f"{PACKAGE}.lower", "d", f"{PACKAGE}.low"]]
+    assert import_graph(str(tmp_path))[f"{PACKAGE}.lower"] == {"d"}

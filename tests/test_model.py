@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import model as resnet
-import checkpoints
+from cnn_compression import checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import time
 import keras
 import pytest
 
-import cli
+from cnn_compression import cli
 import launch_workers
 import model as resnet
-import multi_worker
+from cnn_compression import multi_worker
 from conftest import REPO, assert_one_line_error, assert_same_steps, run_script
 
 DATA = ["--dataset", "sample", "--train_size", "256", "--batch_size", "64", "--warmup_epochs", "0", "--verbose", "2"]
@@ -143,7 +143,7 @@ def test_two_workers_resume_after_a_kill_and_match_a_single_process_run(tmp_path
 
 @pytest.mark.slow  # make test-all
 def test_two_workers_distil_like_a_single_process(tmp_path):
-    import checkpoints
+    from cnn_compression import checkpoints
 
     teacher_folder = tmp_path / "iter1"
     teacher_folder.mkdir()

@@ -6,7 +6,8 @@ import sys
 
 from conftest import REPO
 
-PROBE = "import os, {module}, tensorflow, onednn; print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), onednn.enabled())"
+PROBE = ("import os, {module}, tensorflow; from cnn_compression import onednn; "
+         "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), onednn.enabled())")
 
 
 def probe(module, setting):
@@ -22,9 +23,9 @@ def probe(module, setting):
 def test_scripts_and_library_turn_onednn_on_before_tensorflow_loads():
     # cli: every script's first import; model: a library user's. Both must come before TensorFlow.
     # The variable as well as the result: CPUs with AMX or AVX512-VNNI have oneDNN on without it.
-    assert probe("cli", None) == "1 True"
+    assert probe("cnn_compression.cli", None) == "1 True"
     assert probe("model", None) == "1 True"
 
 
 def test_the_users_setting_stands():
-    assert probe("cli", "0") == "0 False"
+    assert probe("cnn_compression.cli", "0") == "0 False"

@@ -11,8 +11,8 @@ import time
 import keras
 import pytest
 
-import checkpoints
-import files
+from cnn_compression import checkpoints
+from cnn_compression import files
 import model as resnet
 from conftest import REPO, assert_one_line_error, run_in_process, run_script
 
@@ -131,7 +131,7 @@ def test_overwrite_sets_the_old_run_aside_until_the_new_one_has_an_epoch(finishe
 
 def hold_lock(folder):
     """A separate process holding `folder`'s lock until killed; returns it once the lock is held."""
-    code = ("import sys, time; sys.path.insert(0, '.'); import files; lock = files.FolderLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from cnn_compression import files; lock = files.FolderLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, folder], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-import checkpoints
+from cnn_compression import checkpoints
 import model as resnet
 import plot_train_history
 from conftest import assert_one_line_error, run_in_process, run_script

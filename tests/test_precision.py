@@ -5,10 +5,10 @@ import keras
 import numpy as np
 import pytest
 
-import checkpoints
+from cnn_compression import checkpoints
 import distillation
 import model as resnet
-import training
+from cnn_compression import training
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import channel_importance
-import checkpoints
+from cnn_compression import channel_importance
+from cnn_compression import checkpoints
 import model as resnet
 import prune
 import prune_model
-import training
+from cnn_compression import training
 from conftest import (REPO, assert_files_whole, assert_one_line_error, epoch_backed_up, kill_when, run_in_process, run_script,
                       temporaries)
 

@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-import channel_graph
-import cli
+from cnn_compression import channel_graph
+from cnn_compression import cli
 import evaluate_model
 import prune
 import prune_model
@@ -136,7 +136,7 @@ def test_apoz_without_relu_outputs_is_refused_in_one_line(tmp_path, data_flags):
 def test_any_model_fine_tunes_in_the_precision_policy_and_saves_float32(classifier_path, tmp_path, monkeypatch, data_flags):
     """--precision mixed_bfloat16 on a model that is not our ResNet50: the fine-tuned copy computes
     in bfloat16 (its output layer in float32, as our ResNet50's softmax), the saved model is float32."""
-    import training
+    from cnn_compression import training
 
     seen = {}
     fit_stage = training.fit_stage

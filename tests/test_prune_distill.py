@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import pytest
 
-import checkpoints
-import files
+from cnn_compression import checkpoints
+from cnn_compression import files
 import model as resnet
 import prune_model
-import training
+from cnn_compression import training
 from conftest import assert_one_line_error, run_in_process
 from test_prune_any_model import small_classifier
 
@@ -144,7 +144,7 @@ def no_augmentation(monkeypatch):
     """The training pipeline without its random crops and flips: their random ops run in a parallel
     map, whose batches draw from the generator in no fixed order (in every stage, whatever the
     seed). The seeded shuffle stays, so two runs see the same batches."""
-    import data
+    from cnn_compression import data
 
     monkeypatch.setattr(data, "_augment", lambda images: images)
 

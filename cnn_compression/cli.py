@@ -11,11 +11,8 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off stderr
-import onednn  # noqa: E402,F401  (oneDNN on before TensorFlow loads)
-
-
-class UserError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
+from cnn_compression import onednn  # noqa: E402,F401  (oneDNN on before TensorFlow loads)
+from cnn_compression.errors import UserError  # noqa: E402  (scripts raise it as cli.UserError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,17 +183,9 @@ def import_tensorflow():
         tf.config.list_physical_devices()  # the CUDA probe logs on first use
         absl.logging.set_verbosity(absl.logging.ERROR)  # Keras' "HDF5 is legacy" notice on every save
         tf.get_logger().setLevel("ERROR")  # "triggered tf.function retracing": expected when stages build new models
-    import fused_batch_norm
+    from cnn_compression import fused_batch_norm
 
     fused_batch_norm.install()  # every stage computes BatchNorm with TensorFlow's fused kernel
-
-
-def is_user_error(error):
-    """Bad input rather than a bug: ours, the data's, or a model file that is not our ResNet50."""
-    data, model = sys.modules.get("data"), sys.modules.get("model")  # TensorFlow-free until a script needs them
-    return (isinstance(error, UserError)
-            or (data is not None and isinstance(error, data.DataError))
-            or (model is not None and isinstance(error, model.NotOurResNetError)))
 
 
 def run(main):
@@ -205,7 +194,7 @@ def run(main):
     try:
         main()
     except Exception as error:
-        if not is_user_error(error):
+        if not isinstance(error, UserError):
             raise
         sys.stderr.write(f"{prog}: error: {error}\n")
         sys.exit(2)

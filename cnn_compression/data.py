@@ -13,12 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnn_compression.errors import UserError
+
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 VALIDATION_SIZE = 5000
 # The split must not move with --seed: every stage selects on the same validation images, and
 # none of them may ever have been trained on.
 SPLIT_SEED = 20161213
-SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample", "cifar10_sample.npz.gz")
+# The bundled sample lives in the repository (sample/), one level above this package.
+SAMPLE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample", "cifar10_sample.npz.gz")
 SAMPLE_MD5_PATH = SAMPLE_PATH[: -len(".npz.gz")] + ".md5"
 SAMPLE_VALIDATION_SIZE = 200
 TRAIN_FILES = [f"data_batch_{index}" for index in range(1, 6)]
@@ -28,7 +31,7 @@ FOLDER_NAME = "cifar-10-batches-py"
 DATASETS = ("cifar10", "sample")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """The data set cannot be found or read; the message says what to pass."""
 
 
@@ -47,7 +50,7 @@ class Split:
 
     def fingerprint(self):
         """A digest of every image and label: the same data wherever it was read from."""
-        from files import fingerprint_arrays
+        from cnn_compression.files import fingerprint_arrays
 
         return fingerprint_arrays(self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)
 

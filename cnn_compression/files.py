@@ -9,7 +9,7 @@ import platform
 import shutil
 import tempfile
 
-from cli import UserError
+from cnn_compression.cli import UserError
 
 
 
@@ -107,7 +107,7 @@ def versions():
     import numpy
     import tensorflow
 
-    import onednn
+    from cnn_compression import onednn
 
     return {"python": platform.python_version(), "tensorflow": tensorflow.__version__,
             "keras": keras.__version__, "numpy": numpy.__version__, "onednn": onednn.enabled(),

@@ -10,7 +10,7 @@ PROBABILITY_EPSILON = 1e-7
 def predict_probabilities(network, images, batch_size=128):
     """Class probabilities of `network` on raw 0-255 `images`, batch by batch (`predict`, not an
     eager call, so memory stays that of one batch)."""
-    import data
+    from cnn_compression import data
 
     labels = np.zeros(len(images), np.int64)
     batches = data.make_dataset(images, labels, batch_size).map(lambda x, y: x)

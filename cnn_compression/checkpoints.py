@@ -2,8 +2,8 @@
 
 import os
 
-from cli import UserError
-from files import write_atomically
+from cnn_compression.cli import UserError
+from cnn_compression.files import write_atomically
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -50,12 +50,11 @@ def save_model(model, path):
         compile_config.config = saved
 
 
-def load_model(path, what="model", any_model=False):
-    """Open one of our `.h5` ResNet50s with plain Keras (`any_model`: any Keras model); any other
-    file is a UserError."""
+def load_model(path, what="model", check=None):
+    """Open an `.h5` Keras model with plain Keras; a missing, foreign or broken file is a UserError.
+    `check(model)`, if given, may refuse the model with a UserError (e.g. `model.describe_model`
+    for a stage that needs our ResNet50)."""
     import keras
-
-    import model as resnet
 
     if not os.path.exists(path):
         raise UserError(f"no {what} at {path}")
@@ -69,12 +68,11 @@ def load_model(path, what="model", any_model=False):
     except Exception as error:  # h5py and Keras raise many kinds for truncated or foreign files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot open {path} as a Keras model: {reason[:200]}") from None
-    if any_model:
-        return loaded
-    try:
-        resnet.describe_model(loaded)
-    except resnet.NotOurResNetError as error:
-        raise UserError(f"{path}: {error}") from None
+    if check is not None:
+        try:
+            check(loaded)
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
     return loaded
 
 

@@ -3,13 +3,12 @@ its test measurement."""
 
 import json
 import os
-import shutil
 
-from checkpoints import load_model
-from cli import UserError
-from files import create_output_folder, discard_replaced, read_json, remove_temporaries, set_aside, versions, write_json
-from metrics import loss_and_accuracy
-from training import discard_backup
+from cnn_compression.checkpoints import load_model
+from cnn_compression.cli import UserError
+from cnn_compression.files import create_output_folder, read_json, remove_temporaries, set_aside, versions, write_json
+from cnn_compression.metrics import loss_and_accuracy
+from cnn_compression.training import discard_backup
 
 
 def check_output_folder(folder):

@@ -5,9 +5,9 @@ import json
 import math
 import os
 
-from checkpoints import save_model
-from cli import UserError
-from files import discard_replaced, read_history, remove_temporaries, write_json
+from cnn_compression.checkpoints import save_model
+from cnn_compression.cli import UserError
+from cnn_compression.files import discard_replaced, read_history, remove_temporaries, write_json
 
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
@@ -37,7 +37,7 @@ def distribution_strategy(args):
     if args.distribute == "none":
         return tf.distribute.get_strategy()
     if args.distribute == "multi_worker":
-        import multi_worker
+        from cnn_compression import multi_worker
 
         return multi_worker.make_strategy()
     gpus = tf.config.list_logical_devices("GPU")

@@ -21,7 +21,7 @@ import shutil
 import socket
 import tempfile
 
-from cli import UserError
+from cnn_compression.cli import UserError
 
 
 def read_tf_config(environ=None):
