@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from cnn_compression import cpu  # TensorFlow-free: the parent process never loads TensorFlow
+
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGREEMENT = 0.15  # largest relative difference between the benchmark's epoch and the stage's own
 KERAS_EPOCH_LINE = re.compile(r"^\s*(\d+)/(\d+) - (\d+)s - ")  # verbose=2: steps, the epoch's whole seconds (with validation)
@@ -126,7 +128,7 @@ def measure(task):
             work()
             inference[name] = time.perf_counter() - started
     images_per_epoch = len(split.y_train)
-    return {"onednn": onednn.enabled(), "cpu": onednn.cpu_model(), "precision": args.precision,
+    return {"onednn": onednn.enabled(), "cpu": cpu.model_name(), "precision": args.precision,
             "train_images_per_second": statistics.median(images_per_epoch / s for s in timer.train[1:]),
             "epoch_seconds": statistics.median(timer.whole[1:]),
             "validation_seconds": statistics.median(timer.validation[1:]),
@@ -161,16 +163,6 @@ def run_stage_process(task):
 # The rounds
 
 
-def native_bfloat16():
-    flags = set()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
-
-
 def variants(bfloat16):
     precisions = ("float32", "mixed_bfloat16") if bfloat16 else ("float32",)
     # bfloat16 without oneDNN is TensorFlow's Eigen emulation whatever the CPU: not a variant anyone runs.
@@ -202,11 +194,11 @@ def main():
         return 0
     if args.steps < 50:
         parser.error("--steps must be at least 50: shorter epochs measure set-up, not training")
-    bfloat16 = args.bfloat16 == "always" or (args.bfloat16 == "native" and native_bfloat16())
+    bfloat16 = args.bfloat16 == "always" or (args.bfloat16 == "native" and cpu.native_bfloat16())
     chosen = [v for v in variants(bfloat16) if args.only is None or variant_name(v) in args.only]
-    default = {"onednn": True, "fused": True, "precision": "mixed_bfloat16" if native_bfloat16() else "float32"}
+    default = {"onednn": True, "fused": True, "precision": "mixed_bfloat16" if cpu.native_bfloat16() else "float32"}
     staged = [v for v in chosen if v["fused"] and (args.stage == "all" or (args.stage == "default" and v == default))]
-    results, stage_seconds, cpu = {}, {}, None
+    results, stage_seconds, cpu_name = {}, {}, None
     for round_index in range(args.rounds):
         for stem, width in args.models:
             for variant in chosen:
@@ -215,19 +207,19 @@ def main():
                         "inference_images": args.inference_images}
                 key = (stem, width, variant_name(variant))
                 outcome = run_benchmark_process(task)
-                cpu = outcome["cpu"]
+                cpu_name = outcome["cpu"]
                 results.setdefault(key, []).append(outcome)
                 line = f"round {round_index + 1}: {stem}:{width:g} {key[2]}: {outcome['train_images_per_second']:.0f} img/s"
                 if variant in staged:
                     stage_seconds.setdefault(key, []).append(run_stage_process(task))
                     line += f"; epoch {outcome['epoch_seconds']:.1f} s, the stage's own {stage_seconds[key][-1]:.1f} s"
                 print(line, flush=True)
-    return report(args, chosen, results, stage_seconds, cpu)
+    return report(args, chosen, results, stage_seconds, cpu_name)
 
 
-def report(args, chosen, results, stage_seconds, cpu):
+def report(args, chosen, results, stage_seconds, cpu_name):
     disagreements = 0
-    print(f"\nCPU: {cpu}; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; {args.rounds} rounds of "
+    print(f"\nCPU: {cpu_name}; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; {args.rounds} rounds of "
           f"{args.steps} steps x batch {args.batch_size} (+ 5,000 validation images) an epoch, medians\n")
     print("| model | variant | train img/s | vs first variant | epoch s (benchmark) | of which validation, "
           "bookkeeping | epoch s (the stage) | APoZ pass s | predict s | test measurement s |")

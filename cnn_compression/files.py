@@ -107,11 +107,11 @@ def versions():
     import numpy
     import tensorflow
 
-    from cnn_compression import onednn
+    from cnn_compression import cpu, onednn
 
     return {"python": platform.python_version(), "tensorflow": tensorflow.__version__,
             "keras": keras.__version__, "numpy": numpy.__version__, "onednn": onednn.enabled(),
-            "cpu": onednn.cpu_model()}
+            "cpu": cpu.model_name()}
 
 
 def fingerprint_file(path):

@@ -18,17 +18,3 @@ def enabled():
     except ImportError:
         return False
     return bool(_pywrap_util_port.IsMklEnabled())
-
-
-def cpu_model():
-    """The CPU's model name from /proc/cpuinfo (speed figures are only meaningful beside it)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()

@@ -46,19 +46,7 @@ def distribution_strategy(args):
 
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with native bfloat16 maths
 BFLOAT16_GPU_CAPABILITY = (8, 0)  # Ampere and newer
-
-
-def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def native_bfloat16():
@@ -70,7 +58,9 @@ def native_bfloat16():
     if gpus:
         capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) for gpu in gpus]
         return all(tuple(capability) >= BFLOAT16_GPU_CAPABILITY for capability in capabilities)
-    return bool(cpu_flags() & set(BFLOAT16_CPU_FLAGS))
+    from cnn_compression import cpu
+
+    return cpu.native_bfloat16()
 
 
 def resolve_precision(precision):

@@ -29,3 +29,17 @@ def test_scripts_and_library_turn_onednn_on_before_tensorflow_loads():
 
 def test_the_users_setting_stands():
     assert probe("cnn_compression.cli", "0") == "0 False"
+
+
+def test_cpu_facts_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatch):
+    from cnn_compression import cpu
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\n"
+                    "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu avx2 fma amx_bf16\n")
+    monkeypatch.setattr(cpu, "CPUINFO", str(fake))
+    assert (cpu.model_name(), cpu.flags(), cpu.native_bfloat16()) == ("AMD EPYC 7B13", {"fpu", "avx2", "fma"}, False)
+    fake.write_text("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2 avx512_bf16 amx_bf16\n")
+    assert cpu.native_bfloat16() and cpu.model_name() == "Intel(R) Xeon(R) Processor"
+    monkeypatch.setattr(cpu, "CPUINFO", str(tmp_path / "missing"))
+    assert cpu.flags() == set() and not cpu.native_bfloat16() and cpu.model_name()  # platform's answer instead

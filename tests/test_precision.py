@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from cnn_compression import checkpoints
+from cnn_compression import checkpoints, cpu
 import distillation
 import model as resnet
 from cnn_compression import training
@@ -27,10 +27,10 @@ def test_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda gpu: {"compute_capability": capability[gpu]})
     for flags, expected in (({"avx2", "amx_bf16"}, "mixed_bfloat16"), ({"avx512_bf16"}, "mixed_bfloat16"),
                             ({"avx2", "fma"}, "float32"), (set(), "float32")):
-        monkeypatch.setattr(training, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(cpu, "flags", lambda flags=flags: flags)
         assert training.resolve_precision("auto") == expected, flags
     # with GPUs, theirs decide (the CPU's AMX aside): all of compute capability 8.0 or more
-    monkeypatch.setattr(training, "cpu_flags", lambda: {"amx_bf16"})
+    monkeypatch.setattr(cpu, "flags", lambda: {"amx_bf16"})
     gpus[:], capability.update({"a100": (8, 0), "t4": (7, 5)})
     gpus[:] = ["a100"]
     assert training.resolve_precision("auto") == "mixed_bfloat16"
