@@ -8,7 +8,8 @@
 #     bash benchmarks/strong_run.sh save     # before the session ends: copy its files here to commit
 #
 # The run executes in a git worktree ($WORKTREE) detached at the commit in model/cifar_stem/RUN_COMMIT,
-# so edits and tests in this checkout never touch its code; it writes under the worktree's
+# so edits and tests in this checkout never touch its code (write a newer commit there only between
+# stages, when the next stage needs newer code: `start` then moves the worktree to it); it writes under the worktree's
 # model/cifar_stem/, which `start` fills from this checkout's copy and `save` copies back (resume
 # state included) for the commit.
 set -euo pipefail
@@ -27,7 +28,16 @@ case "${1:-status}" in
     pin=$(cat "$PIN_FILE")
     if [ -n "$(run_pids)" ]; then echo "already running: $(run_pids | tr '\n' ' ')"; exit 0; fi
     if [ ! -d "$WORKTREE" ]; then git worktree add --detach "$WORKTREE" "$pin"; fi
-    [ "$(git -C "$WORKTREE" rev-parse HEAD)" = "$pin" ] || { echo "$WORKTREE is not at $pin" >&2; exit 2; }
+    if [ "$(git -C "$WORKTREE" rev-parse HEAD)" != "$pin" ]; then
+      # A new pin (written between stages, when the next stages need newer code); nothing runs now.
+      # The newer commit tracks files the run wrote (untracked in the worktree): set the run's own
+      # files aside, move the code, then put them back over the committed copies.
+      aside="$WORKTREE/../strong-files-$$"
+      mv "$WORKTREE/model/cifar_stem" "$aside"
+      git -C "$WORKTREE" checkout --quiet --force --detach "$pin" || { mv "$aside" "$WORKTREE/model/cifar_stem"; echo "cannot move $WORKTREE to $pin" >&2; exit 2; }
+      mkdir -p "$WORKTREE/model/cifar_stem"; cp -a "$aside/." "$WORKTREE/model/cifar_stem/"; rm -rf "$aside"
+      echo "$WORKTREE moved to $pin"
+    fi
     mkdir -p "$WORKTREE/model/cifar_stem"
     cp -a --update model/cifar_stem/. "$WORKTREE/model/cifar_stem/"   # never older files over newer ones
     (cd "$WORKTREE" && PY="$PY" nohup nice -n 5 bash benchmarks/cifar10_strong.sh >> "$LOG" 2>&1 &)
