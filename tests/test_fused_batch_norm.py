@@ -141,7 +141,7 @@ def traced_training_step_ops(network):
 
 def test_a_stage_training_step_runs_the_fused_kernel_and_saves_plain_batch_norm(tmp_path):
     """The step a stage trains with (forward and backward) goes through FusedBatchNormV3, as
-    the scripts install it (cli.import_tensorflow, which conftest calls); Keras' own path has none."""
+    the scripts install it (cnn_compression.setup(), which conftest calls too); Keras' own path has none."""
     network = resnet.build_resnet50(resnet.width_spec(0.0625), "cifar")
     operations = traced_training_step_ops(network)
     assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= operations
