@@ -151,3 +151,17 @@ def test_a_stage_training_step_runs_the_fused_kernel_and_saves_plain_batch_norm(
     network.save(path)
     loaded = keras.models.load_model(path, compile=False)  # no custom objects
     assert type(loaded.get_layer("conv1_bn")) is keras.layers.BatchNormalization
+
+
+def test_setup_installs_the_fused_path_and_the_quiet_tensorflow_import_alone_does_not():
+    """The fused BatchNorm is an explicit set-up call (cnn_compression.setup(), which every script's
+    main makes), not a side effect of importing TensorFlow or of parsing flags."""
+    import cnn_compression
+    from cnn_compression import cli
+
+    with fused_batch_norm.keras_batch_norm():
+        cli.import_tensorflow()
+        assert not fused_batch_norm.installed()
+        cnn_compression.setup()
+        assert fused_batch_norm.installed()
+    assert fused_batch_norm.installed()
