@@ -1,8 +1,10 @@
-"""The machinery under the stage scripts: channel tracing and importance, the stage life cycle,
-files and checkpoints, data, the training loop, metrics, the fused BatchNorm, multi-worker set-up.
+"""The machinery under the stage scripts: channel tracing and importance, the stage start-up and
+life cycle, files and checkpoints, data, the training loop, metrics, TensorFlow Lite, figures and
+results, the fused BatchNorm, multi-worker set-up (docs/library.md).
 
 Importing the package loads nothing heavy: modules import TensorFlow only when they need it, and
-`onednn` must be imported before TensorFlow is (every script does so through `cli`).
+`onednn` must be imported before TensorFlow is (every script does so through `cli`). Call
+`setup()` before building or loading models, as every script's main does.
 """
 
 
