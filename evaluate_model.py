@@ -5,17 +5,20 @@
 Prints test and validation accuracy, parameters, MACs, file size and CPU latency (batch 1 and
 128) in TensorFlow and as a float32 TFLite model; against --base_model_path also the compression
 rate, MAC ratio and measured speed-ups.
---export_tflite also writes float32 and int8 TFLite models beside the model (see export_model.py).
+--export_tflite also writes float32 and int8 TFLite models beside the model (the export of
+export_model.py: `cnn_compression.tflite.export_tflite`).
 """
 
 import os
 import statistics
 import time
 
+import cnn_compression
 from cnn_compression import checkpoints
 from cnn_compression import cli
 from cnn_compression import metrics
 from cnn_compression import files
+from cnn_compression import tflite
 
 DEFAULT_BASE = "./model/base_model/model.h5"
 
@@ -73,19 +76,18 @@ def measure(path, split, batch_size, repeats):
     except resnet.NotOurResNetError:  # any other Keras classifier (e.g. pruned by prune_model.py): no width spec
         pass
     if repeats:
-        import export_model
-
         result["latency_ms_batch1"] = 1e3 * measure_latency(network, 1, repeats)
         result["latency_ms_batch128"] = 1e3 * measure_latency(network, 128, max(3, repeats // 4))
         # The deployed form: TFLite float32 (BatchNorm folded, XNNPACK), where per-op overhead is small.
-        content = export_model.float_tflite(network)
-        result["tflite_latency_ms_batch1"] = 1e3 * export_model.tflite_latency(content, 1, repeats)
-        result["tflite_latency_ms_batch128"] = 1e3 * export_model.tflite_latency(content, 128, max(3, repeats // 4))
+        content = tflite.float_tflite(network)
+        result["tflite_latency_ms_batch1"] = 1e3 * tflite.tflite_latency(content, 1, repeats)
+        result["tflite_latency_ms_batch128"] = 1e3 * tflite.tflite_latency(content, 128, max(3, repeats // 4))
     return result
 
 
 def main(argv=None):
     args = parse_args(argv)
+    cnn_compression.setup()
     from cnn_compression import data
 
     base_path = args.base_model_path or (DEFAULT_BASE if os.path.exists(DEFAULT_BASE) else None)
@@ -109,11 +111,9 @@ def main(argv=None):
     if args.json:
         files.write_json(args.json, result)
     if args.export_tflite:
-        import export_model
-
-        exported = export_model.export_tflite(args.model_path, split, batch_size=args.batch_size, seed=args.seed,
-                                              keras_test_acc=result["test_acc"])
-        print(export_model.format_report(exported))
+        exported = tflite.export_tflite(args.model_path, split, batch_size=args.batch_size, seed=args.seed,
+                                        keras_test_acc=result["test_acc"])
+        print(tflite.format_report(exported))
 
 
 def format_report(result):

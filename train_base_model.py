@@ -9,10 +9,9 @@ Rerunning the same command resumes an interrupted run and skips a finished one.
 import os
 import sys
 
+import cnn_compression
 from cnn_compression import checkpoints
 from cnn_compression import cli
-from cnn_compression import files
-from cnn_compression import multi_worker
 from cnn_compression import stages
 from cnn_compression import training
 
@@ -34,10 +33,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    cnn_compression.setup()
     from cnn_compression import data
     import model as resnet
 
-    folder = args.save_folder
     pretrained = args.model_path
     from_scratch_note = None
     if pretrained and not os.path.exists(pretrained) and os.path.normpath(pretrained) == os.path.normpath(ORIGINAL_PRETRAINED_PATH):
@@ -46,24 +45,18 @@ def main(argv=None):
         from_scratch_note = (f"note: no pretrained weights at {pretrained}; training from scratch "
                              "(save keras.applications.ResNet50(weights='imagenet') there to start from ImageNet)")
         pretrained = None
-    strategy = training.distribution_strategy(args)  # first: multi-worker training sets TensorFlow up
-    folder = multi_worker.worker_folder(folder, strategy)  # a scratch copy on workers other than the chief
     # Every input is checked before the output folder is created or touched.
-    stages.check_output_folder(folder)
+    strategy, folder = stages.start_stage(args, args.save_folder)
     training.set_seed(args.seed)
-    args.precision = training.set_precision(args.precision)  # auto resolved, so config.json records what ran
-    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
+    split = stages.load_split(args)
     steps_per_epoch = -(-len(split.y_train) // args.batch_size)
     with strategy.scope():
         network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
         training.compile_classifier(network, args, steps_per_epoch)
     loaded_layers = None
-    inputs = {"data": split.fingerprint()}
     if pretrained:  # also on a resume: a backup, if there is one, then replaces these weights
         loaded_layers, skipped = checkpoints.load_weights_by_name(network, pretrained)
-        inputs["pretrained"] = files.fingerprint_file(pretrained)
-    files.lock_folder(folder)
-    state = stages.open_stage(folder, args, inputs)
+    state = stages.enter_stage(folder, args, stages.input_fingerprints(split, {"pretrained": pretrained} if pretrained else None))
     if state is None:
         return
     if from_scratch_note:
@@ -78,7 +71,7 @@ def main(argv=None):
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=args.class_num)
     history = training.fit_stage(network, train_data, val_data, folder, args)
     results = stages.close_stage(folder, args, history, split, parameters=resnet.count_parameters(network),
-                                   pretrained_layers_loaded=loaded_layers)
+                                 pretrained_layers_loaded=loaded_layers)
     print(f"best validation accuracy {results['best_val_acc']:.4f} (epoch {results['best_epoch']}); "
           f"test accuracy {results['test_acc']:.4f}; saved {os.path.join(folder, 'model.h5')}")
 

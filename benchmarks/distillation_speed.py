@@ -13,7 +13,7 @@ import time
 
 
 from cnn_compression import checkpoints  # noqa: E402
-from cnn_compression import cli  # noqa: E402
+import cnn_compression  # noqa: E402
 from cnn_compression import training  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--regressor_name", default="conv1x1")
     args = parser.parse_args(argv)
-    cli.import_tensorflow()
+    cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
     import keras
     import numpy as np
     import tensorflow as tf

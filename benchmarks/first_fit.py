@@ -24,9 +24,9 @@ def one_run(prebuild, stem, width):
     """In this process: build, compile, fit twice; print a JSON line of the timings."""
     import time
 
-    from cnn_compression import cli
+    import cnn_compression
 
-    cli.import_tensorflow()
+    cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
     import numpy as np
     import tensorflow as tf
 

@@ -21,10 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def train(args):
     """Worker mode: time `args.steps` steps of fit (under the strategy when TF_CONFIG is set)."""
-    from cnn_compression import cli
+    import cnn_compression
     from cnn_compression import training
 
-    cli.import_tensorflow()
+    cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
     import numpy as np
     import tensorflow as tf
 

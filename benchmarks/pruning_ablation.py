@@ -120,9 +120,10 @@ def mean_curve(summaries, measure, key):
 
 
 def plot(runs, measure, out):
-    from plot_train_history import _pyplot, _save, summary_test_images, test_images_note
+    from cnn_compression.figures import pyplot, save_figure, test_images_note
+    from cnn_compression.results import summary_test_images
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 5))
     for index, (label, summaries) in enumerate(runs.items()):
         colour = f"C{index % 10}"
@@ -139,7 +140,7 @@ def plot(runs, measure, out):
     if note:
         axis.set_title(note, fontsize=8, color="0.35")
     figure.tight_layout()
-    _save(figure, out)
+    save_figure(figure, out)
     return out
 
 

@@ -14,7 +14,7 @@ import statistics
 
 
 from cnn_compression import checkpoints  # noqa: E402
-from cnn_compression import cli  # noqa: E402
+import cnn_compression  # noqa: E402
 
 MODELS = ("./model/pruned_model/iter15", "./model/pruned_residual/iter6", "./model/kd_model/all_three")
 
@@ -32,8 +32,8 @@ def main():
     parser.add_argument("--models", nargs="*", default=list(MODELS), help="folders holding compressed model.h5 files")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    cli.import_tensorflow()
-    import export_model
+    cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
+    from cnn_compression import tflite
     import model as resnet
 
     base = checkpoints.load_model(args.base_model_path, "base model")
@@ -44,11 +44,11 @@ def main():
         networks[folder] = network
         for multiple in (8, 16):
             networks[f"{folder}, widths rounded up to {multiple}"] = resnet.rebuild_like(network, rounded_spec(spec, multiple))
-    flatbuffers = {name: export_model.float_tflite(network) for name, network in networks.items()}
+    flatbuffers = {name: tflite.float_tflite(network) for name, network in networks.items()}
     timings = {name: [] for name in networks}
     for _ in range(args.rounds):
         for name in networks:
-            timings[name].append(export_model.tflite_latency(flatbuffers[name], 128, repeats=5, warmup=1))
+            timings[name].append(tflite.tflite_latency(flatbuffers[name], 128, repeats=5, warmup=1))
     base_seconds, base_macs = statistics.median(timings["base"]), resnet.count_macs(base)[1]
     print(f"{'model':58s} {'MAC ratio':>9s} {'b128 ms':>8s} {'speed-up':>8s} {'/MACs':>5s}")
     for name, network in networks.items():

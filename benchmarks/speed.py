@@ -18,7 +18,7 @@ import statistics
 
 
 from cnn_compression import checkpoints  # noqa: E402
-from cnn_compression import cli  # noqa: E402
+import cnn_compression  # noqa: E402
 
 COMPRESSED = ("./model/pruned_model/iter5", "./model/pruned_model/iter10", "./model/pruned_model/iter15",
               "./model/pruned_residual/iter3", "./model/pruned_residual/iter6", "./model/kd_model/all_three")
@@ -30,13 +30,13 @@ def alternating_latency(first, second, batch_size, rounds, runtime="tensorflow")
     `first`/`second`: Keras models (runtime "tensorflow") or float32 TFLite flatbuffers ("tflite").
     """
     import evaluate_model
-    import export_model
+    from cnn_compression import tflite
 
     timings = ([], [])
     for _ in range(rounds):
         for index, network in enumerate((first, second)):
             if runtime == "tflite":
-                timings[index].append(export_model.tflite_latency(network, batch_size, repeats=5, warmup=1))
+                timings[index].append(tflite.tflite_latency(network, batch_size, repeats=5, warmup=1))
             else:
                 timings[index].append(evaluate_model.measure_latency(network, batch_size, repeats=3, warmup=1))
     return statistics.median(timings[0]), statistics.median(timings[1])
@@ -50,7 +50,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip", nargs="*", default=[], choices=("apoz", "distillation", "latency"))
     args = parser.parse_args()
-    cli.import_tensorflow()
+    cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
     data_flags = ["--data_dir", args.data_dir] if args.data_dir else []
     if "apoz" not in args.skip:
         import prune_speed
@@ -64,13 +64,13 @@ def main():
         print(f"\n== distillation step against teacher forward + student step (teacher {teacher})")
         distillation_speed.main(["--teacher_path", teacher] if os.path.exists(teacher) else [])
     if "latency" not in args.skip:
-        import export_model
+        from cnn_compression import tflite
         import model as resnet
 
         print("\n== base against compressed models: MAC ratio and CPU latency speed-up, in TensorFlow (tf.function)"
               " and as float32 TFLite (XNNPACK)")
         base = checkpoints.load_model(args.base_model_path, "base model")
-        base_tflite = export_model.float_tflite(base)
+        base_tflite = tflite.float_tflite(base)
         base_macs, base_activations = resnet.count_macs(base)[1], resnet.count_activations(base)
         print(f"{'model':36s} {'MACs':>6s} {'activ.':>6s} {'TF b1':>6s} {'TF b128':>7s} {'/MACs':>5s} "
               f"{'TFLite b1':>9s} {'TFLite b128':>11s} {'/MACs':>5s}")
@@ -83,7 +83,7 @@ def main():
             mac_ratio = base_macs / resnet.count_macs(network)[1]
             activation_ratio = base_activations / resnet.count_activations(network)
             row = []
-            for runtime, pair in (("tensorflow", (base, network)), ("tflite", (base_tflite, export_model.float_tflite(network)))):
+            for runtime, pair in (("tensorflow", (base, network)), ("tflite", (base_tflite, tflite.float_tflite(network)))):
                 for batch_size in (1, 128):
                     base_seconds, seconds = alternating_latency(*pair, batch_size, args.rounds, runtime)
                     row.append(base_seconds / seconds)

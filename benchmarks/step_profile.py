@@ -24,7 +24,7 @@ import statistics
 import tempfile
 import time
 
-from cnn_compression import cli  # noqa: E402
+import cnn_compression  # noqa: E402
 from cnn_compression import training  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each part per round")
     parser.add_argument("--profile_steps", type=int, default=10, help="fit steps recorded by the profiler (0: none)")
     args = parser.parse_args()
-    cli.import_tensorflow()
+    cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
     import keras
     import numpy as np
     import tensorflow as tf

@@ -71,6 +71,7 @@ def stage_arguments(task):
 
 def measure(task):
     """Fit as the base stage does and time each epoch; then the inference passes. Runs in a child."""
+    import cnn_compression
     import train_base_model  # its flags' defaults are the recipe a user gets
     from cnn_compression import channel_importance
     from cnn_compression import data
@@ -82,6 +83,7 @@ def measure(task):
     from cnn_compression import training
 
     args = train_base_model.parse_args(stage_arguments(task) + ["--save_folder", "unused"])  # imports TensorFlow
+    cnn_compression.setup()  # as the stage's main does: the fused BatchNorm (keras_batch_norm below undoes it)
     training.set_seed(args.seed)
     args.precision = training.set_precision(args.precision)
     split = data.load_split("cifar10", args.data_dir, args.train_size, args.seed)

@@ -174,7 +174,9 @@ def silenced_stderr():
 
 
 def import_tensorflow():
-    """Import TensorFlow and Keras without the C++ start-up lines it writes to stderr on every run."""
+    """Import TensorFlow and Keras without the C++ start-up lines it writes to stderr on every run.
+
+    Only the import: `cnn_compression.setup()` does this and installs the fused BatchNorm."""
     with silenced_stderr():
         import absl.logging
         import keras  # noqa: F401
@@ -183,9 +185,6 @@ def import_tensorflow():
         tf.config.list_physical_devices()  # the CUDA probe logs on first use
         absl.logging.set_verbosity(absl.logging.ERROR)  # Keras' "HDF5 is legacy" notice on every save
         tf.get_logger().setLevel("ERROR")  # "triggered tf.function retracing": expected when stages build new models
-    from cnn_compression import fused_batch_norm
-
-    fused_batch_norm.install()  # every stage computes BatchNorm with TensorFlow's fused kernel
 
 
 def run(main):

@@ -1,14 +1,86 @@
-"""A stage's life cycle in its output folder: fresh, resumed or already done; then closed with
-its test measurement."""
+"""A stage's life cycle: its start-up (distribution strategy, this worker's folder, precision,
+checked output folder, data, input fingerprints, folder lock), then in its output folder fresh,
+resumed or already done; then closed with its test measurement.
+
+A stage script runs, in this order (train_base_model.py is the plain case):
+
+    strategy, folder = stages.start_stage(args, args.save_folder)
+    ...check every other input (models, flags against each other)...
+    split = stages.load_split(args)
+    inputs = stages.input_fingerprints(split, {"pretrained": path}, student_spec=spec)
+    state = stages.enter_stage(folder, args, inputs)   # None: already done, nothing to do
+    ...build under strategy.scope(), training.fit_stage...
+    stages.close_stage(folder, args, history, split, ...)
+"""
 
 import json
 import os
+from typing import NamedTuple
 
+from cnn_compression import multi_worker
+from cnn_compression import training
 from cnn_compression.checkpoints import load_model
 from cnn_compression.cli import UserError
-from cnn_compression.files import create_output_folder, read_json, remove_temporaries, set_aside, versions, write_json
+from cnn_compression.files import (create_output_folder, fingerprint_file, lock_folder, read_json, remove_temporaries,
+                                   set_aside, versions, write_json)
 from cnn_compression.metrics import loss_and_accuracy
-from cnn_compression.training import discard_backup
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up
+
+
+class Start(NamedTuple):
+    strategy: object  # the tf.distribute strategy: build and compile models inside its scope()
+    folder: str  # where this worker writes
+
+
+def start_stage(args, folder):
+    """The first steps of a stage run, in the order they must come; returns Start(strategy, folder).
+
+    The distribution strategy of --distribute and --cpu_devices comes first (multi-worker training
+    sets TensorFlow up, so before any other TensorFlow work); then this worker's output folder
+    (`folder` itself, or on a multi-worker worker other than the chief a scratch copy: same
+    decisions, no shared writes); then Keras' precision policy, with args.precision resolved from
+    auto so that config.json records what ran; then the output folder is checked (read only:
+    nothing is created or touched before every input has been checked).
+    """
+    strategy = training.distribution_strategy(args)
+    folder = multi_worker.worker_folder(folder, strategy)
+    args.precision = training.set_precision(args.precision)
+    check_output_folder(folder)
+    return Start(strategy, folder)
+
+
+def load_split(args):
+    """The data of --dataset, --data_dir, --train_size and --seed (`data.load_split`)."""
+    from cnn_compression import data
+
+    return data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
+
+
+def input_fingerprints(split, input_files=None, **values):
+    """config.json's "inputs", which a resume must find unchanged: the data's fingerprint, each
+    file of `input_files` ({name: path}; a None path stays None) by its contents, and `values`
+    as they are (e.g. a student's width spec)."""
+    inputs = {"data": split.fingerprint()}
+    for name, path in (input_files or {}).items():
+        inputs[name] = None if path is None else fingerprint_file(path)
+    inputs.update(values)
+    return inputs
+
+
+def enter_stage(folder, args, inputs, ignore=()):
+    """Lock `folder` (held until the process ends) and open the stage in it: "fresh" or
+    "resume", or None, after saying so, when it already holds this run finished. Call it once
+    every input has been checked; `inputs` from `input_fingerprints`, `ignore` as `begin_stage`'s."""
+    check_output_folder(folder)
+    lock_folder(folder)
+    return open_stage(folder, args, inputs, ignore)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder
 
 
 def check_output_folder(folder):
@@ -83,7 +155,7 @@ def begin_stage(folder, args, ignore=(), inputs=None):
                 "pass --overwrite to replace it or choose another folder"
             )
         if previous.get("complete"):
-            discard_backup(folder)  # a kill after the stage was marked complete can leave it behind
+            training.discard_backup(folder)  # a kill after the stage was marked complete can leave it behind
             return "done"
         return "resume"
     write_config(folder, args, complete=False, inputs=inputs or {})
@@ -94,9 +166,9 @@ def end_stage(folder, args, **results):
     write_config(folder, args, complete=True, **results)
 
 
-def open_stage(folder, args, inputs=None):
+def open_stage(folder, args, inputs=None, ignore=()):
     """begin_stage for a single-model stage; None (after saying so) when the folder is already done."""
-    state = begin_stage(folder, args, inputs=inputs)
+    state = begin_stage(folder, args, ignore, inputs)
     if state == "done":
         print(f"{folder} already holds a finished run with these arguments: nothing to do")
         return None
@@ -112,5 +184,5 @@ def close_stage(folder, args, history, split, **extra_results):
     results = {"best_val_acc": max(valid), "best_epoch": history["val_acc"].index(max(valid)) + 1,
                "test_acc": test_accuracy, "test_loss": test_loss, "test_images": len(split.y_test), **extra_results}
     end_stage(folder, args, results=results)
-    discard_backup(folder)
+    training.discard_backup(folder)
     return results

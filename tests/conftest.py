@@ -12,10 +12,11 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import cnn_compression  # noqa: E402
 from cnn_compression import cli  # noqa: E402
 from cnn_compression import files  # noqa: E402
 
-cli.import_tensorflow()
+cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
 
 
 # Approximate seconds of each file's non-slow tests on 2 busy cores (make test, session 4; the files issue 23

@@ -18,7 +18,7 @@ import os
 import sys
 
 
-from cnn_compression import cli  # noqa: E402
+import cnn_compression  # noqa: E402
 
 STEPS, BATCH = 4, 32
 
@@ -74,7 +74,7 @@ def main(argv):
     distribute, cpu_devices, output = argv[0], int(argv[1]), argv[2]
     if "TF_CONFIG" in os.environ:  # a worker of a cluster: one file per worker
         output = f"{output}.{json.loads(os.environ['TF_CONFIG'])['task']['index']}"
-    cli.import_tensorflow()
+    cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
     import numpy as np
     import tensorflow as tf
 

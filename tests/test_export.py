@@ -1,4 +1,4 @@
-"""export_model.py and evaluate_model.py --export_tflite: TFLite files that run, agree with Keras,
+"""export_model.py (cnn_compression.tflite) and evaluate_model.py --export_tflite: TFLite files that run, agree with Keras,
 report honest accuracies, and refuse bad input cleanly."""
 
 import json
@@ -14,6 +14,7 @@ import export_model
 import model as resnet
 from cnn_compression import checkpoints
 from cnn_compression import cli
+from cnn_compression import tflite
 from conftest import assert_one_line_error, kill_when, run_in_process, run_script, temporaries
 
 
@@ -58,7 +59,7 @@ def test_export_writes_both_models_and_a_report(exported, tiny_model):
     assert report["test_images"] == 500 and report["keras"]["path"] == tiny_model[1]
     # The percentile was chosen on held-out validation images: the best score, ties to the wider range.
     scores = report["int8"]["held_out_val_acc_by_percentile"]
-    assert sorted(map(float, scores)) == sorted(export_model.CANDIDATE_PERCENTILES)
+    assert sorted(map(float, scores)) == sorted(tflite.CANDIDATE_PERCENTILES)
     chosen = report["int8"]["calibration_percentile"]
     assert scores[f"{chosen:g}"] == max(scores.values())
     assert all(score < max(scores.values()) for key, score in scores.items() if float(key) > chosen)
@@ -73,16 +74,16 @@ def test_float_model_matches_keras_and_reported_accuracies_are_the_interpreters(
     float_bytes = read(os.path.join(out_dir, "model_float32.tflite"))
     images = split.x_test[:40].astype(np.float32)
     expected = network.predict(images, verbose=0)
-    np.testing.assert_allclose(export_model.tflite_predict(float_bytes, images, 16), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(tflite.tflite_predict(float_bytes, images, 16), expected, rtol=0, atol=1e-5)
     for kind in ("float32", "int8"):
-        outputs = export_model.tflite_predict(read(os.path.join(out_dir, f"model_{kind}.tflite")), split.x_test, 128)
+        outputs = tflite.tflite_predict(read(os.path.join(out_dir, f"model_{kind}.tflite")), split.x_test, 128)
         assert report[kind]["test_acc"] == np.mean(np.argmax(outputs, axis=1) == split.y_test), kind
     assert abs(report["float32"]["test_acc"] - report["keras"]["test_acc"]) <= 1 / 500
 
 
 def test_int8_model_takes_and_returns_float_and_computes_in_int8(exported):
     out_dir, _ = exported
-    interpreter = export_model.make_interpreter(read(os.path.join(out_dir, "model_int8.tflite")))
+    interpreter = tflite.make_interpreter(read(os.path.join(out_dir, "model_int8.tflite")))
     assert interpreter.get_input_details()[0]["dtype"] == np.float32
     assert interpreter.get_output_details()[0]["dtype"] == np.float32
     dtypes = {}
@@ -99,10 +100,10 @@ def test_int8_ranges_are_a_percentile_of_per_image_extremes(exported):
     out_dir, _ = exported
     float_bytes = read(os.path.join(out_dir, "model_float32.tflite"))
     images = data.load_split("sample").x_val[:60].astype(np.float32)
-    calibrated = export_model.calibrate(float_bytes, images, 32)
-    int8 = export_model.quantize(calibrated, export_model.activation_extremes(calibrated, images, 32), 90.0)
+    calibrated = tflite.calibrate(float_bytes, images, 32)
+    int8 = tflite.quantize(calibrated, tflite.activation_extremes(calibrated, images, 32), 90.0)
     # Reference: the stem's ReLU output in the float model, its per-image maxima and their 90th percentile.
-    reference = export_model.tensorflow_interpreter(
+    reference = tflite.tensorflow_interpreter(
         float_bytes, experimental_preserve_all_tensors=True,
         experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     reference.resize_tensor_input(reference.get_input_details()[0]["index"], images.shape)
@@ -111,7 +112,7 @@ def test_int8_ranges_are_a_percentile_of_per_image_extremes(exported):
     reference.invoke()
     [stem] = [t for t in reference.get_tensor_details() if "conv1_relu" in t["name"] and len(t["shape"]) == 4]
     expected_max = np.percentile(reference.get_tensor(stem["index"]).reshape(len(images), -1).max(axis=1), 90)
-    quantized = export_model.tensorflow_interpreter(int8)
+    quantized = tflite.tensorflow_interpreter(int8)
     [stem_int8] = [t for t in quantized.get_tensor_details() if t["name"] == stem["name"]]
     scale, zero_point = stem_int8["quantization"]
     assert zero_point == -128  # ReLU: the range starts at 0
@@ -128,7 +129,7 @@ def test_evaluate_model_flag_calls_the_same_export(exported, tiny_model, monkeyp
         calls.append((model_path, len(split.y_test), options))
         return json.load(open(os.path.join(exported[0], "export.json")))
 
-    monkeypatch.setattr(export_model, "export_tflite", export_tflite)
+    monkeypatch.setattr(tflite, "export_tflite", export_tflite)
     evaluate_model.main(["--model_path", path, "--base_model_path", path, "--dataset", "sample", "--latency_repeats", "0",
                          "--batch_size", "50", "--export_tflite"])
     printed = capsys.readouterr().out
@@ -192,7 +193,7 @@ def test_export_killed_at_any_moment_keeps_whole_files_and_reruns_clean(exported
         killed.append(kill_when(arguments, lambda: time.monotonic() - begun > fraction * duration or temporaries(out_dir),
                                 may_finish=True))
         for kind in ("float32", "int8"):
-            export_model.tflite_predict(read(os.path.join(out_dir, f"model_{kind}.tflite")), np.zeros((2, 32, 32, 3)), 2)
+            tflite.tflite_predict(read(os.path.join(out_dir, f"model_{kind}.tflite")), np.zeros((2, 32, 32, 3)), 2)
         json.load(open(os.path.join(out_dir, "export.json")))
     assert any(killed), "every re-export ended before its kill"
     run_script(*arguments)

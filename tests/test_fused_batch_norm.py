@@ -141,7 +141,7 @@ def traced_training_step_ops(network):
 
 def test_a_stage_training_step_runs_the_fused_kernel_and_saves_plain_batch_norm(tmp_path):
     """The step a stage trains with (forward and backward) goes through FusedBatchNormV3, as
-    the scripts install it (cli.import_tensorflow, which conftest calls); Keras' own path has none."""
+    the scripts install it (cnn_compression.setup(), which conftest calls too); Keras' own path has none."""
     network = resnet.build_resnet50(resnet.width_spec(0.0625), "cifar")
     operations = traced_training_step_ops(network)
     assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= operations
@@ -151,3 +151,17 @@ def test_a_stage_training_step_runs_the_fused_kernel_and_saves_plain_batch_norm(
     network.save(path)
     loaded = keras.models.load_model(path, compile=False)  # no custom objects
     assert type(loaded.get_layer("conv1_bn")) is keras.layers.BatchNormalization
+
+
+def test_setup_installs_the_fused_path_and_the_quiet_tensorflow_import_alone_does_not():
+    """The fused BatchNorm is an explicit set-up call (cnn_compression.setup(), which every script's
+    main makes), not a side effect of importing TensorFlow or of parsing flags."""
+    import cnn_compression
+    from cnn_compression import cli
+
+    with fused_batch_norm.keras_batch_norm():
+        cli.import_tensorflow()
+        assert not fused_batch_norm.installed()
+        cnn_compression.setup()
+        assert fused_batch_norm.installed()
+    assert fused_batch_norm.installed()

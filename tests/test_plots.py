@@ -1,4 +1,5 @@
-"""plot_train_history.py: history figures, the typo'd path of the original README, result figures."""
+"""plot_train_history.py (cnn_compression.figures and .results): history figures, the typo'd path of
+the original README, result figures."""
 
 import json
 import os
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 
 from cnn_compression import checkpoints
+from cnn_compression import figures
+from cnn_compression import results
 import model as resnet
-import plot_train_history
 from conftest import assert_one_line_error, run_in_process, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -74,7 +76,7 @@ def test_history_figure_draws_the_history_values(tmp_path, project):
         assert handle.read(8) == PNG_SIGNATURE
     # two histories overlaid: per axis, training and validation of each, their values exactly
     overlay = str(tmp_path / "overlay.png")
-    figure = plot_train_history.plot_histories([iter1, iter2], overlay)
+    figure = figures.plot_histories([iter1, iter2], overlay)
     assert open(overlay, "rb").read(8) == PNG_SIGNATURE
     loss_axis, accuracy_axis = figure.axes
     assert figure._suptitle.get_text() == "Training history"
@@ -93,7 +95,7 @@ def test_history_figure_draws_the_history_values(tmp_path, project):
                 assert x == epochs
                 np.testing.assert_allclose(y, np.array(history[f"{split}_{key}"]) * scale, rtol=1e-12)
     # one history: no labels of runs, its name in the title, a linear loss axis
-    figure = plot_train_history.plot_histories([iter1], str(tmp_path / "one.png"))
+    figure = figures.plot_histories([iter1], str(tmp_path / "one.png"))
     assert figure._suptitle.get_text() == "Training history: pruned_model/iter1"
     assert sorted(line_data(figure.axes[0])) == ["training", "validation"] and figure.axes[0].get_yscale() == "linear"
 
@@ -130,12 +132,12 @@ def test_result_figures_are_drawn_from_the_model_tree(project):
 
 def test_result_figures_draw_the_summary_apoz_and_student_values(project, tmp_path):
     model_root = os.path.join(project, "model")
-    summary, apoz = plot_train_history.load_pruning(model_root)
-    students = plot_train_history.load_students(model_root)
+    summary, apoz = results.load_pruning(model_root)
+    students = results.load_students(model_root)
     entries = summary["iterations"]
 
     # accuracy per iteration: four series in percent, the base's test accuracy, compression bars
-    figure = plot_train_history.plot_pruning(summary, str(tmp_path / "pruning.png"))
+    figure = figures.plot_pruning(summary, str(tmp_path / "pruning.png"))
     accuracy_axis, rate_axis = figure.axes
     lines = line_data(accuracy_axis)
     for key, label in (("val_acc_pruned", "validation, right after pruning"), ("test_acc_pruned", "test, right after pruning"),
@@ -146,21 +148,21 @@ def test_result_figures_draw_the_summary_apoz_and_student_values(project, tmp_pa
     assert [bar.get_height() for bar in rate_axis.patches] == [1.4, 2.1]
 
     # channels removed: layers by iterations, from apoz.json's "removed"
-    figure = plot_train_history.plot_apoz_heatmap(apoz, str(tmp_path / "heatmap.png"))
+    figure = figures.plot_apoz_heatmap(apoz, str(tmp_path / "heatmap.png"))
     [image] = figure.axes[0].get_images()
     np.testing.assert_array_equal(image.get_array(), [[1, 1], [1, 2]])  # rows: iterations; columns: the two layers
     assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["c2.1_1", "c2.1_2"]
-    figure = plot_train_history.plot_apoz_bars(apoz, str(tmp_path / "bars.jpg"))
+    figure = figures.plot_apoz_bars(apoz, str(tmp_path / "bars.jpg"))
     assert figure.axes[0].get_zlabel() == "channels removed" and len(figure.axes[0].collections) == 2  # a bar row per layer
 
     # students against the teacher: bar heights are their test accuracies, in the variants' order
-    figure = plot_train_history.plot_students(students, 0.59, str(tmp_path / "students.png"))
+    figure = figures.plot_students(students, 0.59, str(tmp_path / "students.png"))
     axis = figure.axes[0]
     assert [label.get_text() for label in axis.get_xticklabels()] == ["student alone", "L_b + L_inter + L_adv", "teacher (pruned)"]
     np.testing.assert_allclose([bar.get_height() for bar in axis.patches], [40, 50, 59])
 
     # accuracy against compression: the base and the iterations as one line, a point per student
-    figure = plot_train_history.plot_compression(summary, students, str(tmp_path / "compression.png"))
+    figure = figures.plot_compression(summary, students, str(tmp_path / "compression.png"))
     axis = figure.axes[0]
     rates, accuracies = line_data(axis)["pruning iterations (fine-tuned)"]
     np.testing.assert_allclose(rates, [1.0, 1.4, 2.1])

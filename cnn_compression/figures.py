@@ -1,0 +1,278 @@
+"""The figures: training histories (loss and accuracy per epoch) and the result figures drawn
+from the stages' records (`results`): pruning per iteration, channels removed per layer, the
+distilled students, accuracy against compression."""
+
+import os
+
+from cnn_compression import files
+from cnn_compression import results
+from cnn_compression.errors import UserError
+
+
+FIGURE_NAMES = ("pruning_result.png", "3d_apoz.jpg", "apoz_heatmap.png", "accuracy_result.png", "compression_result.png")
+
+
+def pyplot():
+    """matplotlib.pyplot, headless (Agg), in the figures' common style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 10})
+    return plt
+
+
+def save_figure(figure, path):
+    """Write `figure` to `path` (its format from the extension) atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image_format = os.path.splitext(path)[1].lstrip(".").replace("jpg", "jpeg")
+    files.write_atomically(path, lambda temporary: figure.savefig(temporary, format=image_format, bbox_inches="tight"))
+    plt.close(figure)
+
+
+def _label(path):
+    parts = os.path.normpath(os.path.dirname(path)).split(os.sep)
+    return "/".join(parts[-2:]) if len(parts) > 1 else parts[-1]
+
+
+LOG_LOSS_RATIO = 5.0  # a loss panel goes to log scale when its largest value exceeds this many medians
+
+
+def test_images_note(count):
+    """How much one test accuracy can be trusted: the image count and one binomial standard error at 90%."""
+    if not count:
+        return ""
+    return f"test accuracy on {count:,} images (one standard error at 90%: {100 * (0.9 * 0.1 / count) ** 0.5:.2f} points)"
+
+
+def plot_histories(paths, out):
+    plt = pyplot()
+    histories = [(path, results.read_history(path)) for path in paths]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (path, history) in enumerate(histories):
+        colour = colours[index % len(colours)]
+        label = _label(path) if len(histories) > 1 else ""
+        for axis, key in ((loss_axis, "loss"), (accuracy_axis, "acc")):
+            for split, style in (("train", "-"), ("val", "--")):
+                values = history.get(f"{split}_{key}") or []
+                epochs = range(1, len(values) + 1)
+                scale = 100 if key == "acc" else 1
+                points = [None if v is None else v * scale for v in values]
+                axis.plot(epochs, points, style, color=colour, marker="." if len(values) < 30 else None,
+                          label=f"{label} {'training' if split == 'train' else 'validation'}".strip())
+    from matplotlib.ticker import MaxNLocator
+
+    losses = [v for _, history in histories for key in ("train_loss", "val_loss") for v in history.get(key) or []
+              if v is not None and v > 0]
+    # One huge early validation loss (BatchNorm statistics not yet settled) would flatten the rest.
+    log_loss = bool(losses) and max(losses) > LOG_LOSS_RATIO * sorted(losses)[len(losses) // 2]
+    loss_axis.set(title="Loss" + (" (log scale)" if log_loss else ""), xlabel="epoch", ylabel="cross-entropy loss")
+    if log_loss:
+        loss_axis.set_yscale("log")
+    accuracy_axis.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for axis in (loss_axis, accuracy_axis):
+        axis.legend(fontsize=8)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    title = "Training history" if len(histories) > 1 else f"Training history: {_label(paths[0])}"
+    figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, out)
+    return figure
+
+
+def plot_pruning(summary, out):
+    plt = pyplot()
+    iterations = [entry["iteration"] for entry in summary["iterations"]]
+    entries = summary["iterations"]
+    figure, accuracy_axis = plt.subplots(figsize=(9, 5.4))
+    base = summary["base"]
+    series = (("val_acc_pruned", "validation, right after pruning", "C0", ":", "v"),
+              ("test_acc_pruned", "test, right after pruning", "C1", ":", "v"),
+              ("val_acc", "validation, after fine-tuning", "C0", "-", "o"),
+              ("test_acc", "test, after fine-tuning", "C1", "-", "o"))
+    for key, label, colour, style, marker in series:
+        accuracy_axis.plot(iterations, [100 * e[key] for e in entries], style, color=colour, marker=marker, label=label)
+    if base.get("test_acc") is not None:
+        accuracy_axis.axhline(100 * base["test_acc"], color="black", ls="--", lw=1, label="base model, test")
+    accuracy_axis.set(xlabel="pruning iteration", ylabel="accuracy (%)", ylim=(0, 100))
+    accuracy_axis.set_xticks(iterations)
+    accuracy_axis.set_xlim(min(iterations) - 0.6, max(iterations) + 0.6)
+    rate_axis = accuracy_axis.twinx()
+    rate_axis.bar(iterations, [e["compression_rate"] for e in entries], color="C2", alpha=0.25, width=0.6,
+                  label="compression rate (parameters)")
+    rate_axis.set_ylabel("compression rate (x fewer parameters)")
+    rate_axis.grid(False)
+    accuracy_axis.set_zorder(rate_axis.get_zorder() + 1)
+    accuracy_axis.patch.set_visible(False)
+    handles = accuracy_axis.get_legend_handles_labels()
+    extra = rate_axis.get_legend_handles_labels()
+    # Below the axes, so no legend covers a point.
+    accuracy_axis.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper center",
+                         bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    figure.suptitle("Iterative APoZ pruning: accuracy and compression per iteration")
+    note = test_images_note(results.summary_test_images(summary))
+    if note:
+        accuracy_axis.set_title(note, fontsize=8, color="0.35")
+    figure.tight_layout()
+    save_figure(figure, out)
+    return figure
+
+
+def removed_matrix(apoz):
+    """(layer names, iterations, channels removed[layer][iteration]) from the per-iteration APoZ records."""
+    iterations = sorted(apoz)
+    layers = []
+    for iteration in iterations:
+        for name in apoz[iteration].get("layers", {}):
+            if name not in layers:
+                layers.append(name)
+    counts = [[len(apoz[i].get("layers", {}).get(name, {}).get("removed", [])) for i in iterations] for name in layers]
+    return layers, iterations, counts
+
+
+def _short(name):
+    return name.replace("_block", ".").replace("_relu", "").replace("conv", "c")
+
+
+def plot_apoz_bars(apoz, out):
+    plt = pyplot()
+    layers, iterations, counts = removed_matrix(apoz)
+    figure = plt.figure(figsize=(11, 6.5))
+    axis = figure.add_subplot(projection="3d")
+    colours = plt.get_cmap("viridis")
+    for layer_index, row in enumerate(counts):
+        axis.bar3d([layer_index] * len(iterations), iterations, [0] * len(iterations), 0.7, 0.7, row,
+                   color=colours(layer_index / max(1, len(layers) - 1)), shade=True, alpha=0.9)
+    axis.set_xticks(range(len(layers)))
+    axis.set_xticklabels([_short(name) for name in layers], rotation=90, fontsize=6)
+    axis.set_ylabel("pruning iteration")
+    axis.set_zlabel("channels removed")
+    axis.set_title("Channels removed per layer and iteration (APoZ)")
+    axis.view_init(elev=28, azim=-60)
+    save_figure(figure, out)
+    return figure
+
+
+def plot_apoz_heatmap(apoz, out):
+    import numpy as np
+
+    plt = pyplot()
+    layers, iterations, counts = removed_matrix(apoz)
+    figure, axis = plt.subplots(figsize=(11, 4.5))
+    image = axis.imshow(np.array(counts).T, aspect="auto", cmap="magma_r", origin="lower",
+                        extent=(-0.5, len(layers) - 0.5, iterations[0] - 0.5, iterations[-1] + 0.5))
+    axis.set_xticks(range(len(layers)))
+    axis.set_xticklabels([_short(name) for name in layers], rotation=90, fontsize=7)
+    axis.set_ylabel("pruning iteration")
+    axis.set_xlabel("layer (stage.block_conv)")
+    axis.grid(False)
+    figure.colorbar(image, ax=axis, label="channels removed")
+    axis.set_title("Channels removed per layer and iteration (APoZ)")
+    figure.tight_layout()
+    save_figure(figure, out)
+    return figure
+
+
+def plot_students(students, teacher, out):
+    plt = pyplot()
+    names = results.ordered_variants(students)
+    values = [100 * students[name]["results"]["test_acc"] for name in names]
+    colours = ["C7"] + ["C0"] * (len(names) - 1) if names and names[0] == "student alone" else ["C0"] * len(names)
+    if teacher is not None:
+        names.append("teacher (pruned)")
+        values.append(100 * teacher)
+        colours.append("C3")
+    figure, axis = plt.subplots(figsize=(8.5, 4.5))
+    bars = axis.bar(range(len(names)), values, color=colours)
+    for bar, value in zip(bars, values):
+        axis.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=9)
+    axis.set_xticks(range(len(names)))
+    axis.set_xticklabels(names, rotation=15)
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylim(0, max(values + [1]) * 1.12)
+    axis.set_title("Distilled student by loss terms, against the student alone and its teacher")
+    counts = {config["results"].get("test_images")
+              or results.DATASET_TEST_IMAGES.get(config.get("arguments", {}).get("dataset")) for config in students.values()} - {None}
+    if len(counts) == 1:
+        axis.text(0.99, 0.98, test_images_note(counts.pop()), transform=axis.transAxes, ha="right", va="top",
+                  fontsize=7, color="0.35")
+    figure.tight_layout()
+    save_figure(figure, out)
+    return figure
+
+
+def plot_compression(summary, students, out):
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(8.5, 4.8))
+    base = summary["base"] if summary else None
+    if base is not None:
+        axis.scatter([1.0], [100 * base["test_acc"]], s=80, marker="*", color="C3", label="base", zorder=3)
+        entries = summary["iterations"]
+        rates = [1.0] + [e["compression_rate"] for e in entries]
+        accuracies = [100 * base["test_acc"]] + [100 * e["test_acc"] for e in entries]
+        axis.plot(rates, accuracies, "-o", color="C0", ms=4, label="pruning iterations (fine-tuned)")
+        for entry in entries[4::5]:
+            axis.annotate(f"it {entry['iteration']}", (entry["compression_rate"], 100 * entry["test_acc"]),
+                          textcoords="offset points", xytext=(4, 4), fontsize=8)
+    markers = iter("sD^vP")
+    variants = results.ordered_variants(students) if base is not None else []
+    rates = [1.0] + ([e["compression_rate"] for e in summary["iterations"]] if summary else [])
+    for index, name in enumerate(variants):
+        measured = students[name]["results"]
+        rate = base["parameters"] / measured["parameters"]
+        rates.append(rate)
+        # Students share one compression rate: spread them sideways (a few percent, on the log axis)
+        # and give each accuracy in the legend, so none hides another.
+        shown = rate * (1 + 0.1 * (index - (len(variants) - 1) / 2))
+        axis.scatter([shown], [100 * measured["test_acc"]], s=50, marker=next(markers, "o"), zorder=3,
+                     label=f"student ({rate:.1f}x): {name}, {100 * measured['test_acc']:.2f}%",
+                     edgecolors="white", linewidths=0.6)
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    axis.set_xscale("log")
+    low, high = min(rates) / 1.15, max(rates) * 1.25
+    axis.set_xlim(low, high)
+    ticks = [t for t in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500) if low <= t <= high]
+    axis.xaxis.set_major_locator(FixedLocator(ticks))  # every tick drawn gets its label
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    axis.xaxis.set_minor_locator(NullLocator())
+    note = test_images_note(results.summary_test_images(summary) if summary else None)
+    if note:
+        axis.text(0.01, 0.01, note, transform=axis.transAxes, ha="left", va="bottom", fontsize=7, color="0.35")
+    axis.set_xlabel("compression rate (x fewer parameters than the base, log scale)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title("Test accuracy against compression")
+    axis.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()
+    save_figure(figure, out)
+    return figure
+
+
+def draw_figures(model_root, images_dir):
+    """Every result figure whose inputs exist; returns the paths written."""
+    written = []
+    pruning = results.load_pruning(model_root)
+    students = results.load_students(model_root)
+    summary = pruning[0] if pruning else None
+    if summary and summary.get("iterations"):
+        plot_pruning(summary, os.path.join(images_dir, "pruning_result.png"))
+        written.append("pruning_result.png")
+        if pruning[1]:
+            plot_apoz_bars(pruning[1], os.path.join(images_dir, "3d_apoz.jpg"))
+            plot_apoz_heatmap(pruning[1], os.path.join(images_dir, "apoz_heatmap.png"))
+            written += ["3d_apoz.jpg", "apoz_heatmap.png"]
+    if students:
+        teacher = next((config["results"]["teacher_test_acc"] for config in students.values()
+                        if config["results"].get("teacher_test_acc") is not None), None)
+        plot_students(students, teacher, os.path.join(images_dir, "accuracy_result.png"))
+        written.append("accuracy_result.png")
+    if summary or students:
+        plot_compression(summary, students, os.path.join(images_dir, "compression_result.png"))
+        written.append("compression_result.png")
+    if not written:
+        raise UserError(f"nothing to draw: no pruning summary or finished distillation run under {model_root}")
+    return [os.path.join(images_dir, name) for name in written]
