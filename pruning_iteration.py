@@ -183,7 +183,8 @@ def check_target(base_network, network, groups, base_widths, args):
 
 def describe(network, split, args, path=None):
     """Parameters, MACs, {group: width} of every prunable group, validation / test accuracy of
-    `network`, and for our ResNet50 its width spec too (metadata the distillation stage reads)."""
+    `network`, and for our ResNet50 its width spec too (model.describe_model), as its records have
+    always had: metadata, nothing in the stage reads it back."""
     from cnn_compression.metrics import accuracy
     import prune
 

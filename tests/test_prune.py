@@ -165,6 +165,26 @@ def test_surgery_rejects_bad_indices(network):
         prune.prune_groups(network, groups, {"conv2_block1_3_relu": [0]})
 
 
+def test_ignored_layers_keep_the_stem_by_default_and_any_named_layer_whole(network):
+    import argparse
+
+    import pruning_iteration
+
+    def names(ignored, residual=False, model=network):
+        args = argparse.Namespace(prune_residual=residual, ignored_layers=ignored)
+        return [group["name"] for group in pruning_iteration.channel_groups(model, args)]
+
+    assert names(None) == resnet.inner_activation_names()  # the default: conv1_conv, the stem
+    assert names("") == ["conv1_relu"] + resnet.inner_activation_names()
+    # a layer that makes (a conv) or carries (a BatchNorm) a group's channels keeps them
+    assert names("conv2_block1_1_conv, conv3_block1_2_bn") == [
+        name for name in resnet.inner_activation_names() if name not in ("conv2_block1_1_relu", "conv3_block1_2_relu")]
+    assert "conv4_residual" not in names("conv1_conv,conv4_block3_3_conv", residual=True)
+    inputs = keras.Input((8, 8, 3))
+    other = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)))
+    assert names(None, model=other) == ["conv"]  # the default names a layer this model lacks: nothing ignored
+
+
 # ---------------------------------------------------------------------------------------------
 # Selection
 
@@ -205,7 +225,7 @@ def foreign_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["no base model", "prune_iter 0", "fraction 1.5", "fraction 0",
-                                  "nothing to prune", "not HDF5", "would empty a layer"])
+                                  "nothing to prune", "not HDF5", "would empty a layer", "unknown ignored layer"])
 def test_bad_input_is_one_line_and_writes_nothing(case, base_path, foreign_files, tmp_path):
     root = tmp_path / "root"
     flags = {
@@ -217,11 +237,13 @@ def test_bad_input_is_one_line_and_writes_nothing(case, base_path, foreign_files
         "not HDF5": ["--base_model_path", foreign_files / "text.h5"],
         "would empty a layer": ["--base_model_path", base_path, "--criterion", "fraction", "--prune_fraction", "0.9",
                                 "--min_channels", "0"],
+        "unknown ignored layer": ["--base_model_path", base_path, "--ignored_layers", "conv1_conv,conv9_conv"],
     }[case]
     line = assert_one_line_error(run_in_process("prune_model.py", "--root_folder", root, *flags))
     assert {"no base model": "no base model", "prune_iter 0": "--prune_iter", "fraction 1.5": "--prune_fraction",
             "fraction 0": "--prune_fraction", "nothing to prune": "has no channel group this run may prune", "not HDF5": "not an HDF5",
-            "would empty a layer": "remove all 4 channels of conv2_block1_1_relu"}[case] in line
+            "would empty a layer": "remove all 4 channels of conv2_block1_1_relu",
+            "unknown ignored layer": "--ignored_layers names conv9_conv, which"}[case] in line
     assert not root.exists()
 
 
