@@ -176,8 +176,9 @@ def test_ignored_layers_keep_the_stem_by_default_and_any_named_layer_whole(netwo
 
     assert names(None) == resnet.inner_activation_names()  # the default: conv1_conv, the stem
     assert names("") == ["conv1_relu"] + resnet.inner_activation_names()
-    # a layer that makes (a conv) or carries (a BatchNorm) a group's channels keeps them
-    assert names("conv2_block1_1_conv, conv3_block1_2_bn") == [
+    # a layer that makes (a conv) or carries (a BatchNorm) a group's channels keeps them; named layers
+    # replace the default, so the stem is pruned again
+    assert names("conv2_block1_1_conv, conv3_block1_2_bn") == ["conv1_relu"] + [
         name for name in resnet.inner_activation_names() if name not in ("conv2_block1_1_relu", "conv3_block1_2_relu")]
     assert "conv4_residual" not in names("conv1_conv,conv4_block3_3_conv", residual=True)
     inputs = keras.Input((8, 8, 3))
