@@ -221,7 +221,7 @@ def select(k, network, groups, scores, base_network, base_widths, args):
     groups = [group for group in groups if group["name"] in scores]
     if args.ranking == "global":
         keep = channel_selection.select_global(scores, args.criterion, args.std_k, args.prune_fraction,
-                                   {group["name"]: floor[group["name"]] for group in groups}, args.round_to)
+                                               {group["name"]: floor[group["name"]] for group in groups}, args.round_to)
     else:
         keep = {}
         for group in groups:
@@ -254,7 +254,7 @@ def prune_once(k, network, score_data, split, base_network, base_widths, args):
 
     started = time.perf_counter()
     folder = iteration_folder(args.root_folder, k)
-    groups = channel_groups(network, args)  # traced again each iteration: any model's group names may change
+    groups = channel_groups(network, args)  # traced again each iteration: split groups' names may change
     images, labels = score_data
     measured_on = len(images) if args.importance in ("apoz", "taylor") else 0
     print(f"iteration {k}: {args.importance} importance of {len(groups)} channel groups"
@@ -276,8 +276,9 @@ def prune_once(k, network, score_data, split, base_network, base_widths, args):
         if name not in keep:
             continue
         width = group["width"]
-        layers[name] = {"score": scores[name], "kept": keep[name], "removed": channel_selection.removed_channels(width, keep[name]),
-                        "width_before": width, "width_after": len(keep[name])}
+        removed = channel_selection.removed_channels(width, keep[name])
+        layers[name] = {"score": scores[name], "kept": keep[name], "removed": removed, "width_before": width,
+                        "width_after": len(keep[name])}
         if args.importance == "apoz":
             layers[name]["apoz"] = measured[name]  # the field earlier runs and the figures read
     shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted attempt are redone, never used
