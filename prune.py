@@ -51,8 +51,9 @@ def readable_names(groups):
     """`groups` renamed after the ReLU-family output that shows their channels, as a reader of
     apoz.json or a figure looks for them: one such layer gives its name (our ResNet50's
     'conv2_block1_1_relu'); several, in a residual stream, what their names share plus
-    '_residual' ('conv2_block1_out', 'conv2_block2_out', ... -> 'conv2_residual'). A group without
-    one, or whose new name another group would share, keeps its traced name (channel_graph)."""
+    '_residual' ('conv2_block1_out', 'conv2_block2_out', ... -> 'conv2_residual'), else the first
+    one's. A group without one, or whose new name another group would share, keeps its traced name
+    (channel_graph)."""
     wanted = {}
     for group in groups:
         layers = list(dict.fromkeys(entry["layer"] for entry in group["activations"]))

@@ -54,11 +54,11 @@ def test_prune_model_prunes_any_functional_classifier(classifier_path, tmp_path,
     run_script("prune_model.py", *arguments)
     summary = json.loads((root / "summary.json").read_text())
     base = keras.models.load_model(str(classifier_path), compile=False)
-    # groups named after their ReLU ('inner_relu'; 'wide' has its own), the residual stream's by its producer
-    assert summary["base"]["group_widths"] == {"stem": 16, "inner_relu": 12, "wide": 24}
+    # groups named after their ReLU ('inner_relu'; 'wide' has its own; the residual stream after its first)
+    assert summary["base"]["group_widths"] == {"stem_relu": 16, "inner_relu": 12, "wide": 24}
     assert summary["base"]["parameters"] == base.count_params()
     assert [record["iteration"] for record in summary["iterations"]] == [1, 2]
-    widths = {"stem": 16, "inner_relu": 12, "wide": 24}
+    widths = {"stem_relu": 16, "inner_relu": 12, "wide": 24}
     for record in summary["iterations"]:
         folder = root / f"iter{record['iteration']}"
         layers = json.loads((folder / "apoz.json").read_text())["layers"]
@@ -97,7 +97,7 @@ def test_prune_model_prunes_any_functional_classifier(classifier_path, tmp_path,
     assert summary["target"]["met_at_iteration"] == last["iteration"]
     assert 1.3 <= last["compression_rate"] <= 1.3 * 1.02
     layers = json.loads((residual_root / f"iter{last['iteration']}" / "apoz.json").read_text())["layers"]
-    assert "stem" in layers  # the residual stream, scored through its ReLU after the Add
+    assert "stem_relu" in layers  # the residual stream, scored through its ReLUs before and after the Add
     pruned = keras.models.load_model(str(residual_root / f"iter{last['iteration']}" / "model.h5"), compile=False)
     assert pruned.get_layer("stem").filters == pruned.get_layer("back").filters < 16
 
@@ -188,10 +188,10 @@ def test_global_floors_of_split_groups_follow_them_after_pruning():
     args = argparse.Namespace(prune_residual=True, ranking="global", min_channels=1, round_to=1, ignored_layers=None)
     base_widths = pruning_iteration.base_group_widths(network, args)
     groups = pruning_iteration.channel_groups(network, args)
-    assert [group["name"] for group in groups] == ["x[0:40]", "x[40:80]", "y"]
+    assert [group["name"] for group in groups] == ["y", "x[0:40]", "x[40:80]"]  # residual streams last
     pruned = prune.prune_groups(network, groups, {"x[0:40]": np.arange(20), "x[40:80]": np.arange(15)})
     groups = pruning_iteration.channel_groups(pruned, args)
-    assert [(group["name"], group["width"]) for group in groups] == [("x[0:20]", 20), ("x[20:35]", 15), ("y", 4)]
+    assert [(group["name"], group["width"]) for group in groups] == [("y", 4), ("x[0:20]", 20), ("x[20:35]", 15)]
     # ceil(10% of 40), not of 20 or 15
     assert pruning_iteration.floors(base_widths, groups, args) == {"x[0:20]": 4, "x[20:35]": 4, "y": 1}
 
@@ -239,7 +239,7 @@ def test_global_ranking_through_the_script_moves_channels_between_groups_down_to
         "--criterion", "fraction", "--prune_fraction", 0.8, "--prune_iter", 2, *data_flags, *RUN_FLAGS]])
     summary = json.loads((root / "summary.json").read_text())
     floors = {"inner_relu": 2, "wide": 3}  # ceil(10% of 12 and of 24); 10% of the pruned widths would be 1 and 1
-    widths = {"stem": 16, "inner_relu": 12, "wide": 24}
+    widths = {"stem_relu": 16, "inner_relu": 12, "wide": 24}
     for record in summary["iterations"]:
         layers = json.loads((root / f"iter{record['iteration']}" / "apoz.json").read_text())["layers"]
         assert sorted(layers) == ["inner_relu", "wide"]
@@ -254,8 +254,8 @@ def test_global_ranking_through_the_script_moves_channels_between_groups_down_to
     first, second = summary["iterations"]
     # the layer ranking removes round(80%) of each group: inner 12 -> 2, wide 24 -> 5; global took the 9 tiny filters
     # of inner and 20 of wide (29 = round(80% of 36) in all)
-    assert first["group_widths"] == {"stem": 16, "inner_relu": 3, "wide": 4} != {"stem": 16, "inner_relu": 2, "wide": 5}
-    assert second["group_widths"] == {"stem": 16, **floors}  # 80% of 7 would be 6 channels: only 2 could go
+    assert first["group_widths"] == {"stem_relu": 16, "inner_relu": 3, "wide": 4} != {"stem_relu": 16, "inner_relu": 2, "wide": 5}
+    assert second["group_widths"] == {"stem_relu": 16, **floors}  # 80% of 7 would be 6 channels: only 2 could go
     pruned = keras.models.load_model(str(root / "iter2" / "model.h5"), compile=False)
     assert pruned.get_layer("inner").filters == 2 and pruned.get_layer("wide").filters == 3
 
