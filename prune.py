@@ -1,54 +1,27 @@
-"""Filter pruning: channel selection and weight surgery, for our ResNet50 and any functional model.
+"""Filter pruning of any functional Keras model: the channel groups pruned, their size, the surgery.
 
-Three independent steps (in the style of Torch-Pruning), the scoring in channel_importance.py:
+Three independent steps (in the style of Torch-Pruning), the scoring in
+cnn_compression/channel_importance.py and the selection in cnn_compression/channel_selection.py:
 
-    groups = traced_resnet_groups(network)                                      # or channel_graph.trace_channel_groups
-    scores = channel_importance.importance_scores("apoz", network, groups, images)  # higher = keep
-    keep   = {name: select_channels(scores[name], ...)}                  # per group, or select_global(scores, ...)
-    smaller = prune_model(network, keep)                                  # a new, really smaller ResNet50
+    groups  = any_model_groups(network, residual=False, ignored_layers=("conv1_conv",))
+    scores  = channel_importance.importance_scores("apoz", network, groups, images)   # higher = keep
+    keep    = {name: channel_selection.select_channels(scores[name], ...)}          # or select_global
+    smaller = prune_groups(network, groups, keep)                      # a new, really smaller model
 
-Selection removes the least important channels. Which layers share a channel (producers,
-consumers) comes from model.channel_groups(), or from the graph; this module is the only one
-that slices weights. The result is built by
-model.build_resnet50 from the new width spec, so it is an ordinary Keras model that plain
-`keras.models.load_model` opens.
-
-Any other functional Keras model is pruned the same way from the channel groups that
-channel_graph.trace_channel_groups reads off its graph:
-
-    groups  = channel_graph.trace_channel_groups(network)
-    smaller = prune_groups(network, groups, keep)              # or prune_model(network, keep, groups)
+Which layers share a channel (producers, consumers, carriers) is read off the model's graph by
+channel_graph.trace_channel_groups; our ResNet50 is pruned like any other model. This module is the
+only one that slices weights; the result is an ordinary Keras model that plain
+`keras.models.load_model` opens. `size_counter` predicts parameters and MACs without building it.
 """
-
-import math
 
 import numpy as np
 
 from cnn_compression import channel_graph
-import model as resnet
-
-CRITERIA = ("std", "fraction")
-RANKINGS = ("layer", "global")
-# Global ranking never takes a group below this share of its width in the base model (nor below
-# --min_channels): one layer whose scores happen to be low must not be pruned to nothing.
-GLOBAL_MIN_SHARE = 0.1
+from cnn_compression.channel_selection import EmptyLayerError, removed_channels
 
 
 # ---------------------------------------------------------------------------------------------
 # The groups pruned
-
-
-def prunable_groups(residual=False):
-    """The channel groups of our ResNet50 pruned by default (conv1 and conv2 of every block), plus
-    the stage residual streams when `residual` is true (model.channel_groups())."""
-    return [group for group in resnet.channel_groups() if group["kind"] == "inner" or residual]
-
-
-def resnet_groups(network, residual=False):
-    """`prunable_groups(residual)` of our ResNet50 `network`, traced off its graph (the form every
-    importance criterion and `prune_groups` take), in the table's order and under its names."""
-    wanted = {group["name"] for group in prunable_groups(residual)}
-    return [group for group in traced_resnet_groups(network) if group["name"] in wanted]
 
 
 def is_residual(group):
@@ -57,159 +30,63 @@ def is_residual(group):
     return len(group["producers"]) > 1
 
 
-def any_model_groups(network, residual=False):
-    """The channel groups of any functional `network` that pruning may touch: traced, not frozen,
-    wider than one channel; residual streams (see `is_residual`) only when `residual` is true."""
-    groups = channel_graph.prunable_groups(channel_graph.trace_channel_groups(network))
-    return [group for group in groups if residual or not is_residual(group)]
+def any_model_groups(network, residual=False, ignored_layers=()):
+    """The channel groups of functional `network` that pruning may touch: traced, not frozen, wider
+    than one channel; residual streams (see `is_residual`) only when `residual` is true; none whose
+    channels an `ignored_layers` layer makes or carries (Torch-Pruning's ignored_layers: that
+    layer keeps its filters). Named as `readable_names` says; in model order, the residual streams
+    after the other groups (the order of apoz.json, figures and seeded random scores, as before the
+    ResNet50 was traced). ValueError for an unknown layer name."""
+    ignored = set(ignored_layers)
+    unknown = sorted(ignored - {layer.name for layer in network.layers})
+    if unknown:
+        raise ValueError(f"{network.name} has no layer {', '.join(unknown)} (ignored layers)")
+    groups = readable_names(channel_graph.trace_channel_groups(network))
+    groups = [group for group in channel_graph.prunable_groups(groups) if (residual or not is_residual(group))
+              and not ignored & {entry["layer"] for entry in group["producers"] + group["carriers"]}]
+    return sorted(groups, key=is_residual)  # stable: model order within each kind
+
+
+def readable_names(groups):
+    """`groups` renamed after the ReLU-family output that shows their channels, as a reader of
+    apoz.json or a figure looks for them: one such layer gives its name (our ResNet50's
+    'conv2_block1_1_relu'); several, in a residual stream, what their names share plus
+    '_residual' ('conv2_block1_out', 'conv2_block2_out', ... -> 'conv2_residual'), else the first
+    one's. A group without one, or whose new name another group would share, keeps its traced name
+    (channel_graph)."""
+    wanted = {}
+    for group in groups:
+        layers = list(dict.fromkeys(entry["layer"] for entry in group["activations"]))
+        name = layers[0] if len(layers) == 1 else None
+        if len(layers) > 1:
+            shared = _common_prefix(layers)
+            name = f"{shared}_residual" if shared and is_residual(group) else layers[0]
+        wanted[group["name"]] = name or group["name"]
+    while True:  # a clash falls back to the traced names, which are unique, until none is left
+        counts = {}
+        for name in wanted.values():
+            counts[name] = counts.get(name, 0) + 1
+        clashes = [traced for traced, name in wanted.items() if counts[name] > 1 and name != traced]
+        if not clashes:
+            break
+        for traced in clashes:
+            wanted[traced] = traced
+    return [dict(group, name=wanted[group["name"]]) for group in groups]
+
+
+def _common_prefix(names):
+    """The words ('_'-separated) every one of `names` starts with, '' if none."""
+    shared = names[0]
+    for name in names[1:]:
+        while not name.startswith(shared):
+            shared = shared[:-1]
+    if not all(len(name) == len(shared) or name[len(shared)] == "_" for name in names):
+        shared = shared[:shared.rfind("_") + 1] if "_" in shared else ""
+    return shared.rstrip("_")
 
 
 # ---------------------------------------------------------------------------------------------
-# Selection: every rule takes importances (higher = keep) and removes the least important
-
-
-class EmptyLayerError(ValueError):
-    """A selection rule would remove every channel of a layer."""
-
-
-def most_important(scores, kept):
-    """Sorted indices of the `kept` most important channels (ties: the lower index is kept)."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return np.sort(order[:kept])
-
-
-def _round_up(kept, round_to, width):
-    return min(width, -(-kept // round_to) * round_to)
-
-
-def select_channels(scores, criterion="std", std_k=1.0, fraction=None, min_channels=1, round_to=1, name="layer"):
-    """Sorted indices of the channels to KEEP, given one group's per-channel importance.
-
-    std:      remove the channels whose importance is below mean - std_k * std of the group (for
-              1 - APoZ: APoZ above mean + std_k * std, the original's rule).
-    fraction: remove the round(fraction * width) least important channels.
-    Then keep at least `min_channels` (0: no floor), round the kept count up to a multiple of
-    `round_to` (never above the width), and keep the most important channels (ties: lower index).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    width = len(scores)
-    if width == 0:
-        raise ValueError(f"{name} has no channels")
-    if criterion == "std":
-        if std_k < 0:
-            raise ValueError(f"std_k must be non-negative, got {std_k}")
-        removed = int(np.sum(scores < scores.mean() - std_k * scores.std()))
-    elif criterion == "fraction":
-        if fraction is None or not 0 < fraction < 1:
-            raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction}")
-        removed = int(math.floor(fraction * width + 0.5))
-    else:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if min_channels < 0 or round_to < 1:
-        raise ValueError("min_channels must be >= 0 and round_to >= 1")
-    kept = _round_up(max(width - removed, min(min_channels, width)), round_to, width)
-    if kept == 0:
-        raise EmptyLayerError(f"pruning would remove all {width} channels of {name}; raise --min_channels or lower --prune_fraction")
-    return most_important(scores, kept)
-
-
-def normalised_scores(scores):
-    """{group name: importances divided by the group's mean}, so that channels of different layers
-    compare: 1 is an average channel of its layer. (The mean rather than the max: one outlier
-    channel would set a whole layer's scale.) A group scoring all zero stays zero."""
-    result = {}
-    for name, values in scores.items():
-        values = np.asarray(values, dtype=np.float64)
-        mean = values.mean() if len(values) else 0.0
-        result[name] = values / mean if mean > 0 else values
-    return result
-
-
-def global_floor(base_width, min_channels=1, min_share=GLOBAL_MIN_SHARE):
-    """Fewest channels global ranking leaves a group whose base-model width is `base_width`:
-    --min_channels, and never below `min_share` of that width (at least one channel)."""
-    return max(1, min_channels, int(math.ceil(min_share * base_width)))
-
-
-def select_global(scores, criterion="fraction", std_k=1.0, fraction=None, floors=None, round_to=1):
-    """{group name: sorted indices to KEEP}, channels compared across groups by `normalised_scores`.
-
-    fraction: remove the round(fraction * all channels) globally least important channels;
-    std:      remove the channels whose normalised score is below mean - std_k * std of all channels.
-    A channel whose group is at its floor (`floors`: {group name: fewest channels kept}, default 1)
-    is passed over and the next least important one goes instead, so the count holds while some
-    group can still give. Kept counts are then rounded up to a multiple of `round_to`.
-    """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if round_to < 1:
-        raise ValueError("round_to must be >= 1")
-    names = list(scores)
-    normalised = normalised_scores(scores)
-    pooled = np.concatenate([normalised[name] for name in names]) if names else np.zeros(0)
-    if criterion == "std":
-        if std_k < 0:
-            raise ValueError(f"std_k must be non-negative, got {std_k}")
-        removed = int(np.sum(pooled < pooled.mean() - std_k * pooled.std())) if len(pooled) else 0
-    else:
-        if fraction is None or not 0 < fraction < 1:
-            raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction}")
-        removed = int(math.floor(fraction * len(pooled) + 0.5))
-    widths = {name: len(scores[name]) for name in names}
-    kept = dict(widths)
-    floor = {name: min(widths[name], max(1, (floors or {}).get(name, 1))) for name in names}
-    group_of = np.concatenate([np.full(widths[name], position) for position, name in enumerate(names)]) if names else np.zeros(0, int)
-    # least important first; ties: earlier group, then lower index
-    for entry in np.lexsort((np.arange(len(pooled)), group_of, pooled)):
-        if removed == 0:
-            break
-        name = names[group_of[entry]]
-        if kept[name] > floor[name]:
-            kept[name] -= 1
-            removed -= 1
-    return {name: most_important(scores[name], _round_up(kept[name], round_to, widths[name])) for name in names}
-
-
-def removal_order(scores, keep, ranking="layer"):
-    """The channels a selection `keep` removes, one group name per channel, in the order a
-    smaller step would remove them.
-
-    layer:  proportionally: the j-th least important of the r channels a group loses comes at
-            (j + 0.5) / r, so the first n entries are the selection scaled down by one global
-            fraction, to the channel (ties: earlier group);
-    global: by normalised score, least important first.
-    """
-    if ranking not in RANKINGS:
-        raise ValueError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
-    normalised = normalised_scores(scores) if ranking == "global" else None
-    entries = []
-    for position, (name, kept) in enumerate(keep.items()):
-        removed = removed_channels(len(scores[name]), kept)
-        if ranking == "layer":
-            priorities = (np.arange(len(removed)) + 0.5) / max(1, len(removed))
-        else:
-            priorities = np.sort(normalised[name][removed])
-        entries += [(float(priority), position, name) for priority in priorities]
-    entries.sort()
-    return [name for _, _, name in entries]
-
-
-def ratio_predictor(measure, base_spec, spec, stem="imagenet", class_num=10, input_shape=(32, 32, 3)):
-    """A function {group name: new width} -> base / candidate, from width specs alone (no model built).
-
-    `measure`: "compression_rate" (parameters, model.parameter_count) or "mac_ratio" (multiply-
-    accumulates, model.mac_count); `spec`: the current model's widths, that the candidate resizes.
-    """
-    if measure == "compression_rate":
-        def count(widths_spec):
-            return resnet.parameter_count(widths_spec, stem, class_num)
-    elif measure == "mac_ratio":
-        def count(widths_spec):
-            return resnet.mac_count(widths_spec, stem, class_num, input_shape)
-    else:
-        raise ValueError(f"unknown measure {measure!r}; choose compression_rate or mac_ratio")
-    base = count(base_spec)
-    return lambda widths: base / count(resnet.resize_spec(spec, widths))
+# Size: parameters and MACs of a choice of widths, no model built
 
 
 def size_counter(network, groups):
@@ -290,52 +167,8 @@ def model_size(network):
     return size_counter(network, [])({})
 
 
-def select_to_target(scores, keep, predict, target, ranking="layer", round_to=1):
-    """(keep, predicted ratio, cut): the selection `keep`, cut down so that it just reaches `target`.
-
-    `predict`: {group name: width} -> ratio (see `ratio_predictor`). If the whole selection stays
-    below the target it is returned unchanged (cut False). Otherwise the fewest of its removals, in
-    `removal_order`, that reach the target are found by bisection (the ratio only grows with each
-    channel removed); the result overshoots the target by at most one channel's share (more with
-    `round_to` > 1, whose rounding is kept).
-    """
-    if target <= 0:
-        raise ValueError(f"target must be positive, got {target}")
-    widths = {name: len(scores[name]) for name in keep}
-    order = removal_order(scores, keep, ranking)
-
-    def kept_widths(count):
-        removed = dict.fromkeys(widths, 0)
-        for name in order[:count]:
-            removed[name] += 1
-        return {name: _round_up(widths[name] - removed[name], round_to, widths[name]) for name in widths}
-
-    full = predict(kept_widths(len(order)))
-    if full < target:
-        return keep, full, False
-    low, high = 0, len(order)  # predict(kept_widths(high)) >= target throughout
-    while low < high:
-        middle = (low + high) // 2
-        if predict(kept_widths(middle)) >= target:
-            high = middle
-        else:
-            low = middle + 1
-    chosen = kept_widths(low)
-    return {name: most_important(scores[name], chosen[name]) for name in keep}, predict(chosen), low < len(order)
-
-
 # ---------------------------------------------------------------------------------------------
 # Surgery
-
-
-def _slice(weight, outputs, inputs):
-    # Output channels are the last axis of every Conv2D/Dense/BatchNorm weight; input channels
-    # the second-to-last axis of a Conv2D (h, w, in, out) or Dense (in, out) kernel.
-    if outputs is not None:
-        weight = np.take(weight, outputs, axis=-1)
-    if inputs is not None and weight.ndim >= 2:
-        weight = np.take(weight, inputs, axis=-2)
-    return weight
 
 
 def _kept_indices(name, indices, width):
@@ -346,52 +179,6 @@ def _kept_indices(name, indices, width):
     if len(np.unique(indices)) != len(indices) or indices.min() < 0 or indices.max() >= width:
         raise ValueError(f"channel indices of {name} must be distinct and within 0..{width - 1}")
     return np.sort(indices)
-
-
-def prune_model(network, keep, groups=None):
-    """A new, smaller ResNet50 keeping, for each group named in `keep`, the listed channel indices.
-
-    `keep`: {group name (see model.channel_groups): indices of channels to keep}; groups not
-    named keep every channel. Weights are copied, sliced, from `network`. With `groups` (traced
-    groups, e.g. `traced_resnet_groups(network)`, or those of any model from
-    channel_graph.trace_channel_groups) the surgery is `prune_groups` instead.
-    """
-    import keras
-
-    if groups is not None:
-        return prune_groups(network, groups, keep)
-    spec, stem, class_num, input_shape = resnet.describe_model(network)
-    groups = {group["name"]: group for group in resnet.channel_groups()}
-    output_index, input_index, widths = {}, {}, {}
-    for name, indices in keep.items():
-        if name not in groups:
-            raise ValueError(f"no channel group named {name!r}")
-        indices = _kept_indices(name, indices, resnet.group_width(spec, groups[name]))
-        widths[name] = len(indices)
-        for layer in groups[name]["producers"]:
-            output_index[layer] = indices
-        for layer in groups[name]["consumers"]:
-            input_index[layer] = indices
-    sliceable = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.BatchNormalization)
-    smaller = resnet.build_resnet50(resnet.resize_spec(spec, widths), stem, class_num, input_shape, name=network.name)
-    for layer in network.layers:
-        weights = layer.get_weights()
-        if not weights:
-            continue
-        outputs, inputs = output_index.get(layer.name), input_index.get(layer.name)
-        if (outputs is not None or inputs is not None) and not isinstance(layer, sliceable):
-            raise ValueError(f"cannot slice layer {layer.name} of type {type(layer).__name__}")
-        smaller.get_layer(layer.name).set_weights([_slice(weight, outputs, inputs) for weight in weights])
-    return smaller
-
-
-def removed_channels(width, kept):
-    """Indices in 0..width-1 that are not in `kept`."""
-    return np.setdiff1d(np.arange(width), kept)
-
-
-# ---------------------------------------------------------------------------------------------
-# Surgery for any functional model, from channel groups traced by channel_graph
 
 
 def _changed_config(value, how, removed):
@@ -477,27 +264,3 @@ def prune_groups(network, groups, keep):
         if hasattr(copy, "finalize_state"):  # Normalization derives its mean and variance from its weights
             copy.finalize_state()
     return smaller
-
-
-def traced_resnet_groups(network):
-    """model.channel_groups() of our ResNet50 `network`, read off its graph instead of the table.
-
-    The traced group that has exactly a hand-written group's producers (with their BatchNorms),
-    consumers and activations, under the hand-written name (with its kind and spec key), so that
-    `prune_model(network, keep, traced_resnet_groups(network))` takes the same `keep` as
-    `prune_model(network, keep)`. ValueError when the graph and the table disagree.
-    """
-    traced = channel_graph.trace_channel_groups(network)
-    result = []
-    for table in resnet.channel_groups():
-        wanted = (set(table["producers"]), set(table["consumers"]), set(table["activations"]))
-        for group in traced:
-            found = ({entry["layer"] for entry in group["producers"] + group["carriers"]},
-                     {entry["layer"] for entry in group["consumers"]},
-                     {entry["layer"] for entry in group["activations"]})
-            if found == wanted and not group["frozen"]:
-                result.append(dict(group, name=table["name"], kind=table["kind"], spec_key=table["spec_key"]))
-                break
-        else:
-            raise ValueError(f"the graph of {network.name} has no channel group like {table['name']} of model.channel_groups()")
-    return result

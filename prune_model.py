@@ -1,5 +1,5 @@
-"""Stage 2: iterative filter pruning (APoZ by default) that produces a really smaller ResNet50,
-or a smaller copy of any functional Keras classifier.
+"""Stage 2: iterative filter pruning (APoZ by default) that produces a really smaller copy of our
+ResNet50 or of any functional Keras classifier.
 
     python prune_model.py --prune_iter=15
     python prune_model.py --importance taylor --target_compression 3 --criterion fraction --prune_fraction 0.2
@@ -18,16 +18,15 @@ iter{k}/pruned.h5). With --distill_from (a teacher .h5, or 'base': --base_model_
 fine-tuning minimises (1 - alpha) * CE + alpha * T^2 * KL(teacher || student), the distillation
 stage's backbone loss (docs/pruning.md).
 
---base_model_path may also be any functional Keras classifier that takes 32x32x3 raw 0-255
+--base_model_path is our ResNet50 or any functional Keras classifier that takes 32x32x3 raw 0-255
 images (preprocessing inside the model) and outputs one row of class scores (probabilities
-after a softmax, or logits). Its channel groups are then traced off its graph each iteration
-(channel_graph.py) and the surgery is prune.prune_groups; see docs/any_model.md.
+after a softmax, or logits). Both are pruned alike: channel groups traced off the graph each
+iteration (prune.any_model_groups), targets by prune.size_counter, surgery by prune.prune_groups;
+see docs/pruning.md and docs/any_model.md.
 """
 
 import os
 import re
-import shutil
-import time
 
 from cnn_compression import checkpoints
 from cnn_compression import cli
@@ -35,12 +34,10 @@ from cnn_compression import files
 from cnn_compression import multi_worker
 from cnn_compression import stages
 from cnn_compression import training
+import pruning_iteration
 
 SUMMARY_NAME = "summary.json"
 ITERATION_FOLDER = re.compile(r"^iter\d+$")
-
-
-TARGET_FLAGS = {"target_compression": "compression_rate", "target_macs": "mac_ratio"}  # flag -> summary.json measure
 
 
 def target_ratio(text):
@@ -76,6 +73,10 @@ def parse_args(argv=None):
                        help="also prune each stage's residual stream (conv3 + shortcut outputs, scored through "
                             "all of them: e.g. apoz by the mean APoZ of the stage's block outputs); any other model: "
                             "also the groups several layers write (tied through an Add or another merge)")
+    group.add_argument("--ignored_layers", default=None, metavar="NAMES",
+                       help="comma-separated layers whose filters are never pruned: the channel groups they make "
+                            f"keep every channel (default: {','.join(pruning_iteration.DEFAULT_IGNORED)} where the "
+                            "model has it, the stem; '' prunes every group)")
     group.add_argument("--min_channels", type=cli.non_negative_int, default=1,
                        help="never keep fewer channels in a layer (0: no floor; emptying a layer is then an error)")
     group.add_argument("--round_to", type=cli.positive_int, default=1,
@@ -101,7 +102,7 @@ def parse_args(argv=None):
     cli.add_data_flags(parser)
     cli.add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=5)
     args = parser.parse_args(argv)
-    if target_of(args) and args.criterion != "fraction":
+    if pruning_iteration.target_of(args) and args.criterion != "fraction":
         flag = "--target_compression" if args.target_compression else "--target_macs"
         parser.error(f"{flag} needs --criterion fraction: --prune_fraction is the step of each iteration")
     if args.distill_from is None and (args.distill_alpha is not None or args.distill_temperature is not None):
@@ -123,66 +124,6 @@ def unit_interval(text):
     return cli.number(text, float, minimum=0, maximum=1)
 
 
-def teacher_path(args):
-    """The --distill_from model file ('base': the run's own base model), or None."""
-    if args.distill_from is None:
-        return None
-    return args.base_model_path if args.distill_from == "base" else args.distill_from
-
-
-def load_teacher(args, base_network, strategy):
-    """The --distill_from teacher, built under `strategy` and recast to the precision policy
-    (saved models are float32), or None. Refuses one that cannot teach the base model's student:
-    not a single-output classifier, another class count or input shape."""
-    path = teacher_path(args)
-    if path is None:
-        return None
-    import keras
-
-    with strategy.scope():
-        # loaded again for 'base': the teacher is frozen, the base model stays as it is
-        teacher = checkpoints.load_model(path, "teacher model (--distill_from)")
-        teacher = checkpoints.recast(teacher, keras.mixed_precision.global_policy().name)
-    outputs = teacher.output_shape
-    if isinstance(outputs, list) or len(outputs) != 2:
-        raise cli.UserError(f"--distill_from {path} outputs {outputs}: a teacher must give one row of class scores")
-    if outputs[-1] != base_network.output_shape[-1]:
-        raise cli.UserError(f"--distill_from {path} scores {outputs[-1]} classes, the base model "
-                            f"{base_network.output_shape[-1]}: a teacher must have the student's classes")
-    if teacher.input_shape != base_network.input_shape:
-        raise cli.UserError(f"--distill_from {path} takes input {teacher.input_shape}, the base model "
-                            f"{base_network.input_shape}: a teacher must see the student's images")
-    return teacher
-
-
-def distiller(student, teacher, args, steps_per_epoch):
-    """The fine-tuning model of --distill_from: the distillation stage's Distiller with its
-    backbone term alone, (1 - alpha) * CE + alpha * T^2 * KL, compiled. It fits `student` and
-    validates it alone (plain cross-entropy and accuracy); `student` is the model to save."""
-    import distillation
-
-    model = distillation.Distiller(student, teacher, lambdas=(1.0, 0.0, 0.0), temperature=args.distill_temperature,
-                                   kd_beta=args.distill_alpha, label_smoothing=args.label_smoothing)
-    model.compile(optimizer=training.make_optimizer(args, steps_per_epoch))
-    return model
-
-
-def target_of(args):
-    """(summary.json measure, ratio) of the target flag given, or None."""
-    for flag, measure in TARGET_FLAGS.items():
-        if getattr(args, flag, None) is not None:
-            return measure, getattr(args, flag)
-    return None
-
-
-def target_met(record, target):
-    return target is not None and record[target["measure"]] >= target["value"] * (1 - 1e-12)
-
-
-def iteration_folder(root, k):
-    return os.path.join(root, f"iter{k}")
-
-
 def completed_iterations(summary):
     """The iterations summary.json lists, checked to be 1..n in order."""
     iterations = summary.get("iterations", [])
@@ -190,33 +131,6 @@ def completed_iterations(summary):
     if numbers != list(range(1, len(numbers) + 1)):
         raise cli.UserError(f"{SUMMARY_NAME} lists iterations {numbers}, expected 1..n; pass --overwrite to start again")
     return iterations
-
-
-def selection_options(args):
-    return {"criterion": args.criterion, "std_k": args.std_k, "fraction": args.prune_fraction,
-            "min_channels": args.min_channels, "round_to": args.round_to}
-
-
-def is_resnet(network):
-    """Our own ResNet50 (pruned through model.py's width spec), or any other functional model."""
-    import model as resnet
-
-    try:
-        resnet.describe_model(network)
-    except resnet.NotOurResNetError:
-        return False
-    return True
-
-
-def channel_groups(network, args):
-    """The traced channel groups this run prunes in `network`: for our ResNet50 those of
-    model.channel_groups() (inner, and residual with --prune_residual), under its names; for any
-    other model every unfrozen group (residual streams with --prune_residual)."""
-    import prune
-
-    if is_resnet(network):
-        return prune.resnet_groups(network, args.prune_residual)
-    return prune.any_model_groups(network, args.prune_residual)
 
 
 def check_any_model(network, class_num):
@@ -229,306 +143,6 @@ def check_any_model(network, class_num):
     if isinstance(outputs, list) or len(outputs) != 2 or outputs[-1] != class_num:
         raise cli.UserError(f"{network.name} outputs {outputs}: the pruning stage needs one (None, {class_num}) "
                             "row of class scores")
-
-
-def from_logits(network):
-    """True unless the model ends in a softmax (our ResNet50 does): its output is then logits.
-    Any spelling of the softmax (see channel_importance.classifier_head)."""
-    from cnn_compression import channel_importance
-
-    return not channel_importance.ends_in_softmax(network)
-
-
-def check_selection(network, groups, args):
-    """Refuse up front a rule that would empty a layer of `network` whatever the scores (fraction
-    rule, --min_channels 0). Global ranking never empties one (its floor is at least a channel)."""
-    import numpy as np
-
-    import prune
-
-    if not groups:
-        raise cli.UserError(f"{network.name} has no channel group this run may prune"
-                            + ("" if args.prune_residual else " (add --prune_residual for residual streams)"))
-    needs = {"apoz": ("activations", "a ReLU-family output"), "taylor": ("activations", "a ReLU-family output")}
-    if args.importance in needs:
-        role, what = needs[args.importance]
-        if not any(group[role] for group in groups):
-            raise cli.UserError(f"--importance {args.importance} scores no channel group of {network.name}: none has "
-                                f"{what}; choose l1, bn_scale or random")
-    if args.ranking == "global":
-        return
-    for group in groups:
-        try:
-            prune.select_channels(np.zeros(group["width"]), name=group["name"], **selection_options(args))
-        except prune.EmptyLayerError as error:
-            raise cli.UserError(str(error)) from None
-
-
-SPLIT_GROUP = re.compile(r"^(?P<layer>.*)\[(?P<start>\d+):\d+\](?P<repeat>#\d+)?$")  # channel_graph's layer[start:stop]
-
-
-def stable_keys(groups):
-    """{group name: a key that names the same group in the base model and after any pruning}.
-
-    A group that splits a layer's channels is named by its positions, layer[start:stop], which
-    shift when channels before it go; its rank among that layer's split groups does not (pruning
-    keeps every group, with at least one channel). Other names stay as they are."""
-    ranks = {}
-    for group in groups:
-        match = SPLIT_GROUP.match(group["name"])
-        if match:
-            ranks.setdefault((match["layer"], match["repeat"] or ""), []).append((int(match["start"]), group["name"]))
-    keys = {group["name"]: group["name"] for group in groups}
-    for (layer, repeat), members in ranks.items():
-        for rank, (_, name) in enumerate(sorted(members)):
-            keys[name] = f"{layer}[split {rank}]{repeat}"
-    return keys
-
-
-def base_group_widths(base_network, args):
-    """{stable key (see stable_keys): width} of the groups this run prunes in the base model."""
-    groups = channel_groups(base_network, args)
-    keys = stable_keys(groups)
-    return {keys[group["name"]]: group["width"] for group in groups}
-
-
-def floors(base_widths, groups, args):
-    """{group name: fewest channels the selection can leave}, never above the current width.
-    `base_widths`: base_group_widths of the base model (global ranking's floor is a share of it)."""
-    import prune
-
-    keys = stable_keys(groups)
-    result = {}
-    for group in groups:
-        width = group["width"]
-        if args.ranking == "global":
-            floor = prune.global_floor(base_widths.get(keys[group["name"]], width), args.min_channels)
-        else:
-            floor = max(1, args.min_channels)
-        result[group["name"]] = min(width, -(-floor // args.round_to) * args.round_to)
-    return result
-
-
-def size_of(network):
-    """(parameters, MACs) of `network` (model.count_macs's convention, for any model)."""
-    import prune
-
-    return prune.model_size(network)
-
-
-def predictor(base_network, network, groups, measure):
-    """{group name: width} -> predicted base / pruned ratio (`measure`) of `network` resized so."""
-    import model as resnet
-    import prune
-
-    if is_resnet(network):
-        base_spec = resnet.describe_model(base_network)[0]
-        spec, stem, class_num, input_shape = resnet.describe_model(network)
-        return prune.ratio_predictor(measure, base_spec, spec, stem, class_num, input_shape)
-    position = 0 if measure == "compression_rate" else 1
-    base = size_of(base_network)[position]
-    count = prune.size_counter(network, groups)
-    return lambda widths: base / count(widths)[position]
-
-
-def check_target(base_network, network, groups, base_widths, args):
-    """Refuse up front a target that even every group the run prunes at its floor would not reach:
-    a group the criterion cannot score keeps its channels, so it stays whole here too."""
-    from cnn_compression import channel_importance
-
-    target = target_of(args)
-    if target is None:
-        return
-    measure, value = target
-    floor = floors(base_widths, groups, args)  # of every group: split groups are ranked among all
-    scored = channel_importance.scored_groups(args.importance, network, groups)
-    widths = {group["name"]: floor[group["name"]] for group in scored}
-    best = predictor(base_network, network, groups, measure)(widths)
-    if best < value:
-        flag = "--target_compression" if measure == "compression_rate" else "--target_macs"
-        what = "inner and residual" if args.prune_residual else "inner (add --prune_residual for more)"
-        unscored = len([group for group in groups if not group["frozen"]]) - len(scored)
-        kept = f" ({unscored} group(s) --importance {args.importance} cannot score keep their channels)" if unscored else ""
-        raise cli.UserError(f"{flag} {value:g} is out of reach: every {what} channel group at its floor gives "
-                            f"{best:.2f}x{kept}")
-
-
-def describe(network, split, args, path=None):
-    """Parameters, MACs, widths (our ResNet50: its width spec; any other model: {group: width})
-    and validation / test accuracy of `network`."""
-    import model as resnet
-    from cnn_compression.metrics import accuracy
-
-    parameters, macs = size_of(network)
-    result = {"model_path": path} if path else {}
-    result.update({
-        "parameters": parameters,
-        "macs": macs,
-        "val_acc": accuracy(network, split.x_val, split.y_val, args.batch_size),
-        "test_acc": accuracy(network, split.x_test, split.y_test, args.batch_size),
-        "test_images": len(split.y_test),
-    })
-    if is_resnet(network):
-        result["width_spec"] = resnet.describe_model(network)[0]
-    else:
-        import prune
-
-        result["group_widths"] = {group["name"]: group["width"] for group in prune.any_model_groups(network, residual=True)}
-    return result
-
-
-def select(k, network, groups, scores, base_network, base_widths, args):
-    """{group name: channels to keep} of iteration k, for the scored `groups`: the rule per group
-    or across groups; with a target, cut down to just reach it. Returns (keep, target record for
-    apoz.json or None)."""
-    import prune
-
-    # floors of every group: a split group's base width is found by its rank among all of its layer's
-    floor = floors(base_widths, groups, args)
-    groups = [group for group in groups if group["name"] in scores]
-    if args.ranking == "global":
-        keep = prune.select_global(scores, args.criterion, args.std_k, args.prune_fraction,
-                                   {group["name"]: floor[group["name"]] for group in groups}, args.round_to)
-    else:
-        keep = {}
-        for group in groups:
-            name = group["name"]
-            try:
-                keep[name] = prune.select_channels(scores[name], name=name, **selection_options(args))
-            except prune.EmptyLayerError as error:
-                raise cli.UserError(f"iteration {k}: {error}") from None
-    target = target_of(args)
-    if target is None:
-        return keep, None
-    measure, value = target
-    predict = predictor(base_network, network, groups, measure)
-    before = predict({group["name"]: group["width"] for group in groups})
-    keep, predicted, cut = prune.select_to_target(scores, keep, predict, value, args.ranking, args.round_to)
-    if predicted <= before and predicted < value:
-        raise cli.UserError(f"iteration {k}: the rule removes no more channels at {before:.2f}x, short of the target "
-                            f"{value:g}x; raise --prune_fraction or lower --min_channels")
-    return keep, {"measure": measure, "value": value, "predicted": predicted, "cut": bool(cut),
-                  "reached": bool(predicted >= value)}
-
-
-def prune_once(k, network, score_data, split, base_network, base_widths, args):
-    """Scoring, selection and surgery of iteration k; writes apoz.json, pruned.h5 and pruned.json.
-
-    Nothing is written before the selection has succeeded, so a bad rule leaves the folder alone.
-    """
-    from cnn_compression import channel_importance
-    import prune
-
-    started = time.perf_counter()
-    folder = iteration_folder(args.root_folder, k)
-    groups = channel_groups(network, args)  # traced again each iteration: any model's group names may change
-    images, labels = score_data
-    measured_on = len(images) if args.importance in ("apoz", "taylor") else 0
-    print(f"iteration {k}: {args.importance} importance of {len(groups)} channel groups"
-          + (f" on {measured_on} validation images" if measured_on else ""))
-    measured = {}
-    scores = channel_importance.importance_scores(args.importance, network, groups, images, labels, args.batch_size,
-                                                  seed=(args.seed, k), verbose=args.verbose, measured=measured)
-    unscored = [group["name"] for group in groups if group["name"] not in scores]
-    if unscored:
-        print(f"iteration {k}: {len(unscored)} group(s) have no {args.importance} score and keep their channels: "
-              + ", ".join(unscored[:5]) + (", ..." if len(unscored) > 5 else ""))
-    if not scores:
-        raise cli.UserError(f"iteration {k}: the {args.importance} importance scores no channel group of this model; "
-                            "choose another --importance (l1 or random score every group)")
-    keep, target = select(k, network, groups, scores, base_network, base_widths, args)
-    layers = {}
-    for group in groups:
-        name = group["name"]
-        if name not in keep:
-            continue
-        width = group["width"]
-        layers[name] = {"score": scores[name], "kept": keep[name], "removed": prune.removed_channels(width, keep[name]),
-                        "width_before": width, "width_after": len(keep[name])}
-        if args.importance == "apoz":
-            layers[name]["apoz"] = measured[name]  # the field earlier runs and the figures read
-    shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted attempt are redone, never used
-    os.makedirs(folder)
-    record = {"iteration": k, "importance": args.importance, "criterion": args.criterion, "ranking": args.ranking,
-              "selection": selection_options(args), "images": measured_on, "layers": layers}
-    if unscored:
-        record["unscored"] = unscored
-    if target is not None:
-        record["target"] = target
-    files.write_json(os.path.join(folder, "apoz.json"), record)
-    pruned = prune.prune_model(network, keep) if is_resnet(network) else prune.prune_groups(network, groups, keep)
-    checkpoints.save_model(pruned, os.path.join(folder, "pruned.h5"))
-    measured = describe(pruned, split, args)
-    state = {"val_acc_pruned": measured["val_acc"], "test_acc_pruned": measured["test_acc"],
-             "channels_removed": int(sum(len(layer["removed"]) for layer in layers.values())),
-             "seconds": time.perf_counter() - started}
-    files.write_json(os.path.join(folder, "pruned.json"), state)  # last: marks pruned.h5 as usable
-    return pruned, state
-
-
-def run_iteration(k, network, score_data, split, train_data, val_data, base, base_network, base_widths, args, strategy,
-                  teacher=None):
-    """One complete iteration; returns its summary.json record and the fine-tuned model.
-    `teacher`: --distill_from's model (load_teacher), or None to fine-tune on labels alone."""
-    import keras
-
-    import model as resnet
-
-    folder = iteration_folder(args.root_folder, k)
-    paths = {name: os.path.join(folder, name) for name in ("apoz.json", "pruned.h5", "pruned.json")}
-    ours = is_resnet(network)
-    if all(os.path.exists(path) for path in paths.values()):
-        pruned = checkpoints.load_model(paths["pruned.h5"], "pruned model")
-        state = files.read_json(paths["pruned.json"])
-        print(f"iteration {k}: resuming the fine-tuning of {paths['pruned.h5']}")
-    else:
-        pruned, state = prune_once(k, network, score_data, split, base_network, base_widths, args)
-    print(f"iteration {k}: {pruned.count_params():,} parameters, {state['channels_removed']} channels removed; "
-          f"validation accuracy right after pruning {state['val_acc_pruned']:.4f}; fine-tuning"
-          + (f" against the teacher {teacher_path(args)}" if teacher is not None else ""))
-    started = time.perf_counter()
-    training.set_seed(args.seed + k)
-    steps_per_epoch = -(-len(split.y_train) // args.batch_size)
-    # Fine-tune a twin built under the strategy (replicated variables) and the precision policy:
-    # pruned.h5 is float32 (checkpoints.save_model), so any other model is recast to the policy,
-    # its output layers kept float32 as our ResNet50's softmax.
-    with strategy.scope():
-        if ours:
-            twin = resnet.rebuild_like(pruned)
-        else:
-            twin = checkpoints.recast(pruned, keras.mixed_precision.global_policy().name)
-            if twin is pruned:  # already in the policy: still a copy built under the strategy
-                twin = keras.models.clone_model(pruned)
-    twin.set_weights(pruned.get_weights())
-    pruned = twin
-    with strategy.scope():
-        if teacher is None:
-            training.compile_classifier(pruned, args, steps_per_epoch, from_logits=from_logits(pruned))
-            fitted = pruned
-        else:
-            fitted = distiller(pruned, teacher, args, steps_per_epoch)
-    history = training.fit_stage(fitted, train_data, val_data, folder, args, model_to_save=pruned,
-                                 run_folder=args.root_folder)
-    best = checkpoints.load_model(os.path.join(folder, "model.h5"))
-    measured = describe(best, split, args)
-    record = {
-        "iteration": k,
-        "parameters": measured["parameters"],
-        "macs": measured["macs"],
-        "compression_rate": base["parameters"] / measured["parameters"],
-        "mac_ratio": base["macs"] / measured["macs"],
-        "val_acc_pruned": state["val_acc_pruned"],
-        "test_acc_pruned": state["test_acc_pruned"],
-        "val_acc": measured["val_acc"],
-        "test_acc": measured["test_acc"],
-        "channels_removed": state["channels_removed"],
-        "epochs": len(history.get("val_acc", [])),
-        "seconds": state["seconds"] + time.perf_counter() - started,
-    }
-    for key in ("width_spec", "group_widths"):
-        if key in measured:
-            record[key] = measured[key]
-    return record, best
 
 
 def format_table(summary):
@@ -554,10 +168,12 @@ def main(argv=None):
     args.precision = training.set_precision(args.precision)  # auto resolved, so config.json records what ran
     # Every check that can refuse the run comes before anything in root_folder is touched.
     base_network = checkpoints.load_model(args.base_model_path, "base model")
-    ours = is_resnet(base_network)
-    if not ours:
-        check_any_model(base_network, len(data.CLASS_NAMES))
-    teacher = load_teacher(args, base_network, strategy)
+    check_any_model(base_network, len(data.CLASS_NAMES))
+    layer_names = {layer.name for layer in base_network.layers}
+    missing = sorted(set(pruning_iteration.ignored_layers(args, base_network)) - layer_names)
+    if missing:
+        raise cli.UserError(f"--ignored_layers names {', '.join(missing)}, which {args.base_model_path} lacks")
+    teacher = pruning_iteration.load_teacher(args, base_network, strategy)
     has_config = os.path.exists(os.path.join(root, "config.json"))
     summary = None
     if not args.overwrite and os.path.isdir(root):
@@ -569,21 +185,21 @@ def main(argv=None):
     done = completed_iterations(summary) if summary else []
     network = base_network
     if done:
-        network = checkpoints.load_model(os.path.join(iteration_folder(root, len(done)), "model.h5"),
-                                         f"iteration {len(done)} model")
+        last_folder = pruning_iteration.iteration_folder(root, len(done))
+        network = checkpoints.load_model(os.path.join(last_folder, "model.h5"), f"iteration {len(done)} model")
     try:
-        groups = channel_groups(network, args)
-        base_widths = base_group_widths(base_network, args)
-    except ValueError as error:  # the graph and model.channel_groups() disagree, or a model the trace refuses
+        groups = pruning_iteration.channel_groups(network, args)
+        base_widths = pruning_iteration.base_group_widths(base_network, args)
+    except ValueError as error:  # a model the trace refuses
         raise cli.UserError(f"cannot trace the channels of {args.base_model_path}: {error}") from None
-    check_selection(network, groups, args)
-    check_target(base_network, network, groups, base_widths, args)
+    pruning_iteration.check_selection(network, groups, args)
+    pruning_iteration.check_target(base_network, network, groups, base_widths, args)
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     if args.apoz_samples and args.apoz_samples > len(split.y_val):
         raise cli.UserError(f"--apoz_samples {args.apoz_samples} exceeds the {len(split.y_val)} validation images")
     inputs = {"data": split.fingerprint(), "base_model": files.fingerprint_file(args.base_model_path)}
     if teacher is not None:
-        inputs["teacher"] = files.fingerprint_file(teacher_path(args))
+        inputs["teacher"] = files.fingerprint_file(pruning_iteration.teacher_path(args))
     stages.check_output_folder(root)
     files.lock_folder(root)
     if args.overwrite and os.listdir(root) not in ([], [files.LOCK_NAME]):
@@ -594,9 +210,9 @@ def main(argv=None):
     if state == "fresh":
         summary = None
         done = []
-    target = target_of(args)
+    target = pruning_iteration.target_of(args)
     target = {"measure": target[0], "value": target[1]} if target else None
-    met = next((record["iteration"] for record in done if target_met(record, target)), None)
+    met = next((record["iteration"] for record in done if pruning_iteration.target_met(record, target)), None)
     if state == "done" and (len(done) >= args.prune_iter or met):
         reason = f"met its target at iteration {met}" if met else f"holds {len(done)} pruning iterations"
         print(f"{root} already {reason} with these arguments: nothing to do")
@@ -605,16 +221,16 @@ def main(argv=None):
     if state == "done":
         stages.write_config(root, args, complete=False)  # extended with a larger --prune_iter
     for k in range(1, len(done) + 1):  # resume aids of finished iterations
-        training.discard_backup(iteration_folder(root, k))
-        stale = os.path.join(iteration_folder(root, k), "pruned.h5")
+        training.discard_backup(pruning_iteration.iteration_folder(root, k))
+        stale = os.path.join(pruning_iteration.iteration_folder(root, k), "pruned.h5")
         if os.path.exists(stale):
             os.remove(stale)
 
     class_num = int(base_network.output_shape[-1])
     if summary is None:
         print(f"measuring the base model {args.base_model_path}")
-        summary = {"base": describe(base_network, split, args, path=args.base_model_path), "iterations": [],
-                   "arguments": vars(args)}
+        base = pruning_iteration.describe(base_network, split, args, path=args.base_model_path)
+        summary = {"base": base, "iterations": [], "arguments": vars(args)}
     # the target, and the iteration that met it (None until then); a summary written before
     # targets existed gains the key on resume
     target_record = dict(target, met_at_iteration=met) if target else None
@@ -635,15 +251,16 @@ def main(argv=None):
     for k in range(len(done) + 1, args.prune_iter + 1):
         if met:
             break
-        record, network = run_iteration(k, network, score_data, split, train_data, val_data, summary["base"],
-                                        base_network, base_widths, args, strategy, teacher)
+        record, network = pruning_iteration.run_iteration(k, network, score_data, split, train_data, val_data,
+                                                          summary["base"], base_network, base_widths, args, strategy,
+                                                          teacher)
         summary["iterations"].append(record)
         summary["arguments"] = vars(args)
-        if target_met(record, target):
+        if pruning_iteration.target_met(record, target):
             met = summary["target"]["met_at_iteration"] = k
         files.write_json(summary_path, summary)  # the iteration counts as complete from here on
-        training.discard_backup(iteration_folder(root, k))
-        os.remove(os.path.join(iteration_folder(root, k), "pruned.h5"))
+        training.discard_backup(pruning_iteration.iteration_folder(root, k))
+        os.remove(os.path.join(pruning_iteration.iteration_folder(root, k), "pruned.h5"))
         print(f"iteration {k}: compression {record['compression_rate']:.2f}x, validation accuracy "
               f"{record['val_acc_pruned']:.4f} after pruning, {record['val_acc']:.4f} after fine-tuning; "
               f"test accuracy {record['test_acc']:.4f}")

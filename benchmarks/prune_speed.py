@@ -56,7 +56,8 @@ def main(argv=None):
     passes = {"predict, traced already": lambda: network.predict(dataset, verbose=0),
               "predict, including its tracing": predict_cold}
     for residual in (False, True):
-        names = [name for group in prune.prunable_groups(residual) for name in group["activations"]]
+        groups = prune.any_model_groups(network, residual, ignored_layers=["conv1_conv"])  # the stage's defaults
+        names = [entry["layer"] for group in groups for entry in group["activations"]]
         label = f"apoz {'inner+residual' if residual else 'inner'} ({len(names)} layers)"
         count = channel_importance.zero_counter(network, names)
         channel_importance.apoz(network, names, dataset.take(1), verbose=0, count=count)  # trace
@@ -77,14 +78,11 @@ def main(argv=None):
     full_width = resnet.width_spec(1.0)
     full = network if resnet.describe_model(network)[0] == full_width else resnet.build_resnet50(full_width)
     rng = np.random.default_rng(0)
-    full_spec = resnet.describe_model(full)[0]
     for residual in (False, True):
-        keep = {}
-        for group in prune.prunable_groups(residual):
-            width = resnet.group_width(full_spec, group)
-            keep[group["name"]] = rng.choice(width, max(1, width // 2), replace=False)
+        groups = prune.any_model_groups(full, residual, ignored_layers=["conv1_conv"])
+        keep = {group["name"]: rng.choice(group["width"], max(1, group["width"] // 2), replace=False) for group in groups}
         start = time.perf_counter()
-        smaller = prune.prune_model(full, keep)
+        smaller = prune.prune_groups(full, groups, keep)
         seconds = time.perf_counter() - start
         print(f"surgery, {'inner+residual' if residual else 'inner'} halved, {resnet.count_parameters(full):,} -> "
               f"{resnet.count_parameters(smaller):,} parameters: {seconds:.2f} s")

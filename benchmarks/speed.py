@@ -95,9 +95,8 @@ def main():
         import prune
 
         full = resnet.build_resnet50()
-        keep = {group["name"]: np.arange(max(1, resnet.group_width(resnet.full_width_spec(), group) // 2))
-                for group in prune.prunable_groups(False)}
-        halved = prune.prune_model(full, keep)
+        groups = prune.any_model_groups(full, ignored_layers=["conv1_conv"])  # conv1 and conv2 of every block
+        halved = prune.prune_groups(full, groups, {group["name"]: np.arange(max(1, group["width"] // 2)) for group in groups})
         mac_ratio = resnet.count_macs(full)[1] / resnet.count_macs(halved)[1]
         base_seconds, seconds = alternating_latency(full, halved, 128, args.rounds)
         speedup = base_seconds / seconds

@@ -1,13 +1,12 @@
 """Per-channel importance of channel groups: every pruning criterion behind one interface.
 
-    groups = channel_graph.trace_channel_groups(network)          # any functional model
-    groups = prune.traced_resnet_groups(network)                  # our ResNet50, under model.channel_groups() names
+    groups = prune.any_model_groups(network, residual=True)       # any functional model, our ResNet50 included
     scores = importance_scores("apoz", network, groups, images)   # {group name: array (width,)}
 
 Every criterion answers in one convention (Torch-Pruning's): one score per channel of each group,
-HIGHER = MORE IMPORTANT; prune.select_channels and prune.select_global keep the highest. APoZ
-("higher = more often zero = less useful") enters as 1 - APoZ. A criterion only reads weights or
-runs the model; it never selects nor slices (prune.py does). Frozen groups get no score, nor do
+HIGHER = MORE IMPORTANT; channel_selection.py's rules keep the highest. APoZ ("higher = more often
+zero = less useful") enters as 1 - APoZ. A criterion only reads weights or runs the model; it
+never selects (channel_selection.py) nor slices (prune.py). Frozen groups get no score, nor do
 groups a criterion cannot measure (they are left out of the result): apoz and taylor need a
 ReLU-family output of the group, bn_scale a BatchNormalization on it, l1 a convolution or dense
 producer.

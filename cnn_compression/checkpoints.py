@@ -36,6 +36,20 @@ def recast(model, dtype):
     return copy
 
 
+def working_copy(model, strategy):
+    """A copy of `model` to train: its variables created under `strategy` (replicated), its layers
+    computing in the global precision policy (output layers float32, see `recast`), same weights.
+    Saved models are float32 (`save_model`): this is where a stage puts them back in the policy."""
+    import keras
+
+    with strategy.scope():
+        copy = recast(model, keras.mixed_precision.global_policy().name)
+        if copy is model:  # already in the policy: still a copy built under the strategy
+            copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def save_model(model, path):
     """Save `model` as a float32 Keras HDF5 (no optimizer state: every stage compiles afresh) atomically;
     the model's own compile settings stay untouched.

@@ -10,6 +10,7 @@ from cnn_compression import channel_graph
 from cnn_compression import channel_importance
 import model as resnet
 import prune
+import pruning_iteration
 
 APPLICATIONS = {
     "ResNet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None),
@@ -310,8 +311,12 @@ def test_taylor_and_bn_scale_on_traced_groups_against_numpy(softmax):
     keras.utils.set_random_seed(0)
     network = residual_classifier(softmax)
     groups = prune.any_model_groups(network, residual=True)
-    assert [(group["name"], prune.is_residual(group)) for group in groups] == [("a", False), ("b", True)]
-    assert [group["name"] for group in prune.any_model_groups(network)] == ["a"]
+    # named after their ReLU: a's own, the residual stream's after the Add
+    assert [(group["name"], prune.is_residual(group)) for group in groups] == [("a_relu", False), ("out", True)]
+    assert [group["name"] for group in prune.any_model_groups(network)] == ["a_relu"]
+    assert [group["name"] for group in prune.any_model_groups(network, True, ignored_layers=["shortcut_bn"])] == ["a_relu"]
+    with pytest.raises(ValueError, match="has no layer conv1_conv"):
+        prune.any_model_groups(network, ignored_layers=["conv1_conv"])
     images = random_images(network, count=10, seed=3)
     labels = np.arange(10) % 4
     scores = channel_importance.importance_scores("taylor", network, groups, images, labels, batch_size=4)
@@ -320,24 +325,22 @@ def test_taylor_and_bn_scale_on_traced_groups_against_numpy(softmax):
         a, out, output = features(images, training=False)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax, reduction="sum")(labels, output)
     gradient_a, gradient_out = tape.gradient(loss, [a, out])
-    for name, activation, gradient in (("a", a, gradient_a), ("b", out, gradient_out)):
+    for name, activation, gradient in (("a_relu", a, gradient_a), ("out", out, gradient_out)):
         reference = np.mean(np.abs(np.sum(activation.numpy().astype(np.float64) * gradient.numpy(), axis=(1, 2))), axis=0)
         assert reference.max() > 0
         np.testing.assert_allclose(scores[name], reference, rtol=1e-3, atol=1e-5 * reference.max(), err_msg=name)
 
     bn_scale = channel_importance.importance_scores("bn_scale", network, groups)
     gamma = {name: np.abs(network.get_layer(f"{name}_bn").gamma.numpy().astype(np.float64)) for name in ("a", "b", "shortcut")}
-    np.testing.assert_allclose(bn_scale["a"], gamma["a"])
-    np.testing.assert_allclose(bn_scale["b"], (gamma["b"] / gamma["b"].mean() + gamma["shortcut"] / gamma["shortcut"].mean()) / 2)
+    np.testing.assert_allclose(bn_scale["a_relu"], gamma["a"])
+    np.testing.assert_allclose(bn_scale["out"], (gamma["b"] / gamma["b"].mean() + gamma["shortcut"] / gamma["shortcut"].mean()) / 2)
     random = channel_importance.importance_scores("random", network, groups, seed=(0, 1))
-    assert {name: len(values) for name, values in random.items()} == {"a": 6, "b": 5}
+    assert {name: len(values) for name, values in random.items()} == {"a_relu": 6, "out": 5}
 
 
 def test_every_softmax_spelling_gives_the_same_taylor_scores_and_loss():
     """Dense(activation="softmax"), Dense + Activation("softmax") and Dense + Softmax() are one
     function: the Taylor scores (through the logits) and the fine-tuning loss's from_logits agree."""
-    import prune_model
-
     images = random_images(residual_classifier(False), count=10, seed=3)
     labels = np.arange(10) % 4
     scores, networks = {}, {}
@@ -349,14 +352,14 @@ def test_every_softmax_spelling_gives_the_same_taylor_scores_and_loss():
     np.testing.assert_allclose(networks["layer"].predict(images, verbose=0), networks["dense"].predict(images, verbose=0),
                                rtol=1e-5, atol=1e-7)  # the same function, the same weights
     for head in ("activation", "layer"):
-        assert scores[head].keys() == scores["dense"].keys() == {"a", "b"}
+        assert scores[head].keys() == scores["dense"].keys() == {"a_relu", "out"}
         for name in scores["dense"]:
             np.testing.assert_allclose(scores[head][name], scores["dense"][name], rtol=1e-4, atol=1e-7, err_msg=(head, name))
     for head, network in networks.items():
-        assert channel_importance.ends_in_softmax(network) and not prune_model.from_logits(network), head
+        assert channel_importance.ends_in_softmax(network) and not pruning_iteration.from_logits(network), head
     keras.utils.set_random_seed(0)
     logits = residual_classifier(False)
-    assert not channel_importance.ends_in_softmax(logits) and prune_model.from_logits(logits)
+    assert not channel_importance.ends_in_softmax(logits) and pruning_iteration.from_logits(logits)
     # a softmax over another axis than the classes' is not the classifier's softmax
     inputs = keras.Input((3, 4))
     across = keras.Model(inputs, keras.layers.Softmax(axis=1)(keras.layers.Dense(4)(inputs)))
@@ -405,52 +408,38 @@ def test_channels_through_a_lambda_or_a_reshape_are_frozen_not_pruned():
 
 
 # ---------------------------------------------------------------------------------------------
-# Our ResNet50: the traced groups are model.channel_groups()
+# Our ResNet50, pruned as any model
 
 
 @pytest.mark.parametrize("stem", resnet.STEMS)
-def test_traced_groups_of_our_resnet_are_the_hand_written_table(stem):
+def test_our_resnet_groups_read_as_its_records_and_its_size_is_counted_exactly(stem):
+    """Traced, our ResNet50's groups carry the names apoz.json and the figures have always used
+    (conv1/conv2 of every block after their ReLU, a stage's residual stream), the stem left to
+    --ignored_layers, the softmax frozen; size_counter equals the pruned model's count."""
     keras.utils.set_random_seed(0)
     network = resnet.build_resnet50(resnet.width_spec(0.0625), stem)
-    groups = channel_graph.trace_channel_groups(network)
-
-    def layers(group):
-        return (frozenset(e["layer"] for e in group["producers"] + group["carriers"]),
-                frozenset(e["layer"] for e in group["consumers"]),
-                frozenset(e["layer"] for e in group["activations"]))
-
-    table = {(frozenset(g["producers"]), frozenset(g["consumers"]), frozenset(g["activations"])) for g in resnet.channel_groups()}
-    stem_group = (frozenset({"conv1_conv", "conv1_bn"}), frozenset({"conv2_block1_0_conv", "conv2_block1_1_conv"}),
-                  frozenset({"conv1_relu"}))  # the stem, which the table leaves out
-    assert {layers(group) for group in channel_graph.prunable_groups(groups)} == table | {stem_group}
-    assert set(channel_graph.frozen_groups(groups)) == {"input_layer", "predictions", "probabilities"}  # softmax mixes channels
-
-
-@pytest.mark.parametrize("stem", resnet.STEMS)
-def test_size_counter_of_our_resnet_is_its_width_spec_count(stem):
-    network = resnet.build_resnet50(resnet.width_spec(0.0625), stem)
-    groups = prune.resnet_groups(network, residual=True)
+    assert set(channel_graph.frozen_groups(channel_graph.trace_channel_groups(network))) == {
+        "input_layer", "predictions", "probabilities"}  # the softmax mixes channels
+    groups = prune.any_model_groups(network, residual=True, ignored_layers=["conv1_conv"])
+    residual = [f"{stage}_residual" for stage in resnet.STAGE_NAMES]
+    assert [group["name"] for group in groups] == resnet.inner_activation_names() + residual
+    assert [group["name"] for group in prune.any_model_groups(network)][0] == "conv1_relu"  # the stem, when not ignored
+    stream = groups[-2]  # conv4: the shortcut and every block's conv3 write it, the next blocks' conv1 read it
+    blocks = resnet.stage_block_names(2)
+    assert {entry["layer"] for entry in stream["producers"]} == {"conv4_block1_0_conv"} | {f"{b}_3_conv" for b in blocks}
+    assert {entry["layer"] for entry in stream["consumers"]} == ({f"{b}_1_conv" for b in blocks[1:]}
+                                                                 | {"conv5_block1_1_conv", "conv5_block1_0_conv"})
+    assert [entry["layer"] for entry in stream["activations"]] == [f"{b}_out" for b in blocks]
     assert prune.size_counter(network, [])({}) == (network.count_params(), resnet.count_macs(network)[1])
     rng = np.random.default_rng(8)
-    widths = {group["name"]: int(rng.integers(1, group["width"] + 1)) for group in groups}
-    spec = resnet.resize_spec(resnet.describe_model(network)[0], widths)
-    assert prune.size_counter(network, groups)(widths) == (resnet.parameter_count(spec, stem), resnet.mac_count(spec, stem))
-
-
-def test_prune_model_takes_the_traced_groups_for_the_same_result():
-    keras.utils.set_random_seed(0)
-    network = resnet.build_resnet50(resnet.width_spec(0.0625), "imagenet")
-    named = prune.traced_resnet_groups(network)
-    assert [group["name"] for group in named] == [group["name"] for group in resnet.channel_groups()]
-    spec = resnet.describe_model(network)[0]
-    rng = np.random.default_rng(3)
-    keep = {g["name"]: rng.choice(g["width"], int(rng.integers(1, g["width"])), replace=False) for g in named}
-    by_table = prune.prune_model(network, keep)
-    by_trace = prune.prune_model(network, keep, groups=named)
-    assert resnet.describe_model(by_trace)[0] == resnet.describe_model(by_table)[0] != spec
-    for layer in by_table.layers:
-        for table_weight, traced_weight in zip(layer.get_weights(), by_trace.get_layer(layer.name).get_weights()):
-            np.testing.assert_array_equal(traced_weight, table_weight, err_msg=layer.name)
+    keep = {group["name"]: np.sort(rng.choice(group["width"], int(rng.integers(1, group["width"] + 1)), replace=False))
+            for group in groups}
+    pruned = prune.prune_groups(network, groups, keep)
+    widths = {name: len(indices) for name, indices in keep.items()}
+    assert prune.size_counter(network, groups)(widths) == (pruned.count_params(), resnet.count_macs(pruned)[1])
+    spec = resnet.describe_model(pruned)[0]  # still our ResNet50: the width spec reads the kept widths
+    assert spec["stages"] == [widths[name] for name in residual] and spec["stem"] == network.get_layer("conv1_conv").filters
+    assert pruned.count_params() == resnet.parameter_count(spec, stem)
 
 
 def test_macs_of_a_transposed_convolution_and_of_a_layer_called_twice_by_hand():
@@ -495,9 +484,9 @@ def test_surgery_of_a_layer_called_twice_computes_the_original_on_the_kept_chann
         if layer.weights:
             kernel, bias = layer.get_weights()
             layer.set_weights([kernel, np.random.default_rng(1).normal(0, 0.5, bias.shape).astype("float32")])
-    groups = prune.any_model_groups(network, residual=True)  # two producers tied: pruned like a residual stream
+    groups = prune.any_model_groups(network, residual=True)  # two producers tied: pruned like a residual stream, listed last
     assert [(group["name"], group["width"], sorted(entry["layer"] for entry in group["producers"])) for group in groups] == [
-        ("up", 4, ["other", "up"]), ("shared", 5, ["shared"])]
+        ("shared", 5, ["shared"]), ("up", 4, ["other", "up"])]
     keep_in, keep_out = [0, 2, 3], [1, 4]
     pruned = prune.prune_groups(network, groups, {"up": keep_in, "shared": keep_out})
     assert pruned.get_layer("up").filters == pruned.get_layer("other").filters == 3

@@ -1,7 +1,7 @@
 """Importance criteria beside APoZ, compression targets and global ranking (issue 14).
 
 Each criterion against a numpy reference on a tiny ResNet50, the target bisection and global
-ranking on width specs alone, one short prune_model.py run to a target, and the flags' refusals.
+ranking on its traced groups' sizes alone (no model built), one short prune_model.py run to a target, and the flags' refusals.
 """
 
 import json
@@ -12,17 +12,17 @@ import pytest
 import tensorflow as tf
 
 from cnn_compression import channel_importance
+from cnn_compression import channel_selection
 from cnn_compression import checkpoints
 from cnn_compression import cli
 from cnn_compression import files
 import model as resnet
 import prune
 import prune_model
-from cnn_compression import training
 from conftest import REPO, assert_one_line_error, run_in_process, run_script
 
-WIDTH = 0.0625  # stem 4, blocks 4..32, stages 16..128
 IMAGES = 24
+STEM = ["conv1_conv"]  # prune_model.py's default --ignored_layers
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def batch():
 
 @pytest.fixture(scope="module")
 def groups(network):
-    return prune.resnet_groups(network, residual=True)
+    return prune.any_model_groups(network, residual=True, ignored_layers=STEM)
 
 
 def activation_names(group):
@@ -49,7 +49,7 @@ def stage_producers(stage_index, suffix):
 def by_hand(network, group, measure, suffix):
     """Reference of a weight-magnitude criterion: one producer as is; a residual stream's
     producers each divided by their mean, then averaged."""
-    if group["kind"] == "inner":
+    if not prune.is_residual(group):
         return measure(network.get_layer(group["name"].replace("_relu", f"_{suffix}")))
     stage_index = resnet.STAGE_NAMES.index(group["name"].split("_")[0])
     magnitudes = [measure(network.get_layer(name)) for name in stage_producers(stage_index, suffix)]
@@ -99,7 +99,7 @@ def test_apoz_importance_is_one_minus_apoz_and_keeps_the_original_rule(network, 
         np.testing.assert_allclose(scores[group["name"]], 1 - apoz, atol=1e-12, err_msg=group["name"])
         np.testing.assert_array_equal(measured[group["name"]], apoz)  # apoz.json's "apoz": as measured
         # the std rule on importances removes exactly what the original removed: APoZ > mean + std
-        kept = prune.select_channels(scores[group["name"]], "std", std_k=1.0)
+        kept = channel_selection.select_channels(scores[group["name"]], "std", std_k=1.0)
         np.testing.assert_array_equal(kept, np.flatnonzero(~(apoz > apoz.mean() + apoz.std())))
 
 
@@ -160,10 +160,9 @@ def test_random_is_seeded_and_reproducible(network, groups):
     first = channel_importance.importance_scores("random", network, groups, seed=(0, 1))
     again = channel_importance.importance_scores("random", network, groups, seed=(0, 1))
     other_iteration = channel_importance.importance_scores("random", network, groups, seed=(0, 2))
-    spec = resnet.describe_model(network)[0]
     for group in groups:
         name = group["name"]
-        assert len(first[name]) == resnet.group_width(spec, group)
+        assert len(first[name]) == group["width"]
         np.testing.assert_array_equal(first[name], again[name])
         assert np.all((0 <= first[name]) & (first[name] < 1))
     assert any(not np.array_equal(first[name], other_iteration[name]) for name in first)
@@ -179,18 +178,11 @@ def test_importance_scores_refuses_unknown_names_and_missing_images(network, gro
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets, from width specs alone
+# Targets and global ranking, on the traced groups' sizes alone (prune.size_counter, no model built)
 
 
-@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
-def test_mac_count_from_the_spec_matches_the_built_model(stem):
-    rng = np.random.default_rng(4)
-    spec = resnet.map_widths(resnet.width_spec(WIDTH), lambda width: int(rng.integers(1, width + 1)))
-    assert resnet.mac_count(spec, stem, 7) == resnet.count_macs(resnet.build_resnet50(spec, stem, 7))[1]
-
-
-def random_scores(spec, groups, rng):
-    return {group["name"]: rng.random(resnet.group_width(spec, group)) for group in groups}
+def random_scores(widths, rng):
+    return {name: rng.random(width) for name, width in widths.items()}
 
 
 @pytest.mark.parametrize("measure, residual, ranking, target", [
@@ -200,57 +192,61 @@ def random_scores(spec, groups, rng):
     ("compression_rate", True, "global", 3.0),
     ("mac_ratio", True, "global", 2.5),
 ])
-def test_iterations_stop_at_the_target_within_two_percent(measure, residual, ranking, target):
-    """Iterate the fraction rule on width specs (no model built) until the target: every iteration
+def test_iterations_stop_at_the_target_within_two_percent(network, measure, residual, ranking, target):
+    """Iterate the fraction rule on group widths (no model built) until the target: every iteration
     but the last takes the full step, the last just reaches the target."""
     rng = np.random.default_rng(5)
-    base_spec = resnet.width_spec(WIDTH)
-    spec = resnet.copy_spec(base_spec)
-    groups = prune.prunable_groups(residual)
-    floors = {group["name"]: prune.global_floor(resnet.group_width(base_spec, group)) for group in groups}
+    groups = prune.any_model_groups(network, residual, STEM)
+    position = 0 if measure == "compression_rate" else 1
+    count = prune.size_counter(network, groups)
+    base = count({})[position]
+
+    def predict(widths):
+        return base / count(widths)[position]
+
+    widths = {group["name"]: group["width"] for group in groups}
+    floors = {name: channel_selection.global_floor(width) for name, width in widths.items()}
     iterations = 0
     while True:
         iterations += 1
         assert iterations <= 20, "the target was never reached"
-        scores = random_scores(spec, groups, rng)
+        scores = random_scores(widths, rng)
         if ranking == "global":
-            step = prune.select_global(scores, "fraction", fraction=0.3, floors=floors)
+            step = channel_selection.select_global(scores, "fraction", fraction=0.3, floors=floors)
         else:
-            step = {name: prune.select_channels(values, "fraction", fraction=0.3) for name, values in scores.items()}
-        predict = prune.ratio_predictor(measure, base_spec, spec, "imagenet")
-        keep, predicted, cut = prune.select_to_target(scores, step, predict, target, ranking)
-        spec = resnet.resize_spec(spec, {name: len(indices) for name, indices in keep.items()})
+            step = {name: channel_selection.select_channels(values, "fraction", fraction=0.3) for name, values in scores.items()}
+        keep, predicted, cut = channel_selection.select_to_target(scores, step, predict, target, ranking)
+        widths = {name: len(indices) for name, indices in keep.items()}
         full = predict({name: len(indices) for name, indices in step.items()})
         if predicted < target:
             assert not cut and keep == step and predicted == full  # not the last one: the whole step
             continue
         assert full >= target
         break
-    if measure == "compression_rate":
-        reached = resnet.parameter_count(base_spec, "imagenet") / resnet.parameter_count(spec, "imagenet")
-    else:
-        reached = resnet.mac_count(base_spec, "imagenet") / resnet.mac_count(spec, "imagenet")
-    assert reached == predicted
-    assert target <= reached <= 1.02 * target, (iterations, reached)
+    assert predict(widths) == predicted
+    assert target <= predicted <= 1.02 * target, (iterations, predicted)
     assert iterations >= 2 or target == 1.5
     for name, indices in keep.items():  # the cut keeps a superset of the full step: the most important channels
         assert set(step[name].tolist()) <= set(indices.tolist())
-        dropped = prune.removed_channels(len(scores[name]), indices)
+        dropped = channel_selection.removed_channels(len(scores[name]), indices)
         assert len(dropped) == 0 or scores[name][dropped].max() <= scores[name][indices].min()
 
 
-def test_the_cut_is_the_fewest_removals_that_reach_the_target():
+def test_the_cut_is_the_fewest_removals_that_reach_the_target(network):
     rng = np.random.default_rng(6)
-    spec = resnet.width_spec(WIDTH)
-    groups = prune.prunable_groups(False)
-    scores = random_scores(spec, groups, rng)
-    step = {name: prune.select_channels(values, "fraction", fraction=0.3) for name, values in scores.items()}
-    predict = prune.ratio_predictor("compression_rate", spec, spec, "imagenet")
-    keep, predicted, cut = prune.select_to_target(scores, step, predict, 1.3)
+    groups = prune.any_model_groups(network, ignored_layers=STEM)
+    count = prune.size_counter(network, groups)
+
+    def predict(widths):
+        return count({})[0] / count(widths)[0]
+
+    scores = random_scores({group["name"]: group["width"] for group in groups}, rng)
+    step = {name: channel_selection.select_channels(values, "fraction", fraction=0.3) for name, values in scores.items()}
+    keep, predicted, cut = channel_selection.select_to_target(scores, step, predict, 1.3)
     assert cut and predicted >= 1.3
     # one channel fewer removed (any group's last removal undone) falls short of the target
     removed_total = sum(len(scores[name]) - len(indices) for name, indices in keep.items())
-    order = prune.removal_order(scores, step)
+    order = channel_selection.removal_order(scores, step)
     widths = {name: len(values) for name, values in scores.items()}
     for name in order[:removed_total - 1]:
         widths[name] -= 1
@@ -263,35 +259,30 @@ def test_the_cut_is_the_fewest_removals_that_reach_the_target():
     assert 0 < sum(removed.values()) < sum(planned.values())
 
 
-# ---------------------------------------------------------------------------------------------
-# Global ranking
-
-
-def test_global_ranking_compares_normalised_scores_and_respects_floors():
+def test_global_ranking_compares_normalised_scores_and_respects_floors(groups):
     rng = np.random.default_rng(7)
-    base_spec = resnet.width_spec(WIDTH)
-    groups = prune.prunable_groups(True)
-    scores = random_scores(base_spec, groups, rng)
+    scores = random_scores({group["name"]: group["width"] for group in groups}, rng)
     # one group with a single dominant channel: its others are near zero once normalised
     scores["conv5_block1_2_relu"] = np.r_[1000.0, np.full(31, 0.001)]
-    floors = {group["name"]: prune.global_floor(resnet.group_width(base_spec, group), min_channels=2) for group in groups}
+    floors = {name: channel_selection.global_floor(len(values), min_channels=2) for name, values in scores.items()}
     assert floors["conv5_block1_2_relu"] == 4 and floors["conv2_block1_1_relu"] == 2  # ceil(10% of 32); --min_channels 2
-    keep = prune.select_global(scores, "fraction", fraction=0.5, floors=floors)
+    keep = channel_selection.select_global(scores, "fraction", fraction=0.5, floors=floors)
     total = sum(len(values) for values in scores.values())
     assert sum(len(indices) for indices in keep.values()) == total - round(0.5 * total)
     assert all(len(keep[name]) >= floors[name] for name in keep)
     assert len(keep["conv5_block1_2_relu"]) == floors["conv5_block1_2_relu"] and 0 in keep["conv5_block1_2_relu"]
     # every removed channel scores (normalised) no more than any kept channel of a group above its floor
-    normalised = prune.normalised_scores(scores)
-    removed = np.concatenate([normalised[name][prune.removed_channels(len(scores[name]), keep[name])] for name in keep])
+    normalised = channel_selection.normalised_scores(scores)
+    removed = np.concatenate([normalised[name][channel_selection.removed_channels(len(scores[name]), keep[name])]
+                              for name in keep])
     above_floor = np.concatenate([normalised[name][keep[name]] for name in keep if len(keep[name]) > floors[name]])
     assert removed.max() <= above_floor.min()
     # normalised: scaling one group's scores changes nothing
     scaled = dict(scores, conv3_block2_1_relu=scores["conv3_block2_1_relu"] * 1e4)
-    rescaled = prune.select_global(scaled, "fraction", fraction=0.5, floors=floors)
+    rescaled = channel_selection.select_global(scaled, "fraction", fraction=0.5, floors=floors)
     assert all(np.array_equal(keep[name], rescaled[name]) for name in keep)
     # round_to rounds kept counts up, never above the width
-    rounded = prune.select_global(scores, "fraction", fraction=0.5, floors=floors, round_to=8)
+    rounded = channel_selection.select_global(scores, "fraction", fraction=0.5, floors=floors, round_to=8)
     assert all(len(rounded[name]) % 8 == 0 or len(rounded[name]) == len(scores[name]) for name in rounded)
 
 
@@ -322,7 +313,7 @@ def test_run_to_a_compression_target(base_path, tmp_path, capfd):
     assert record["importance"] == "l1" and record["ranking"] == "layer" and record["images"] == 0
     assert record["target"]["cut"] is True and record["target"]["predicted"] == pytest.approx(last["compression_rate"])
     network = keras.models.load_model(str(base_path), compile=False)
-    l1 = channel_importance.importance_scores("l1", network, prune.resnet_groups(network))
+    l1 = channel_importance.importance_scores("l1", network, prune.any_model_groups(network, ignored_layers=STEM))
     for name, layer in record["layers"].items():
         assert "apoz" not in layer
         np.testing.assert_allclose(layer["score"], l1[name], rtol=1e-6)

@@ -9,10 +9,10 @@ import pytest
 import tensorflow as tf
 
 from cnn_compression import channel_importance
+from cnn_compression import channel_selection
 from cnn_compression import checkpoints
 import model as resnet
 import prune
-import prune_model
 from cnn_compression import training
 from conftest import (REPO, assert_files_whole, assert_one_line_error, epoch_backed_up, kill_when, run_in_process, run_script,
                       temporaries)
@@ -24,9 +24,22 @@ def images():
     return np.random.default_rng(1).integers(0, 256, (40, 32, 32, 3)).astype(np.uint8)
 
 
+STEM = ["conv1_conv"]  # prune_model.py's default --ignored_layers: the stem keeps its filters
+
+
 def copy_of(network):
     """An independent copy (same weights) to make channels dead in."""
-    return prune.prune_model(network, {})
+    copy = keras.models.clone_model(network)
+    copy.set_weights(network.get_weights())
+    return copy
+
+
+def spec_width(spec, name):
+    """The width spec entry of our ResNet50's group `name` ('conv3_block2_1_relu', 'conv4_residual')."""
+    if name.endswith("_residual"):
+        return spec["stages"][resnet.STAGE_NAMES.index(name.split("_")[0])]
+    block, part, _ = name.rsplit("_", 2)
+    return spec["blocks"][resnet.block_names().index(block)][int(part) - 1]
 
 
 def logits(network, images):
@@ -53,7 +66,7 @@ def kill_channels(network, layer_names, channels):
 
 
 def test_apoz_matches_numpy_reference(network, images):
-    groups = prune.resnet_groups(network, residual=True)
+    groups = prune.any_model_groups(network, residual=True, ignored_layers=STEM)
     names = [entry["layer"] for group in groups for entry in group["activations"]]
     # batch 16 over 40 images: the last, partial batch must be counted exactly too
     measured = channel_importance.apoz(network, names, images, batch_size=16, verbose=0)
@@ -84,22 +97,27 @@ def test_apoz_accepts_a_labelled_dataset(network, images):
 
 def test_removing_dead_inner_channels_leaves_logits_unchanged(network, images, tmp_path):
     dead_network = copy_of(network)
-    spec = resnet.describe_model(dead_network)[0]
+    groups = prune.any_model_groups(dead_network, ignored_layers=STEM)
+    assert [group["name"] for group in groups] == resnet.inner_activation_names()  # conv1, conv2 of every block
     rng = np.random.default_rng(2)
     keep, dead = {}, {}
-    for group in prune.prunable_groups(residual=False):
-        width = resnet.group_width(spec, group)
+    for group in groups:
+        width = group["width"]
         dead[group["name"]] = np.sort(rng.choice(width, int(rng.integers(1, width)), replace=False))
-        kill_channels(dead_network, [group["producers"][1]], dead[group["name"]])
-        keep[group["name"]] = prune.removed_channels(width, dead[group["name"]])
+        [norm] = [entry["layer"] for entry in group["carriers"]]  # the conv's BatchNorm
+        kill_channels(dead_network, [norm], dead[group["name"]])
+        keep[group["name"]] = rng.permutation(prune.removed_channels(width, dead[group["name"]]))  # unsorted on purpose
     outputs = post_relu(dead_network, list(dead), images)
     assert all(np.all(outputs[name][..., channels] == 0) for name, channels in dead.items())
     before = logits(dead_network, images)
-    pruned = prune.prune_model(dead_network, keep)
+    pruned = prune.prune_groups(dead_network, groups, keep)
     assert np.abs(logits(pruned, images) - before).max() < 1e-4
-    new_spec = resnet.describe_model(pruned)[0]
+    new_spec = resnet.describe_model(pruned)[0]  # still our ResNet50, narrower
     assert new_spec["blocks"] == [[len(keep[f"{b}_1_relu"]), len(keep[f"{b}_2_relu"])] for b in resnet.block_names()]
     assert pruned.count_params() == resnet.parameter_count(new_spec, "cifar") < network.count_params()
+    kept = np.sort(keep["conv3_block2_2_relu"])  # the kept filters are the chosen ones, in index order
+    np.testing.assert_array_equal(pruned.get_layer("conv3_block2_2_conv").kernel.numpy(), dead_network.get_layer(
+        "conv3_block2_2_conv").kernel.numpy()[:, :, np.sort(keep["conv3_block2_1_relu"])][..., kept])
     # the result is an ordinary Keras model: plain load_model, no custom objects, same outputs
     checkpoints.save_model(pruned, str(tmp_path / "pruned.h5"))
     reopened = keras.models.load_model(str(tmp_path / "pruned.h5"), compile=False)
@@ -108,14 +126,16 @@ def test_removing_dead_inner_channels_leaves_logits_unchanged(network, images, t
 
 def test_removing_dead_residual_channels_leaves_logits_unchanged(network, images):
     dead_network = copy_of(network)
-    spec = resnet.describe_model(dead_network)[0]
+    groups = [group for group in prune.any_model_groups(dead_network, residual=True, ignored_layers=STEM)
+              if prune.is_residual(group)]
+    assert [group["name"] for group in groups] == [f"{stage}_residual" for stage in resnet.STAGE_NAMES]
     keep = {}
-    for group in prune.prunable_groups(residual=True):
-        if group["kind"] != "residual":
-            continue
-        width = resnet.group_width(spec, group)
+    for group in groups:
+        width = group["width"]
         dead = np.arange(1, width, 3)  # a third of the stream, first and last stages included
-        norms = [name for name in group["producers"] if name.endswith("_bn")]  # every conv3 BN and the shortcut BN
+        norms = [entry["layer"] for entry in group["carriers"]]  # every conv3 BN and the shortcut BN
+        assert len(norms) == len(group["producers"]) == 1 + len(resnet.stage_block_names(resnet.STAGE_NAMES.index(
+            group["name"].split("_")[0])))
         kill_channels(dead_network, norms, dead)
         keep[group["name"]] = prune.removed_channels(width, dead)
     outputs = post_relu(dead_network, [f"{b}_out" for b in resnet.block_names()], images)
@@ -125,7 +145,7 @@ def test_removing_dead_residual_channels_leaves_logits_unchanged(network, images
         removed = prune.removed_channels(output.shape[-1], keep[f"{stage}_residual"])
         assert np.all(output[..., removed] == 0) and np.any(output > 0), block
     before = logits(dead_network, images)
-    pruned = prune.prune_model(dead_network, keep)
+    pruned = prune.prune_groups(dead_network, groups, keep)
     assert np.abs(logits(pruned, images) - before).max() < 1e-4
     new_spec = resnet.describe_model(pruned)[0]
     assert new_spec["stages"] == [len(keep[f"{stage}_residual"]) for stage in resnet.STAGE_NAMES]
@@ -133,32 +153,37 @@ def test_removing_dead_residual_channels_leaves_logits_unchanged(network, images
     assert pruned.count_params() == resnet.parameter_count(new_spec, "cifar")
 
 
-def test_pruned_parameter_count_matches_the_width_spec(network):
-    spec = resnet.describe_model(network)[0]
-    rng = np.random.default_rng(3)
-    keep = {}
-    for group in prune.prunable_groups(residual=True):
-        width = resnet.group_width(spec, group)
-        keep[group["name"]] = rng.choice(width, int(rng.integers(1, width + 1)), replace=False)  # unsorted on purpose
-    pruned = prune.prune_model(network, keep)
-    expected = resnet.resize_spec(spec, {name: len(indices) for name, indices in keep.items()})
-    assert resnet.describe_model(pruned)[0] == expected
-    assert pruned.count_params() == resnet.parameter_count(expected, "cifar")
-    # the kept filters are the chosen ones, in index order
-    kept = np.sort(keep["conv3_block2_2_relu"])
-    np.testing.assert_array_equal(pruned.get_layer("conv3_block2_2_conv").kernel.numpy(),
-                                  network.get_layer("conv3_block2_2_conv").kernel.numpy()[:, :, np.sort(keep["conv3_block2_1_relu"])][..., kept])
-
-
-def test_prune_model_rejects_bad_indices(network):
+def test_surgery_rejects_bad_indices(network):
+    groups = prune.any_model_groups(network, ignored_layers=STEM)
     with pytest.raises(prune.EmptyLayerError):
-        prune.prune_model(network, {"conv2_block1_1_relu": []})
+        prune.prune_groups(network, groups, {"conv2_block1_1_relu": []})
     with pytest.raises(ValueError, match="within"):
-        prune.prune_model(network, {"conv2_block1_1_relu": [0, 4]})
+        prune.prune_groups(network, groups, {"conv2_block1_1_relu": [0, 4]})
     with pytest.raises(ValueError, match="distinct"):
-        prune.prune_model(network, {"conv2_block1_1_relu": [1, 1]})
+        prune.prune_groups(network, groups, {"conv2_block1_1_relu": [1, 1]})
     with pytest.raises(ValueError, match="no channel group"):
-        prune.prune_model(network, {"conv2_block1_3_relu": [0]})
+        prune.prune_groups(network, groups, {"conv2_block1_3_relu": [0]})
+
+
+def test_ignored_layers_keep_the_stem_by_default_and_any_named_layer_whole(network):
+    import argparse
+
+    import pruning_iteration
+
+    def names(ignored, residual=False, model=network):
+        args = argparse.Namespace(prune_residual=residual, ignored_layers=ignored)
+        return [group["name"] for group in pruning_iteration.channel_groups(model, args)]
+
+    assert names(None) == resnet.inner_activation_names()  # the default: conv1_conv, the stem
+    assert names("") == ["conv1_relu"] + resnet.inner_activation_names()
+    # a layer that makes (a conv) or carries (a BatchNorm) a group's channels keeps them; named layers
+    # replace the default, so the stem is pruned again
+    assert names("conv2_block1_1_conv, conv3_block1_2_bn") == ["conv1_relu"] + [
+        name for name in resnet.inner_activation_names() if name not in ("conv2_block1_1_relu", "conv3_block1_2_relu")]
+    assert "conv4_residual" not in names("conv1_conv,conv4_block3_3_conv", residual=True)
+    inputs = keras.Input((8, 8, 3))
+    other = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)))
+    assert names(None, model=other) == ["conv"]  # the default names a layer this model lacks: nothing ignored
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,22 +194,22 @@ def test_std_rule_removes_channels_above_mean_plus_k_std():
     apoz = np.array([0.1, 0.2, 0.15, 0.9, 0.12, 0.95, 0.1, 0.11])
     scores = 1 - apoz  # selection takes importances: higher = keep
     threshold = apoz.mean() + apoz.std()
-    np.testing.assert_array_equal(prune.select_channels(scores), np.flatnonzero(apoz <= threshold))
-    np.testing.assert_array_equal(prune.select_channels(scores), [0, 1, 2, 4, 6, 7])
-    assert len(prune.select_channels(scores, std_k=3.0)) == 8
-    np.testing.assert_array_equal(prune.select_channels(np.full(5, 0.6)), np.arange(5))  # equal scores: nothing below
+    np.testing.assert_array_equal(channel_selection.select_channels(scores), np.flatnonzero(apoz <= threshold))
+    np.testing.assert_array_equal(channel_selection.select_channels(scores), [0, 1, 2, 4, 6, 7])
+    assert len(channel_selection.select_channels(scores, std_k=3.0)) == 8
+    np.testing.assert_array_equal(channel_selection.select_channels(np.full(5, 0.6)), np.arange(5))  # equal scores: nothing below
 
 
 def test_fraction_rule_min_channels_and_round_to():
     scores = 1 - np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])  # importances of these APoZ
-    np.testing.assert_array_equal(prune.select_channels(scores, "fraction", fraction=0.3), [0, 1, 3, 5, 7, 8, 9])
-    np.testing.assert_array_equal(prune.select_channels(scores, "fraction", fraction=0.9, min_channels=3), [1, 5, 9])
-    assert len(prune.select_channels(scores, "fraction", fraction=0.5, round_to=4)) == 8  # 5 kept -> 8
-    assert len(prune.select_channels(scores, "fraction", fraction=0.1, round_to=4)) == 10  # 9 -> 12, capped at the width
-    np.testing.assert_array_equal(prune.select_channels([0.3, 0.3, 0.3], "fraction", fraction=0.5), [0])  # ties: lower index kept
-    assert len(prune.select_channels([0.9], "fraction", fraction=0.9)) == 1  # the default floor keeps one channel
-    with pytest.raises(prune.EmptyLayerError, match="remove all 4 channels"):
-        prune.select_channels(scores[:4], "fraction", fraction=0.9, min_channels=0)
+    np.testing.assert_array_equal(channel_selection.select_channels(scores, "fraction", fraction=0.3), [0, 1, 3, 5, 7, 8, 9])
+    np.testing.assert_array_equal(channel_selection.select_channels(scores, "fraction", fraction=0.9, min_channels=3), [1, 5, 9])
+    assert len(channel_selection.select_channels(scores, "fraction", fraction=0.5, round_to=4)) == 8  # 5 kept -> 8
+    assert len(channel_selection.select_channels(scores, "fraction", fraction=0.1, round_to=4)) == 10  # 9 -> 12, capped at the width
+    np.testing.assert_array_equal(channel_selection.select_channels([0.3, 0.3, 0.3], "fraction", fraction=0.5), [0])  # ties: lower index kept
+    assert len(channel_selection.select_channels([0.9], "fraction", fraction=0.9)) == 1  # the default floor keeps one channel
+    with pytest.raises(channel_selection.EmptyLayerError, match="remove all 4 channels"):
+        channel_selection.select_channels(scores[:4], "fraction", fraction=0.9, min_channels=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +226,7 @@ def foreign_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["no base model", "prune_iter 0", "fraction 1.5", "fraction 0",
-                                  "nothing to prune", "not HDF5", "would empty a layer"])
+                                  "nothing to prune", "not HDF5", "would empty a layer", "unknown ignored layer"])
 def test_bad_input_is_one_line_and_writes_nothing(case, base_path, foreign_files, tmp_path):
     root = tmp_path / "root"
     flags = {
@@ -213,11 +238,13 @@ def test_bad_input_is_one_line_and_writes_nothing(case, base_path, foreign_files
         "not HDF5": ["--base_model_path", foreign_files / "text.h5"],
         "would empty a layer": ["--base_model_path", base_path, "--criterion", "fraction", "--prune_fraction", "0.9",
                                 "--min_channels", "0"],
+        "unknown ignored layer": ["--base_model_path", base_path, "--ignored_layers", "conv1_conv,conv9_conv"],
     }[case]
     line = assert_one_line_error(run_in_process("prune_model.py", "--root_folder", root, *flags))
     assert {"no base model": "no base model", "prune_iter 0": "--prune_iter", "fraction 1.5": "--prune_fraction",
             "fraction 0": "--prune_fraction", "nothing to prune": "has no channel group this run may prune", "not HDF5": "not an HDF5",
-            "would empty a layer": "remove all 4 channels of conv2_block1_1_relu"}[case] in line
+            "would empty a layer": "remove all 4 channels of conv2_block1_1_relu",
+            "unknown ignored layer": "--ignored_layers names conv9_conv, which"}[case] in line
     assert not root.exists()
 
 
@@ -316,11 +343,12 @@ def test_finished_run_files_are_complete_and_consistent(interrupted_run):
     root, _, _, _ = interrupted_run
     summary = json.loads((root / "summary.json").read_text())
     base = summary["base"]
-    assert set(base) == {"model_path", "parameters", "macs", "val_acc", "test_acc", "test_images", "width_spec"}
+    assert set(base) == {"model_path", "parameters", "macs", "val_acc", "test_acc", "test_images", "group_widths", "width_spec"}
     assert [record["iteration"] for record in summary["iterations"]] == [1, 2]
     assert summary["arguments"]["prune_residual"] is True
     previous_spec, previous_parameters = base["width_spec"], base["parameters"]
-    groups = {group["name"]: group for group in prune.prunable_groups(residual=True)}
+    names = {name for name in base["group_widths"] if name != "conv1_relu"}  # every group but the stem's
+    assert len(names) == 36 and all(base["group_widths"][name] == spec_width(previous_spec, name) for name in names)
     for record in summary["iterations"]:
         folder = root / f"iter{record['iteration']}"
         assert sorted(os.listdir(folder)) == ["apoz.json", "history.json", "model.h5", "pruned.json"]
@@ -329,6 +357,7 @@ def test_finished_run_files_are_complete_and_consistent(interrupted_run):
         assert spec == record["width_spec"]
         assert record["parameters"] == network.count_params() == resnet.parameter_count(spec) < previous_parameters
         assert record["macs"] == resnet.count_macs(network)[1]
+        assert record["group_widths"] == {name: spec_width(spec, name) for name in names} | {"conv1_relu": spec["stem"]}
         assert record["compression_rate"] == pytest.approx(base["parameters"] / record["parameters"])
         assert record["mac_ratio"] == pytest.approx(base["macs"] / record["macs"])
         history = json.loads((folder / "history.json").read_text())
@@ -338,13 +367,13 @@ def test_finished_run_files_are_complete_and_consistent(interrupted_run):
             assert 0 <= record[key] <= 1
         apoz = json.loads((folder / "apoz.json").read_text())
         assert apoz["iteration"] == record["iteration"] and apoz["criterion"] == "std" and apoz["importance"] == "apoz"
-        assert set(apoz["layers"]) == set(groups)
+        assert set(apoz["layers"]) == names
         removed = 0
         for name, layer in apoz["layers"].items():
             assert sorted(layer["kept"] + layer["removed"]) == list(range(layer["width_before"]))
-            assert layer["width_before"] == len(layer["apoz"]) == resnet.group_width(previous_spec, groups[name])
+            assert layer["width_before"] == len(layer["apoz"]) == spec_width(previous_spec, name)
             np.testing.assert_allclose(layer["score"], 1 - np.asarray(layer["apoz"]), atol=1e-12)
-            assert layer["width_after"] == len(layer["kept"]) == resnet.group_width(spec, groups[name]) >= 1
+            assert layer["width_after"] == len(layer["kept"]) == spec_width(spec, name) >= 1
             removed += len(layer["removed"])
         assert record["channels_removed"] == removed > 0
         previous_spec, previous_parameters = spec, record["parameters"]

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from cnn_compression import channel_graph
+from cnn_compression import channel_selection
 from cnn_compression import cli
 import evaluate_model
 import prune
 import prune_model
+import pruning_iteration
 from conftest import assert_one_line_error, run_script
 
 RUN_FLAGS = ["--train_size", 200, "--epoch_num", 1, "--batch_size", 100, "--verbose", 0, "--precision", "float32"]
@@ -52,15 +54,16 @@ def test_prune_model_prunes_any_functional_classifier(classifier_path, tmp_path,
     run_script("prune_model.py", *arguments)
     summary = json.loads((root / "summary.json").read_text())
     base = keras.models.load_model(str(classifier_path), compile=False)
-    assert summary["base"]["group_widths"] == {"stem": 16, "inner": 12, "wide": 24}
+    # groups named after their ReLU ('inner_relu'; 'wide' has its own; the residual stream after its first)
+    assert summary["base"]["group_widths"] == {"stem_relu": 16, "inner_relu": 12, "wide": 24}
     assert summary["base"]["parameters"] == base.count_params()
     assert [record["iteration"] for record in summary["iterations"]] == [1, 2]
-    widths = {"stem": 16, "inner": 12, "wide": 24}
+    widths = {"stem_relu": 16, "inner_relu": 12, "wide": 24}
     for record in summary["iterations"]:
         folder = root / f"iter{record['iteration']}"
         layers = json.loads((folder / "apoz.json").read_text())["layers"]
-        assert sorted(layers) == ["inner", "wide"]  # stem is the residual stream's: --prune_residual
-        for name in ("inner", "wide"):
+        assert sorted(layers) == ["inner_relu", "wide"]  # stem is the residual stream's: --prune_residual
+        for name in ("inner_relu", "wide"):
             assert layers[name]["width_before"] == widths[name]
             widths[name] -= int(np.floor(0.25 * widths[name] + 0.5))
             assert layers[name]["width_after"] == widths[name] == len(layers[name]["kept"])
@@ -68,7 +71,7 @@ def test_prune_model_prunes_any_functional_classifier(classifier_path, tmp_path,
         network = keras.models.load_model(str(folder / "model.h5"), compile=False)  # plain Keras
         assert network.count_params() == record["parameters"]
         assert record["compression_rate"] == pytest.approx(base.count_params() / record["parameters"])
-        assert network.get_layer("inner").filters == widths["inner"] and network.get_layer("wide").filters == widths["wide"]
+        assert network.get_layer("inner").filters == widths["inner_relu"] and network.get_layer("wide").filters == widths["wide"]
         assert network.get_layer("classes").units == 10
         assert 0 <= record["test_acc"] <= 1 and record["epochs"] == 1
     # the result is a model of the same layers (the Dropout, the Rescaling), not a ResNet50
@@ -94,7 +97,7 @@ def test_prune_model_prunes_any_functional_classifier(classifier_path, tmp_path,
     assert summary["target"]["met_at_iteration"] == last["iteration"]
     assert 1.3 <= last["compression_rate"] <= 1.3 * 1.02
     layers = json.loads((residual_root / f"iter{last['iteration']}" / "apoz.json").read_text())["layers"]
-    assert "stem" in layers  # the residual stream, scored through its ReLU after the Add
+    assert "stem_relu" in layers  # the residual stream, scored through its ReLUs before and after the Add
     pruned = keras.models.load_model(str(residual_root / f"iter{last['iteration']}" / "model.h5"), compile=False)
     assert pruned.get_layer("stem").filters == pruned.get_layer("back").filters < 16
 
@@ -182,15 +185,15 @@ def test_global_floors_of_split_groups_follow_them_after_pruning():
 
     keras.utils.set_random_seed(0)
     network = split_residual_classifier()
-    args = argparse.Namespace(prune_residual=True, ranking="global", min_channels=1, round_to=1)
-    base_widths = prune_model.base_group_widths(network, args)
-    groups = prune_model.channel_groups(network, args)
-    assert [group["name"] for group in groups] == ["x[0:40]", "x[40:80]", "y"]
+    args = argparse.Namespace(prune_residual=True, ranking="global", min_channels=1, round_to=1, ignored_layers=None)
+    base_widths = pruning_iteration.base_group_widths(network, args)
+    groups = pruning_iteration.channel_groups(network, args)
+    assert [group["name"] for group in groups] == ["y", "x[0:40]", "x[40:80]"]  # residual streams last
     pruned = prune.prune_groups(network, groups, {"x[0:40]": np.arange(20), "x[40:80]": np.arange(15)})
-    groups = prune_model.channel_groups(pruned, args)
-    assert [(group["name"], group["width"]) for group in groups] == [("x[0:20]", 20), ("x[20:35]", 15), ("y", 4)]
+    groups = pruning_iteration.channel_groups(pruned, args)
+    assert [(group["name"], group["width"]) for group in groups] == [("y", 4), ("x[0:20]", 20), ("x[20:35]", 15)]
     # ceil(10% of 40), not of 20 or 15
-    assert prune_model.floors(base_widths, groups, args) == {"x[0:20]": 4, "x[20:35]": 4, "y": 1}
+    assert pruning_iteration.floors(base_widths, groups, args) == {"x[0:20]": 4, "x[20:35]": 4, "y": 1}
 
 
 def test_a_target_out_of_reach_of_the_groups_the_criterion_scores_is_refused_up_front(tmp_path, data_flags):
@@ -221,7 +224,7 @@ def test_a_target_out_of_reach_of_the_groups_the_criterion_scores_is_refused_up_
 def test_global_ranking_through_the_script_moves_channels_between_groups_down_to_the_base_floors(tmp_path, data_flags):
     """--ranking global in prune_model.py: 9 of `inner`'s 12 filters made tiny, so ranked across
     groups (each group's L1 divided by its mean) they go first and `wide` gives the rest; the
-    kept channels are prune.select_global's on the scores apoz.json records, the widths differ from
+    kept channels are channel_selection.select_global's on the scores apoz.json records, the widths differ from
     the layer ranking's, and the second iteration stops at the floors, 10% of the BASE widths."""
     keras.utils.set_random_seed(0)
     network = small_classifier()
@@ -235,14 +238,14 @@ def test_global_ranking_through_the_script_moves_channels_between_groups_down_to
         "--base_model_path", path, "--root_folder", root, "--ranking", "global", "--importance", "l1",
         "--criterion", "fraction", "--prune_fraction", 0.8, "--prune_iter", 2, *data_flags, *RUN_FLAGS]])
     summary = json.loads((root / "summary.json").read_text())
-    floors = {"inner": 2, "wide": 3}  # ceil(10% of 12 and of 24); 10% of the pruned widths would be 1 and 1
-    widths = {"stem": 16, "inner": 12, "wide": 24}
+    floors = {"inner_relu": 2, "wide": 3}  # ceil(10% of 12 and of 24); 10% of the pruned widths would be 1 and 1
+    widths = {"stem_relu": 16, "inner_relu": 12, "wide": 24}
     for record in summary["iterations"]:
         layers = json.loads((root / f"iter{record['iteration']}" / "apoz.json").read_text())["layers"]
-        assert sorted(layers) == ["inner", "wide"]
+        assert sorted(layers) == ["inner_relu", "wide"]
         scores = {name: np.asarray(layers[name]["score"]) for name in layers}
-        assert {name: len(score) for name, score in scores.items()} == {"inner": widths["inner"], "wide": widths["wide"]}
-        expected = prune.select_global(scores, "fraction", fraction=0.8, floors=floors)
+        assert {name: len(score) for name, score in scores.items()} == {"inner_relu": widths["inner_relu"], "wide": widths["wide"]}
+        expected = channel_selection.select_global(scores, "fraction", fraction=0.8, floors=floors)
         for name in layers:
             assert layers[name]["kept"] == expected[name].tolist(), name
             widths[name] = len(expected[name])
@@ -251,8 +254,8 @@ def test_global_ranking_through_the_script_moves_channels_between_groups_down_to
     first, second = summary["iterations"]
     # the layer ranking removes round(80%) of each group: inner 12 -> 2, wide 24 -> 5; global took the 9 tiny filters
     # of inner and 20 of wide (29 = round(80% of 36) in all)
-    assert first["group_widths"] == {"stem": 16, "inner": 3, "wide": 4} != {"stem": 16, "inner": 2, "wide": 5}
-    assert second["group_widths"] == {"stem": 16, **floors}  # 80% of 7 would be 6 channels: only 2 could go
+    assert first["group_widths"] == {"stem_relu": 16, "inner_relu": 3, "wide": 4} != {"stem_relu": 16, "inner_relu": 2, "wide": 5}
+    assert second["group_widths"] == {"stem_relu": 16, **floors}  # 80% of 7 would be 6 channels: only 2 could go
     pruned = keras.models.load_model(str(root / "iter2" / "model.h5"), compile=False)
     assert pruned.get_layer("inner").filters == 2 and pruned.get_layer("wide").filters == 3
 

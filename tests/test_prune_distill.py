@@ -13,6 +13,7 @@ from cnn_compression import checkpoints
 from cnn_compression import files
 import model as resnet
 import prune_model
+import pruning_iteration
 from cnn_compression import training
 from conftest import assert_one_line_error, run_in_process
 from test_prune_any_model import small_classifier
@@ -63,7 +64,7 @@ def test_the_fine_tuning_loss_is_the_distillation_stage_backbone_loss(student_ki
     args = argparse.Namespace(distill_alpha=alpha, distill_temperature=temperature, label_smoothing=0.0, epoch_num=1,
                               learning_rate=0.01, momentum=0.9, weight_decay=0.0, lr_schedule="cosine",
                               warmup_epochs=0, step_epochs=60)
-    distiller = prune_model.distiller(student, teacher, args, steps_per_epoch=1)
+    distiller = pruning_iteration.distiller(student, teacher, args, steps_per_epoch=1)
     _, terms, _ = distiller.compute_terms(inputs, labels, training=True)
     loss = float(distiller.total_loss(terms))
 
