@@ -28,10 +28,10 @@ see docs/pruning.md and docs/any_model.md.
 import os
 import re
 
+import cnn_compression
 from cnn_compression import checkpoints
 from cnn_compression import cli
 from cnn_compression import files
-from cnn_compression import multi_worker
 from cnn_compression import stages
 from cnn_compression import training
 import pruning_iteration
@@ -158,14 +158,13 @@ def format_table(summary):
 
 def main(argv=None):
     args = parse_args(argv)
+    cnn_compression.setup()
     from cnn_compression import data
 
-    strategy = training.distribution_strategy(args)  # before anything starts TensorFlow's runtime
-    # Workers other than the chief prune a scratch copy of the folder (same decisions, no shared writes).
-    args.root_folder = multi_worker.worker_folder(args.root_folder, strategy)
+    # Strategy, this worker's folder (a scratch copy on workers other than the chief), precision.
+    strategy, args.root_folder = stages.start_stage(args, args.root_folder)
     root = args.root_folder
     summary_path = os.path.join(root, SUMMARY_NAME)
-    args.precision = training.set_precision(args.precision)  # auto resolved, so config.json records what ran
     # Every check that can refuse the run comes before anything in root_folder is touched.
     base_network = checkpoints.load_model(args.base_model_path, "base model")
     check_any_model(base_network, len(data.CLASS_NAMES))
@@ -194,12 +193,13 @@ def main(argv=None):
         raise cli.UserError(f"cannot trace the channels of {args.base_model_path}: {error}") from None
     pruning_iteration.check_selection(network, groups, args)
     pruning_iteration.check_target(base_network, network, groups, base_widths, args)
-    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
+    split = stages.load_split(args)
     if args.apoz_samples and args.apoz_samples > len(split.y_val):
         raise cli.UserError(f"--apoz_samples {args.apoz_samples} exceeds the {len(split.y_val)} validation images")
-    inputs = {"data": split.fingerprint(), "base_model": files.fingerprint_file(args.base_model_path)}
+    input_files = {"base_model": args.base_model_path}
     if teacher is not None:
-        inputs["teacher"] = files.fingerprint_file(pruning_iteration.teacher_path(args))
+        input_files["teacher"] = pruning_iteration.teacher_path(args)
+    inputs = stages.input_fingerprints(split, input_files)
     stages.check_output_folder(root)
     files.lock_folder(root)
     if args.overwrite and os.listdir(root) not in ([], [files.LOCK_NAME]):
