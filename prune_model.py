@@ -30,6 +30,7 @@ import shutil
 import time
 
 from cnn_compression import checkpoints
+from cnn_compression.classifiers import check_any_model  # shared with knowledge_distillation.py
 from cnn_compression import cli
 from cnn_compression import files
 from cnn_compression import multi_worker
@@ -217,18 +218,6 @@ def channel_groups(network, args):
     if is_resnet(network):
         return prune.resnet_groups(network, args.prune_residual)
     return prune.any_model_groups(network, args.prune_residual)
-
-
-def check_any_model(network, class_num):
-    """Refuse a model the stage cannot train or measure: it must take one 32x32x3 image batch and
-    give one row of `class_num` class scores, and have channels to prune."""
-    shape = network.input_shape
-    if isinstance(shape, list) or len(shape) != 4 or any(size not in (None, wanted) for size, wanted in zip(shape[1:], (32, 32, 3))):
-        raise cli.UserError(f"{network.name} takes input {shape}: the pruning stage needs one (None, 32, 32, 3) image input")
-    outputs = network.output_shape
-    if isinstance(outputs, list) or len(outputs) != 2 or outputs[-1] != class_num:
-        raise cli.UserError(f"{network.name} outputs {outputs}: the pruning stage needs one (None, {class_num}) "
-                            "row of class scores")
 
 
 def from_logits(network):

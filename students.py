@@ -1,0 +1,155 @@
+"""The distillation stage's students: thin networks of the teacher's own family, freshly initialised.
+
+- Our ResNet50 teacher: a width spec (model.py's) with the teacher's stem, classes and conv1/conv2
+  widths and the base model's stage widths divided (`student_spec`), or searched for a parameter
+  compression against the base (`spec_for_compression`).
+- Any other functional teacher: its traced channel groups (prune.any_model_groups, residual streams
+  included) narrowed by one factor searched for a parameter compression against the teacher
+  (`narrowed_widths`), the graph rebuilt by prune.prune_groups and re-initialised (`narrowed_student`).
+
+Beside model.py rather than in it: this is a policy of the distillation stage (which widths a student
+gets), written entirely through model.py's spec functions and prune.py's surgery, which it shares
+with no other stage.
+"""
+
+import math
+
+import numpy as np
+
+import model as resnet
+import prune
+
+COMPRESSION_TOLERANCE = 0.03  # how close --student_compression gets (relative) before it gives up
+FACTOR_GRID = np.geomspace(1e-3, 1.0, 1200)  # width factors tried (widths are whole numbers: a step function)
+
+
+def check_compression(target):
+    if not (math.isfinite(target) and target > 1):
+        raise ValueError(f"the student compression must be a number above 1, got {target}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Our ResNet50: width specs
+
+
+def student_spec(teacher_spec, base_stage_widths, divisor=32, stage_widths=None):
+    """The student's width spec: the teacher's stem and conv1/conv2 widths; stage widths = base // divisor.
+
+    `stage_widths` (four ints) overrides the division.
+    """
+    if stage_widths is None:
+        if divisor < 1:
+            raise ValueError(f"the student divisor must be at least 1, got {divisor}")
+        stage_widths = [max(1, int(width) // divisor) for width in base_stage_widths]
+    spec = resnet.copy_spec(teacher_spec)
+    spec["stages"] = [int(width) for width in stage_widths]
+    return resnet.validate_spec(spec)
+
+
+def spec_for_compression(teacher_spec, base_spec, stem, class_num, target, tolerance=COMPRESSION_TOLERANCE):
+    """A student width spec with base parameters / student parameters within `tolerance` of `target`.
+
+    First the original's student shape: the teacher's conv1/conv2 widths, the base's stage widths
+    times one factor s. When even the thinnest stages leave too many parameters, the inner widths
+    shrink too (to at most the base's times s). The factor is searched on a fine grid (widths are
+    whole numbers, so the count is a step function of s); ValueError when no grid point comes close.
+    """
+    check_compression(target)
+    goal = resnet.parameter_count(base_spec, stem, class_num) / target
+
+    def stages_only(factor):
+        spec = resnet.copy_spec(teacher_spec)
+        spec["stages"] = [max(1, int(round(width * factor))) for width in base_spec["stages"]]
+        return spec
+
+    def inner_too(factor):
+        spec = stages_only(factor)
+        spec["blocks"] = [[max(1, min(t, int(round(b * factor)))) for t, b in zip(teacher_pair, base_pair)]
+                          for teacher_pair, base_pair in zip(teacher_spec["blocks"], base_spec["blocks"])]
+        return spec
+
+    best = None
+    for family in (stages_only, inner_too):
+        for factor in FACTOR_GRID:
+            spec = family(float(factor))
+            error = abs(resnet.parameter_count(spec, stem, class_num) - goal) / goal
+            if best is None or error < best[0]:
+                best = (error, spec)
+        if best[0] <= tolerance:
+            return resnet.validate_spec(best[1])
+    achieved = resnet.parameter_count(base_spec, stem, class_num) / resnet.parameter_count(best[1], stem, class_num)
+    raise ValueError(f"no student width spec comes within {100 * tolerance:g}% of {target:g}x compression "
+                     f"(closest: {achieved:.2f}x)")
+
+
+def build_student(teacher, base_stage_widths, divisor=32, stage_widths=None):
+    """A fresh student ResNet50 with the teacher's stem, classes, input and conv1/conv2 widths."""
+    spec, stem, class_num, input_shape = resnet.describe_model(teacher)
+    return resnet.build_resnet50(student_spec(spec, base_stage_widths, divisor, stage_widths), stem, class_num,
+                                 input_shape, name="student")
+
+
+# ---------------------------------------------------------------------------------------------
+# Any functional model: its own channel groups, uniformly narrowed
+
+
+def narrowed_widths(teacher, groups, target, tolerance=COMPRESSION_TOLERANCE):
+    """({group name: width}, achieved compression): every group of `teacher` at max(1, round(width * s)),
+    one factor s for all, so that teacher parameters / student parameters is within `tolerance` of
+    `target`. Counted by prune.size_counter from the groups alone (no model built per candidate);
+    ValueError when no factor comes close (the frozen layers, such as the classifier's classes,
+    bound what narrowing can remove)."""
+    check_compression(target)
+    if not groups:
+        raise ValueError(f"{teacher.name} has no channel group to narrow")
+    count = prune.size_counter(teacher, groups)
+    teacher_parameters = count({})[0]
+    goal = teacher_parameters / target
+    best = None
+    for factor in FACTOR_GRID:
+        widths = {group["name"]: max(1, int(round(group["width"] * float(factor)))) for group in groups}
+        parameters = count(widths)[0]
+        error = abs(parameters - goal) / goal
+        if best is None or error < best[0]:
+            best = (error, widths, teacher_parameters / parameters)
+    if best[0] > tolerance:
+        raise ValueError(f"narrowing {teacher.name}'s channel groups comes no closer than {best[2]:.2f}x to "
+                         f"{target:g}x compression (within {100 * tolerance:g}%)")
+    return best[1], best[2]
+
+
+def reinitialised(network, name=None):
+    """A copy of functional `network` with fresh weights: every layer rebuilt from its config, so its
+    initializers run again. Layers without trainable weights keep their state (a Normalization's
+    statistics describe the input, not learnt features); a weightless layer whose config cannot be
+    rebuilt (a Lambda of a Python lambda, refused by safe-mode deserialization) is reused."""
+    import keras
+
+    def clone(layer):
+        try:
+            return layer.__class__.from_config(layer.get_config())
+        except ValueError:
+            if getattr(layer, "weights", None):
+                raise
+            return layer
+
+    def fresh_input(tensor):  # clone_model would name the input layer after its tensor ('keras_tensor')
+        return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history.operation.name)
+
+    copy = keras.models.clone_model(network, input_tensors=keras.tree.map_structure(fresh_input, network.input),
+                                    clone_function=clone)
+    for original, fresh in zip(network.layers, copy.layers):
+        if original.weights and not original.trainable_weights and fresh is not original:
+            fresh.set_weights(original.get_weights())
+    if name is None:
+        return copy
+    return keras.Model(copy.input, copy.output, name=name)
+
+
+def narrowed_student(teacher, target, tolerance=COMPRESSION_TOLERANCE):
+    """(student, {group name: width}, achieved compression): `teacher`'s own graph with every channel
+    group narrowed (`narrowed_widths`, residual streams included), freshly initialised."""
+    groups = prune.any_model_groups(teacher, residual=True)
+    widths, achieved = narrowed_widths(teacher, groups, target, tolerance)
+    keep = {name: np.arange(width) for name, width in widths.items()}
+    return reinitialised(prune.prune_groups(teacher, groups, keep), name="student"), widths, achieved
