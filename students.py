@@ -105,13 +105,22 @@ def narrowed_widths(teacher, groups, target, tolerance=COMPRESSION_TOLERANCE):
     count = prune.size_counter(teacher, groups)
     teacher_parameters = count({})[0]
     goal = teacher_parameters / target
-    best = None
-    for factor in FACTOR_GRID:
-        widths = {group["name"]: max(1, int(round(group["width"] * float(factor)))) for group in groups}
+
+    def candidate(index):
+        widths = {group["name"]: max(1, int(round(group["width"] * float(FACTOR_GRID[index])))) for group in groups}
         parameters = count(widths)[0]
-        error = abs(parameters - goal) / goal
-        if best is None or error < best[0]:
-            best = (error, widths, teacher_parameters / parameters)
+        return abs(parameters - goal) / goal, widths, teacher_parameters / parameters, parameters
+
+    # Every width, hence the count, only grows with the factor: bisect for the first grid point at
+    # or above the goal; the best is it or the point before.
+    low, high = 0, len(FACTOR_GRID) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if candidate(middle)[3] >= goal:
+            high = middle
+        else:
+            low = middle + 1
+    best = min((candidate(index) for index in {max(0, low - 1), low}), key=lambda found: found[0])
     if best[0] > tolerance:
         raise ValueError(f"narrowing {teacher.name}'s channel groups comes no closer than {best[2]:.2f}x to "
                          f"{target:g}x compression (within {100 * tolerance:g}%)")
