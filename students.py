@@ -127,30 +127,65 @@ def narrowed_widths(teacher, groups, target, tolerance=COMPRESSION_TOLERANCE):
     return best[1], best[2]
 
 
-def reinitialised(network, name=None):
-    """A copy of functional `network` with fresh weights: every layer rebuilt from its config, so its
-    initializers run again. Layers without trainable weights keep their state (a Normalization's
-    statistics describe the input, not learnt features); a weightless layer whose config cannot be
-    rebuilt (a Lambda of a Python lambda, refused by safe-mode deserialization) is reused."""
+def _initializers(network):
+    """[(variable, initializer)] for every weight of `network`'s layers that have trainable weights,
+    from each layer's own `<weight>_initializer` attribute (a depthwise kernel's: depthwise_initializer);
+    None when some weight has none (a custom layer)."""
     import keras
 
-    def clone(layer):
-        try:
-            return layer.__class__.from_config(layer.get_config())
-        except ValueError:
-            if getattr(layer, "weights", None):
-                raise
-            return layer
+    pairs = []
+    for layer in network.layers:
+        if isinstance(layer, keras.Model):
+            inner = _initializers(layer)
+            if inner is None:
+                return None
+            pairs += inner
+            continue
+        if not layer.trainable_weights:  # a Normalization's statistics describe the input: kept
+            continue
+        for weight in layer.weights:
+            name = weight.name
+            candidates = [f"{name}_initializer", f"{name.replace('_kernel', '')}_initializer"]
+            candidates += ["depthwise_initializer"] if name == "kernel" else []  # DepthwiseConv2D's kernel
+            initializer = next((getattr(layer, key) for key in candidates if callable(getattr(layer, key, None))), None)
+            if initializer is None:
+                return None
+            pairs.append((weight, initializer))
+    return pairs
 
-    def fresh_input(tensor):  # clone_model would name the input layer after its tensor ('keras_tensor')
-        return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history.operation.name)
 
-    copy = keras.models.clone_model(network, input_tensors=keras.tree.map_structure(fresh_input, network.input),
-                                    clone_function=clone)
-    for original, fresh in zip(network.layers, copy.layers):
-        if original.weights and not original.trainable_weights and fresh is not original:
-            fresh.set_weights(original.get_weights())
-    if name is None:
+def reinitialised(network, name=None):
+    """`network` with fresh weights: each weight re-drawn in place from its layer's initializer
+    (the model was just built by the caller, or is re-initialised by request). Layers without
+    trainable weights keep their state (a Normalization's statistics describe the input, not
+    learnt features). A model with a weight of no known initializer is instead copied with every
+    layer rebuilt from its config (a weightless layer whose config cannot be rebuilt, such as a
+    Lambda of a Python lambda refused by safe-mode deserialization, is reused)."""
+    import keras
+
+    pairs = _initializers(network)
+    if pairs is not None:
+        for weight, initializer in pairs:
+            weight.assign(initializer(tuple(weight.shape), weight.dtype))
+        copy = network
+    else:
+        def clone(layer):
+            try:
+                return layer.__class__.from_config(layer.get_config())
+            except ValueError:
+                if getattr(layer, "weights", None):
+                    raise
+                return layer
+
+        def fresh_input(tensor):  # clone_model would name the input layer after its tensor ('keras_tensor')
+            return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history.operation.name)
+
+        copy = keras.models.clone_model(network, input_tensors=keras.tree.map_structure(fresh_input, network.input),
+                                        clone_function=clone)
+        for original, fresh in zip(network.layers, copy.layers):
+            if original.weights and not original.trainable_weights and fresh is not original:
+                fresh.set_weights(original.get_weights())
+    if name is None or name == copy.name:
         return copy
     return keras.Model(copy.input, copy.output, name=name)
 
