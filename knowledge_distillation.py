@@ -359,9 +359,11 @@ def main(argv=None):
         parameters=student_parameters, teacher_parameters=teacher_parameters,
         compression_vs_teacher=teacher_parameters / student_parameters, **described,
     )
+    saved = os.path.join(folder, "model.h5")
+    also = checkpoints.keras_path(saved)
     print(f"best validation accuracy {results['best_val_acc']:.4f} (epoch {results['best_epoch']}); "
           f"student test accuracy {results['test_acc']:.4f} (teacher {results['teacher_test_acc']:.4f}); "
-          f"saved {os.path.join(folder, 'model.h5')}")
+          f"saved {saved}{f' and {also}' if os.path.exists(also) else ''}")
 
 
 if __name__ == "__main__":
