@@ -28,6 +28,25 @@ def check_compression(target):
         raise ValueError(f"the student compression must be a number above 1, got {target}")
 
 
+def closest_on_grid(build, count, goal):
+    """(relative error, candidate): of the candidates `build(factor)` over FACTOR_GRID, the one whose
+    `count` is closest to `goal`. Widths are whole numbers, so the count is a step function of the
+    factor, and it only grows with it: bisection finds the first grid point at or above the goal,
+    and the best is it or the point before (what a scan of the whole grid would find)."""
+    def at(index):
+        candidate = build(float(FACTOR_GRID[index]))
+        return abs(count(candidate) - goal) / goal, candidate
+
+    low, high = 0, len(FACTOR_GRID) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if count(build(float(FACTOR_GRID[middle]))) >= goal:
+            high = middle
+        else:
+            low = middle + 1
+    return min((at(index) for index in sorted({max(0, low - 1), low})), key=lambda found: found[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # Our ResNet50: width specs
 
@@ -52,7 +71,8 @@ def spec_for_compression(teacher_spec, base_spec, stem, class_num, target, toler
     First the original's student shape: the teacher's conv1/conv2 widths, the base's stage widths
     times one factor s. When even the thinnest stages leave too many parameters, the inner widths
     shrink too (to at most the base's times s). The factor is searched on a fine grid (widths are
-    whole numbers, so the count is a step function of s); ValueError when no grid point comes close.
+    whole numbers, so the count is a step function of s: `closest_on_grid`); ValueError when no grid
+    point comes close.
     """
     check_compression(target)
     goal = resnet.parameter_count(base_spec, stem, class_num) / target
@@ -68,13 +88,14 @@ def spec_for_compression(teacher_spec, base_spec, stem, class_num, target, toler
                           for teacher_pair, base_pair in zip(teacher_spec["blocks"], base_spec["blocks"])]
         return spec
 
+    def count(spec):
+        return resnet.parameter_count(spec, stem, class_num)
+
     best = None
     for family in (stages_only, inner_too):
-        for factor in FACTOR_GRID:
-            spec = family(float(factor))
-            error = abs(resnet.parameter_count(spec, stem, class_num) - goal) / goal
-            if best is None or error < best[0]:
-                best = (error, spec)
+        found = closest_on_grid(family, count, goal)
+        if best is None or found[0] < best[0]:
+            best = found
         if best[0] <= tolerance:
             return resnet.validate_spec(best[1])
     achieved = resnet.parameter_count(base_spec, stem, class_num) / resnet.parameter_count(best[1], stem, class_num)
@@ -106,25 +127,15 @@ def narrowed_widths(teacher, groups, target, tolerance=COMPRESSION_TOLERANCE):
     teacher_parameters = count({})[0]
     goal = teacher_parameters / target
 
-    def candidate(index):
-        widths = {group["name"]: max(1, int(round(group["width"] * float(FACTOR_GRID[index])))) for group in groups}
-        parameters = count(widths)[0]
-        return abs(parameters - goal) / goal, widths, teacher_parameters / parameters, parameters
+    def widths(factor):
+        return {group["name"]: max(1, int(round(group["width"] * factor))) for group in groups}
 
-    # Every width, hence the count, only grows with the factor: bisect for the first grid point at
-    # or above the goal; the best is it or the point before.
-    low, high = 0, len(FACTOR_GRID) - 1
-    while low < high:
-        middle = (low + high) // 2
-        if candidate(middle)[3] >= goal:
-            high = middle
-        else:
-            low = middle + 1
-    best = min((candidate(index) for index in {max(0, low - 1), low}), key=lambda found: found[0])
-    if best[0] > tolerance:
-        raise ValueError(f"narrowing {teacher.name}'s channel groups comes no closer than {best[2]:.2f}x to "
+    error, best = closest_on_grid(widths, lambda candidate: count(candidate)[0], goal)
+    achieved = teacher_parameters / count(best)[0]
+    if error > tolerance:
+        raise ValueError(f"narrowing {teacher.name}'s channel groups comes no closer than {achieved:.2f}x to "
                          f"{target:g}x compression (within {100 * tolerance:g}%)")
-    return best[1], best[2]
+    return best, achieved
 
 
 def _initializers(network):
