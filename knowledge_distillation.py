@@ -315,10 +315,13 @@ def main(argv=None):
     training.set_seed(args.seed)  # the student's fresh weights
     try:
         student, described, student_line, notes = make_student(teacher, args, class_num, strategy)
+    except ValueError as error:
+        raise cli.UserError(str(error)) from None
+    try:
         # The pairs are checked here, before the output folder is touched; the Distiller checks them again.
         hints = distillation.hint_pairs(teacher, student, args.hint_layers) if args.lambda2 and not args.no_teacher else []
     except ValueError as error:
-        raise cli.UserError(str(error)) from None
+        raise cli.UserError(f"{error}{'' if args.hint_layers else ' (--hint_layers T:S,...; or --lambda2 0)'}") from None
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
