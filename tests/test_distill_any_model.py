@@ -192,3 +192,37 @@ def test_a_model_h5_cannot_hold_is_written_as_keras_beside_it_and_opened_from_th
     keras.models.load_model(str(tmp_path / "model.keras"))  # plain Keras
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     assert checkpoints.save_model(plain, str(tmp_path / "plain.h5")) == [str(tmp_path / "plain.h5")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fresh weights for a given student
+
+
+class Scale(keras.layers.Layer):
+    """A custom layer whose weight names no `<weight>_initializer` attribute."""
+
+    def build(self, input_shape):
+        self.factor = self.add_weight(shape=(input_shape[-1],), initializer="random_normal", name="factor")
+
+    def call(self, inputs):
+        return inputs * self.factor
+
+
+def test_reinitialised_redraws_learnt_weights_and_keeps_input_statistics():
+    inputs = keras.Input((4,))
+    normalization = keras.layers.Normalization(name="normalise")
+    normalization.adapt(np.arange(40, dtype="float32").reshape(10, 4))
+    hidden = keras.layers.Dense(8, name="hidden", bias_initializer="ones")(normalization(inputs))
+    for custom in (False, True):
+        outputs = keras.layers.Dense(3, name="scores")(Scale(name="scale")(hidden) if custom else hidden)
+        network = keras.Model(inputs, outputs)
+        for layer in network.layers:  # trained-looking weights: none is its initial value
+            layer.set_weights([weight + 0.5 for weight in layer.get_weights()])
+        before = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in network.layers}
+        fresh = students.reinitialised(network)
+        assert (fresh is network) != custom  # in place, or (a custom layer) a rebuilt copy
+        after = {layer.name: layer.get_weights() for layer in fresh.layers}
+        np.testing.assert_array_equal(after["normalise"][0], before["normalise"][0])  # the input's statistics
+        np.testing.assert_array_equal(after["hidden"][1], np.ones(8))  # the bias initializer's value
+        for name in ("hidden", "scores") + (("scale",) if custom else ()):
+            assert not np.allclose(after[name][0], before[name][0]), name
