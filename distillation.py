@@ -1,4 +1,4 @@
-"""Knowledge distillation from a (pruned) teacher ResNet50 into a small student ResNet50.
+"""Knowledge distillation from a frozen teacher into a small student: any functional classifiers.
 
 The objective is the original project's three-part loss with its defects fixed:
 
@@ -6,8 +6,9 @@ The objective is the original project's three-part loss with its defects fixed:
 
 - L_backbone: (1 - beta) * CE(labels, student) + beta * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
   averaged over the batch.
-- L_intermediate: the sum over the four stage outputs of a regressor's error against the teacher's
-  stage output (MSE, or the Gaussian negative log-likelihood of variational information distillation).
+- L_intermediate: the sum over hinted layer pairs (by default our ResNet50's four stage outputs) of a
+  regressor's error against the teacher's layer output (MSE, or the Gaussian negative
+  log-likelihood of variational information distillation).
   Trainable regressors are updated by the student's optimizer.
 - L_adversarial: the non-saturating generator loss of a discriminator on logits that learns, with
   its own optimizer, to tell the teacher's logits from the student's. Its gradient reaches the student.
@@ -205,67 +206,49 @@ def build_discriminator(class_num=10, name="discriminator"):
     return keras.Model(inputs, outputs, name=name)
 
 
-def student_spec(teacher_spec, base_stage_widths, divisor=32, stage_widths=None):
-    """The student's width spec: the teacher's stem and conv1/conv2 widths; stage widths = base // divisor.
-
-    `stage_widths` (four ints) overrides the division.
-    """
-    if stage_widths is None:
-        if divisor < 1:
-            raise ValueError(f"the student divisor must be at least 1, got {divisor}")
-        stage_widths = [max(1, int(width) // divisor) for width in base_stage_widths]
-    spec = resnet.copy_spec(teacher_spec)
-    spec["stages"] = [int(width) for width in stage_widths]
-    return resnet.validate_spec(spec)
-
-
-COMPRESSION_TOLERANCE = 0.03  # how close --student_compression gets (relative) before it gives up
-
-
-def spec_for_compression(teacher_spec, base_spec, stem, class_num, target, tolerance=COMPRESSION_TOLERANCE):
-    """A student width spec with base parameters / student parameters within `tolerance` of `target`.
-
-    First the original's student shape: the teacher's conv1/conv2 widths, the base's stage widths
-    times one factor s. When even the thinnest stages leave too many parameters, the inner widths
-    shrink too (to at most the base's times s). The factor is searched on a fine grid (widths are
-    whole numbers, so the count is a step function of s); ValueError when no grid point comes close.
-    """
-    import numpy as np
-
-    if not (math.isfinite(target) and target > 1):
-        raise ValueError(f"the student compression must be a number above 1, got {target}")
-    goal = resnet.parameter_count(base_spec, stem, class_num) / target
-
-    def stages_only(factor):
-        spec = resnet.copy_spec(teacher_spec)
-        spec["stages"] = [max(1, int(round(width * factor))) for width in base_spec["stages"]]
-        return spec
-
-    def inner_too(factor):
-        spec = stages_only(factor)
-        spec["blocks"] = [[max(1, min(t, int(round(b * factor)))) for t, b in zip(teacher_pair, base_pair)]
-                          for teacher_pair, base_pair in zip(teacher_spec["blocks"], base_spec["blocks"])]
-        return spec
-
-    best = None
-    for family in (stages_only, inner_too):
-        for factor in np.geomspace(1e-3, 1.0, 1200):
-            spec = family(float(factor))
-            error = abs(resnet.parameter_count(spec, stem, class_num) - goal) / goal
-            if best is None or error < best[0]:
-                best = (error, spec)
-        if best[0] <= tolerance:
-            return resnet.validate_spec(best[1])
-    achieved = resnet.parameter_count(base_spec, stem, class_num) / resnet.parameter_count(best[1], stem, class_num)
-    raise ValueError(f"no student width spec comes within {100 * tolerance:g}% of {target:g}x compression "
-                     f"(closest: {achieved:.2f}x)")
+def _feature_shape(network, layer_name):
+    """The output shape of `network`'s layer `layer_name`, a (batch, height, width, channels) map."""
+    try:
+        layer = network.get_layer(layer_name)
+    except ValueError:
+        raise ValueError(f"{network.name} has no layer {layer_name}") from None
+    try:
+        shape = tuple(layer.output.shape)
+    except (AttributeError, ValueError):  # a layer called more than once has no single output
+        raise ValueError(f"layer {layer_name} of {network.name} has no single output to hint") from None
+    if len(shape) != 4:
+        raise ValueError(f"layer {layer_name} of {network.name} outputs {shape}: a hint needs a "
+                         "(batch, height, width, channels) feature map")
+    return shape
 
 
-def build_student(teacher, base_stage_widths, divisor=32, stage_widths=None):
-    """A fresh student ResNet50 with the teacher's stem, classes, input and conv1/conv2 widths."""
-    spec, stem, class_num, input_shape = resnet.describe_model(teacher)
-    return resnet.build_resnet50(student_spec(spec, base_stage_widths, divisor, stage_widths), stem, class_num,
-                                 input_shape, name="student")
+def hint_pairs(teacher, student, hint_layers=None):
+    """[(teacher layer, student layer), ...] of the intermediate term, each pair's feature maps of
+    the same spatial size (a regressor maps channels, 1x1, position by position); ValueError
+    otherwise. None: our ResNet50's four stage outputs in both networks (the original's hints),
+    which other models lack: they must name their pairs."""
+    if teacher is None:
+        return []
+    if hint_layers is None:
+        names = resnet.stage_output_names()
+        for network in (teacher, student):
+            present = {layer.name for layer in network.layers}
+            missing = [name for name in names if name not in present]
+            if missing:
+                raise ValueError(f"{network.name} has no layer {missing[0]} (our ResNet50's stage outputs, the "
+                                 "default hints): name the teacher:student layer pairs of the intermediate term")
+        hint_layers = list(zip(names, names))
+    pairs = [(str(teacher_name), str(student_name)) for teacher_name, student_name in hint_layers]
+    if not pairs:
+        raise ValueError("the intermediate term needs at least one teacher:student layer pair")
+    for teacher_name, student_name in pairs:
+        teacher_shape = _feature_shape(teacher, teacher_name)
+        student_shape = _feature_shape(student, student_name)
+        if teacher_shape[1:3] != student_shape[1:3]:
+            raise ValueError(f"hint {teacher_name}:{student_name} pairs a {teacher_shape[1]}x{teacher_shape[2]} "
+                             f"teacher map with a {student_shape[1]}x{student_shape[2]} student map: the "
+                             "spatial sizes must match")
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,13 +262,14 @@ class Distiller(keras.Model):
     lambda2, no discriminator without lambda3. `teacher=None` trains the student on labels alone
     (cross-entropy), the baseline distillation is measured against.
 
-    The backbone and adversarial terms take any classifier of the same class count (logits or
-    probabilities, see `head_model`), as pruning's fine-tuning does with --distill_from; the
-    intermediate term needs our ResNet50's stage outputs.
+    Every term takes any functional classifier of the same class count (logits or probabilities,
+    see `head_model`), as pruning's fine-tuning does with --distill_from. The intermediate term
+    pairs the layers `hint_layers` names ([(teacher layer, student layer), ...], see `hint_pairs`;
+    by default our ResNet50's four stage outputs).
     """
 
     def __init__(self, student, teacher=None, lambdas=(0.7, 0.3, 0.2), regressor_name="conv1x1",
-                 temperature=4.0, kd_beta=0.9, label_smoothing=0.0, **kwargs):
+                 temperature=4.0, kd_beta=0.9, label_smoothing=0.0, hint_layers=None, **kwargs):
         super().__init__(**kwargs)
         lambdas = tuple(float(value) for value in lambdas)
         if len(lambdas) != 3 or not all(math.isfinite(value) and value >= 0 for value in lambdas):
@@ -305,16 +289,11 @@ class Distiller(keras.Model):
         self.temperature = float(temperature)
         self.kd_beta = float(kd_beta)
         self.label_smoothing = float(label_smoothing)
-        use_features = self.lambdas[1] > 0
-        stage_names = resnet.stage_output_names() if use_features else []
-        for network in (student, teacher) if use_features else ():
-            missing = [name for name in stage_names if name not in {layer.name for layer in network.layers}]
-            if missing:  # the hint term reads our ResNet50's stage outputs; the others take any classifier
-                raise ValueError(f"{network.name} has no layer {missing[0]}: the intermediate term (lambda2) needs "
-                                 "our ResNet50's stage outputs")
-        # One model per network returning [class scores, stage outputs...]: each network runs once
-        # per step. The scores are logits, or probabilities turned into logits by as_logits.
-        self.student_features, self.student_probabilities = head_model(student, stage_names)
+        # (teacher layer, student layer) pairs of the intermediate term; none without lambda2.
+        self.hint_layers = hint_pairs(teacher, student, hint_layers) if self.lambdas[1] > 0 else []
+        # One model per network returning [class scores, hinted layers' outputs...]: each network
+        # runs once per step. The scores are logits, or probabilities turned into logits by as_logits.
+        self.student_features, self.student_probabilities = head_model(student, [pair[1] for pair in self.hint_layers])
         self.teacher_features, self.teacher_probabilities = None, False
         self.regressors = []
         self.discriminator = None
@@ -323,14 +302,11 @@ class Distiller(keras.Model):
             if teacher.output_shape[-1] != student.output_shape[-1]:
                 raise ValueError(f"the teacher scores {teacher.output_shape[-1]} classes, the student "
                                  f"{student.output_shape[-1]}")
-            self.teacher_features, self.teacher_probabilities = head_model(teacher, stage_names)
+            self.teacher_features, self.teacher_probabilities = head_model(teacher, [pair[0] for pair in self.hint_layers])
             self.teacher_features.trainable = False
-            if use_features:
-                for index, name in enumerate(stage_names):
-                    student_channels = student.get_layer(name).output.shape[-1]
-                    teacher_channels = teacher.get_layer(name).output.shape[-1]
-                    self.regressors.append(Regressor(regressor_name, student_channels, teacher_channels,
-                                                     name=f"regressor{index + 1}"))
+            for index, (teacher_name, student_name) in enumerate(self.hint_layers):
+                self.regressors.append(Regressor(regressor_name, _feature_shape(student, student_name)[-1],
+                                                 _feature_shape(teacher, teacher_name)[-1], name=f"regressor{index + 1}"))
             if self.lambdas[2] > 0:
                 self.discriminator = build_discriminator(int(student.output_shape[-1]))
         self.discriminator_optimizer = None
@@ -384,15 +360,15 @@ class Distiller(keras.Model):
             terms["backbone_loss"] = backbone_loss(labels, student_logits, teacher_logits, self.temperature,
                                                    self.kd_beta, self.label_smoothing)
         if lambda2 > 0:
-            stage_losses = []
+            hint_losses = []
             for regressor, student_map, teacher_map in zip(self.regressors, student_outputs[1:], teacher_outputs[1:]):
                 prediction = regressor(student_map, training=training)
                 teacher_map = ops.stop_gradient(teacher_map)
                 if regressor.kind == "vid":
-                    stage_losses.append(gaussian_negative_log_likelihood(teacher_map, prediction, regressor.variance()))
+                    hint_losses.append(gaussian_negative_log_likelihood(teacher_map, prediction, regressor.variance()))
                 else:
-                    stage_losses.append(feature_mse(prediction, teacher_map))
-            terms["intermediate_loss"] = sum(stage_losses)
+                    hint_losses.append(feature_mse(prediction, teacher_map))
+            terms["intermediate_loss"] = sum(hint_losses)
         d_loss = None
         if lambda3 > 0:
             # One discriminator pass over teacher and student logits together serves both updates
@@ -453,115 +429,3 @@ class Distiller(keras.Model):
         self.trackers["loss"].update_state(ops.mean(cross_entropy(labels, logits)))
         self.accuracy_metric.update_state(labels, logits)
         return {"loss": self.trackers["loss"].result(), "accuracy": self.accuracy_metric.result()}
-
-
-# ---------------------------------------------------------------------------------------------
-# The base model's stage widths (what --student_divisor divides)
-
-
-def base_mismatch(base_description, teacher_description):
-    """Why `base` cannot be the model `teacher` was pruned from (None when it can be)."""
-    base_spec, base_stem, base_classes, base_shape = base_description
-    spec, stem, classes, shape = teacher_description
-    if (base_stem, base_classes, base_shape) != (stem, classes, shape):
-        return f"its stem/classes/input ({base_stem}, {base_classes}, {base_shape}) differ from the teacher's ({stem}, {classes}, {shape})"
-    if base_spec["stem"] != spec["stem"]:
-        return f"its stem width {base_spec['stem']} differs from the teacher's {spec['stem']}"
-    # Pruning only removes channels: every teacher width is at most the base's.
-    wider = [f"block {index + 1}" for index, (b, t) in enumerate(zip(base_spec["blocks"], spec["blocks"]))
-             if t[0] > b[0] or t[1] > b[1]]
-    wider += [f"stage {index + 1}" for index, (b, t) in enumerate(zip(base_spec["stages"], spec["stages"])) if t > b]
-    if wider:
-        return f"the teacher is wider than it in {', '.join(wider[:4])}{' ...' if len(wider) > 4 else ''}"
-    return None
-
-
-def _pruning_records(root_folder):
-    """config.json files of the pruning run that wrote `root_folder` (the iteration folder, then its root)."""
-    import json
-    import os
-
-    folder = os.path.abspath(root_folder)
-    for candidate in (folder, os.path.dirname(folder)):
-        path = os.path.join(candidate, "config.json")
-        try:
-            with open(path) as handle:
-                record = json.load(handle)
-        except (OSError, ValueError):
-            continue
-        arguments = record.get("arguments") if isinstance(record, dict) else None
-        if isinstance(arguments, dict):
-            yield path, arguments
-
-
-def find_base_model(teacher, root_folder, base_model_path=None, default_base_path=None):
-    """The base (unpruned) model `teacher` was pruned from: (description, path, notes), or
-    (None, None, notes) when none is found.
-
-    In order: an explicit `base_model_path` (must be the teacher's base, else ValueError); the
-    default base path when it exists and fits the teacher; the base recorded in the pruning run's
-    config.json. `description` is `model.describe_model`'s (spec, stem, class_num, input_shape).
-    """
-    import os
-
-    from cnn_compression import checkpoints
-    from cnn_compression import cli
-
-    teacher_description = resnet.describe_model(teacher)
-    notes = []
-
-    def from_file(path, what):
-        base = checkpoints.load_model(path, what, check=resnet.describe_model)
-        description = resnet.describe_model(base)
-        return description, base_mismatch(description, teacher_description)
-
-    if base_model_path:
-        description, mismatch = from_file(base_model_path, "base model")
-        if mismatch:
-            raise ValueError(f"--base_model_path {base_model_path} is not the teacher's base model: {mismatch}")
-        return description, base_model_path, notes
-    candidates = []
-    if default_base_path and os.path.exists(default_base_path):
-        candidates.append((default_base_path, "default base model"))
-    for record_path, arguments in _pruning_records(root_folder):
-        recorded = arguments.get("base_model_path")
-        if isinstance(recorded, str) and os.path.exists(recorded):
-            candidates.append((recorded, f"base model recorded in {record_path}"))
-    for path, what in candidates:
-        try:
-            description, mismatch = from_file(path, what)
-        except cli.UserError as error:
-            notes.append(f"ignoring {what}: {error}")
-            continue
-        if mismatch:
-            notes.append(f"ignoring {what} {path}: {mismatch}")
-            continue
-        return description, path, notes
-    return None, None, notes
-
-
-def resolve_base_stage_widths(teacher, root_folder, base_model_path=None, default_base_path=None):
-    """The base (unpruned) model's four stage widths and where they came from: (widths, source, notes).
-
-    From the base model `find_base_model` finds; else the teacher's own stage widths when its
-    pruning run did not prune them (no --prune_residual), or, with no record at all, with a note.
-    --prune_residual makes the teacher's stage widths smaller than the base's, so they are the
-    last resort.
-    """
-    description, path, notes = find_base_model(teacher, root_folder, base_model_path, default_base_path)
-    if description is not None:
-        return description[0]["stages"], path, notes
-    teacher_description = resnet.describe_model(teacher)
-    records = list(_pruning_records(root_folder))
-    teacher_stages = teacher_description[0]["stages"]
-    for record_path, arguments in records:
-        if "prune_residual" in arguments:
-            if arguments["prune_residual"]:
-                raise ValueError(
-                    f"the teacher's stage widths were pruned (--prune_residual in {record_path}) and its base model "
-                    "is not found: pass --base_model_path or --student_stage_widths"
-                )
-            return teacher_stages, f"teacher (stage widths unpruned per {record_path})", notes
-    notes.append("no base model found: taking the teacher's stage widths as the base's "
-                 "(pass --base_model_path or --student_stage_widths if its residual stream was pruned)")
-    return teacher_stages, "teacher", notes

@@ -30,6 +30,7 @@ import re
 
 import cnn_compression
 from cnn_compression import checkpoints
+from cnn_compression.classifiers import check_any_model  # shared with knowledge_distillation.py
 from cnn_compression import cli
 from cnn_compression import files
 from cnn_compression import stages
@@ -131,18 +132,6 @@ def completed_iterations(summary):
     if numbers != list(range(1, len(numbers) + 1)):
         raise cli.UserError(f"{SUMMARY_NAME} lists iterations {numbers}, expected 1..n; pass --overwrite to start again")
     return iterations
-
-
-def check_any_model(network, class_num):
-    """Refuse a model the stage cannot train or measure: it must take one 32x32x3 image batch and
-    give one row of `class_num` class scores, and have channels to prune."""
-    shape = network.input_shape
-    if isinstance(shape, list) or len(shape) != 4 or any(size not in (None, wanted) for size, wanted in zip(shape[1:], (32, 32, 3))):
-        raise cli.UserError(f"{network.name} takes input {shape}: the pruning stage needs one (None, 32, 32, 3) image input")
-    outputs = network.output_shape
-    if isinstance(outputs, list) or len(outputs) != 2 or outputs[-1] != class_num:
-        raise cli.UserError(f"{network.name} outputs {outputs}: the pruning stage needs one (None, {class_num}) "
-                            "row of class scores")
 
 
 def format_table(summary):

@@ -35,6 +35,7 @@ def main(argv=None):
     tf.get_logger().setLevel("ERROR")  # one trace per variant is intended, not a retracing problem
     import distillation
     import model as resnet
+    import students
 
     training.set_seed(0)
     if args.teacher_path:
@@ -42,7 +43,7 @@ def main(argv=None):
     else:
         teacher = resnet.build_resnet50(resnet.width_spec(args.width))
     spec = resnet.describe_model(teacher)[0]
-    student = distillation.build_student(teacher, spec["stages"], args.student_divisor)
+    student = students.build_student(teacher, spec["stages"], args.student_divisor)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.integers(0, 256, (args.batch_size, 32, 32, 3)), tf.float32)
     labels = tf.constant(np.eye(10)[rng.integers(0, 10, args.batch_size)], tf.float32)

@@ -1,11 +1,14 @@
 """Model files: saving and opening our `.h5` checkpoints, and loading pretrained weights by name."""
 
 import os
+import weakref
 
 from cnn_compression.cli import UserError
 from cnn_compression.files import write_atomically
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ZIP_SIGNATURE = b"PK\x03\x04"  # Keras 3's native .keras archive
+KERAS_SUFFIX = ".keras"
 
 
 def _output_layer_names(model):
@@ -50,9 +53,49 @@ def working_copy(model, strategy):
     return copy
 
 
+_H5_HOLDS = weakref.WeakKeyDictionary()  # model -> why .h5 cannot hold it ('' when it can), tried once per model
+
+
+def keras_path(path):
+    """The native `.keras` file written beside the `.h5` at `path` (model.h5 -> model.keras)."""
+    return os.path.splitext(path)[0] + KERAS_SUFFIX
+
+
+def _only_keras_layers(model):
+    """Every operation of `model` is a layer class Keras exports (what the `.h5` reader rebuilds by
+    name); false for custom classes and for ops called on tensors while building the graph."""
+    import keras
+
+    return all(getattr(keras.layers, type(operation).__name__, None) is type(operation)
+               for operation in getattr(model, "operations", model.layers))
+
+
+def _h5_failure(model, path):
+    """Why the `.h5` just written at `path` does not reopen as `model` ('' when it does). Some
+    keras.applications models cannot: unregistered custom layer classes (ConvNeXt's LayerScale),
+    graph nodes calling ops on Python constants (MobileNetV3's hard sigmoid). A model of exported
+    layer classes only needs no trial; others are reopened once per model object (a stage saves
+    the same model every improved epoch)."""
+    import keras
+
+    if _only_keras_layers(model):
+        return ""
+    if model in _H5_HOLDS:
+        return _H5_HOLDS[model]
+    try:
+        keras.models.load_model(path, compile=False)
+        failure = ""
+    except Exception as error:  # any reason Keras gives is a reason not to rely on the .h5 alone
+        failure = (str(error).splitlines()[0] if str(error) else type(error).__name__)[:200]
+    _H5_HOLDS[model] = failure
+    return failure
+
+
 def save_model(model, path):
     """Save `model` as a float32 Keras HDF5 (no optimizer state: every stage compiles afresh) atomically;
-    the model's own compile settings stay untouched.
+    the model's own compile settings stay untouched. Where `.h5` cannot hold the model (it does not
+    reopen, see `_h5_failure`), the native `.keras` is written beside it too (`keras_path`), said
+    once on stdout; `load_model` opens it when the `.h5` fails. Returns the paths written.
 
     (Keras 3 strips the optimizer from the compile config of the model it saves to .h5.)
     """
@@ -60,12 +103,25 @@ def save_model(model, path):
     compile_config = getattr(float32, "_compile_config", None)
     saved = dict(compile_config.config) if compile_config is not None else None
     write_atomically(path, lambda temporary: float32.save(temporary, include_optimizer=False))
+    written = [path]
+    if path.endswith((".h5", ".hdf5")):
+        first_time = model not in _H5_HOLDS
+        failure = _h5_failure(model, path)
+        if failure:
+            other = keras_path(path)
+            write_atomically(other, lambda temporary: float32.save(temporary, include_optimizer=False))
+            written.append(other)
+            if first_time:
+                print(f"note: {os.path.basename(path)} cannot hold {model.name} ({failure}); "
+                      f"also writing {os.path.basename(other)}, which every stage opens in its place")
     if saved is not None:
         compile_config.config = saved
+    return written
 
 
 def load_model(path, what="model", check=None):
-    """Open an `.h5` Keras model with plain Keras; a missing, foreign or broken file is a UserError.
+    """Open a Keras model file with plain Keras: an `.h5` (HDF5), or a native `.keras` archive for
+    models `.h5` cannot hold (see `h5_holds`). A missing, foreign or broken file is a UserError.
     `check(model)`, if given, may refuse the model with a UserError (e.g. `model.describe_model`
     for a stage that needs our ResNet50)."""
     import keras
@@ -73,15 +129,23 @@ def load_model(path, what="model", check=None):
     if not os.path.exists(path):
         raise UserError(f"no {what} at {path}")
     if os.path.isdir(path):
-        raise UserError(f"{what} path {path} is a folder, not an .h5 file")
+        raise UserError(f"{what} path {path} is a folder, not an .h5 or .keras file")
     with open(path, "rb") as handle:
-        if handle.read(8) != HDF5_SIGNATURE:
-            raise UserError(f"{path} is not an HDF5 (.h5) file")
+        signature = handle.read(8)
+    if signature.startswith(ZIP_SIGNATURE):
+        if not path.endswith(KERAS_SUFFIX):  # Keras picks its reader by the suffix
+            raise UserError(f"{path} is a Keras archive: name it with the .keras suffix")
+    elif signature != HDF5_SIGNATURE:
+        raise UserError(f"{path} is not an HDF5 (.h5) file or a Keras archive (.keras)")
     try:
         loaded = keras.models.load_model(path, compile=False)
     except Exception as error:  # h5py and Keras raise many kinds for truncated or foreign files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"cannot open {path} as a Keras model: {reason[:200]}") from None
+        beside = keras_path(path)
+        if signature != HDF5_SIGNATURE or not os.path.isfile(beside):
+            raise UserError(f"cannot open {path} as a Keras model: {reason[:200]}") from None
+        # A model .h5 cannot hold: save_model wrote the native archive beside it.
+        return load_model(beside, what, check)
     if check is not None:
         try:
             check(loaded)

@@ -108,7 +108,7 @@ CONFIG_NAME = "config.json"
 # Arguments that never make a run "other": how it is shown, and where its files lie. What a path's
 # file holds is compared instead, through the fingerprints in config.json's "inputs".
 IGNORED_FOR_RESUME = ("verbose", "overwrite", "tensorboard", "data_dir", "model_path", "base_model_path",
-                      "root_folder", "save_folder")
+                      "root_folder", "save_folder", "teacher_path", "student_path")
 
 
 def _comparable(arguments, ignore=()):

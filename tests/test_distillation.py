@@ -12,6 +12,7 @@ from conftest import assert_one_line_error, run_in_process, run_script
 import distillation
 import knowledge_distillation
 import model as resnet
+import students
 from cnn_compression import checkpoints
 from cnn_compression import files
 from cnn_compression import training
@@ -102,7 +103,7 @@ def networks():
     training.set_seed(0)
     teacher = resnet.build_resnet50(resnet.width_spec(0.0625))
     teacher.get_layer("conv1_bn").moving_mean.assign(np.full(4, 0.5, "float32"))  # not the initial values
-    student = distillation.build_student(teacher, [64, 128, 256, 512], divisor=32)
+    student = students.build_student(teacher, [64, 128, 256, 512], divisor=32)
     images = RNG.integers(0, 256, (16, 32, 32, 3)).astype("float32")
     labels = np.eye(10, dtype="float32")[RNG.integers(0, 10, 16)]
     return teacher, student, images, labels
@@ -198,20 +199,20 @@ def teacher_files(tmp_path_factory):
 def test_base_widths_come_from_a_base_that_fits_the_teacher(teacher_files, tmp_path):
     root, teacher = teacher_files
     iteration = str(root / "iter15")
-    widths, source, _ = distillation.resolve_base_stage_widths(teacher, iteration, str(root / "base.h5"))
+    widths, source, _ = knowledge_distillation.resolve_base_stage_widths(teacher, iteration, str(root / "base.h5"))
     assert widths == [16, 32, 64, 128] and source == str(root / "base.h5")
     narrow = resnet.build_resnet50(resnet.width_spec(0.03125))
     checkpoints.save_model(narrow, str(tmp_path / "narrow.h5"))
     with pytest.raises(ValueError, match="not the teacher's base"):
-        distillation.resolve_base_stage_widths(teacher, iteration, str(tmp_path / "narrow.h5"))
+        knowledge_distillation.resolve_base_stage_widths(teacher, iteration, str(tmp_path / "narrow.h5"))
     # A default base that cannot be the teacher's is skipped; with residual pruning recorded and no
     # base, the teacher's own (pruned) stage widths must not be used.
     (tmp_path / "iter3").mkdir()
     files.write_json(str(tmp_path / "config.json"), {"arguments": {"base_model_path": "/nonexistent.h5", "prune_residual": True}})
     with pytest.raises(ValueError, match="--prune_residual"):
-        distillation.resolve_base_stage_widths(teacher, str(tmp_path / "iter3"), None, str(tmp_path / "narrow.h5"))
+        knowledge_distillation.resolve_base_stage_widths(teacher, str(tmp_path / "iter3"), None, str(tmp_path / "narrow.h5"))
     files.write_json(str(tmp_path / "config.json"), {"arguments": {"prune_residual": False}})
-    widths, source, notes = distillation.resolve_base_stage_widths(teacher, str(tmp_path / "iter3"), None, str(tmp_path / "narrow.h5"))
+    widths, source, notes = knowledge_distillation.resolve_base_stage_widths(teacher, str(tmp_path / "iter3"), None, str(tmp_path / "narrow.h5"))
     assert widths == [16, 32, 64, 128] and source.startswith("teacher") and "ignoring" in notes[0]
 
 
@@ -267,17 +268,17 @@ def test_student_compression_chooses_widths_within_three_percent():
     teacher["blocks"] = [[max(1, conv1 // 2), max(1, conv2 // 3)] for conv1, conv2 in base["blocks"]]
     base_parameters = resnet.parameter_count(base, "cifar")
     for target in (3.02, 12.82):
-        spec = distillation.spec_for_compression(teacher, base, "cifar", 10, target)
+        spec = students.spec_for_compression(teacher, base, "cifar", 10, target)
         achieved = base_parameters / resnet.parameter_count(spec, "cifar")
-        assert abs(achieved / target - 1) <= distillation.COMPRESSION_TOLERANCE, (target, achieved)
+        assert abs(achieved / target - 1) <= students.COMPRESSION_TOLERANCE, (target, achieved)
         # Never wider than the teacher inside the blocks, nor than the base in the stages.
         assert all(s <= t for pair_s, pair_t in zip(spec["blocks"], teacher["blocks"]) for s, t in zip(pair_s, pair_t))
         assert all(s <= b for s, b in zip(spec["stages"], base["stages"]))
     # 3.02x is reachable with the stages alone: the teacher's inner widths stay (the original's student shape).
-    assert distillation.spec_for_compression(teacher, base, "cifar", 10, 3.02)["blocks"] == teacher["blocks"]
-    built = resnet.build_resnet50(distillation.spec_for_compression(teacher, base, "cifar", 10, 12.82), "cifar")
-    assert built.count_params() == resnet.parameter_count(distillation.spec_for_compression(teacher, base, "cifar", 10, 12.82), "cifar")
+    assert students.spec_for_compression(teacher, base, "cifar", 10, 3.02)["blocks"] == teacher["blocks"]
+    built = resnet.build_resnet50(students.spec_for_compression(teacher, base, "cifar", 10, 12.82), "cifar")
+    assert built.count_params() == resnet.parameter_count(students.spec_for_compression(teacher, base, "cifar", 10, 12.82), "cifar")
     with pytest.raises(ValueError, match="no student width spec"):
-        distillation.spec_for_compression(teacher, base, "cifar", 10, 1e7)
+        students.spec_for_compression(teacher, base, "cifar", 10, 1e7)
     with pytest.raises(ValueError, match="above 1"):
-        distillation.spec_for_compression(teacher, base, "cifar", 10, 0.5)
+        students.spec_for_compression(teacher, base, "cifar", 10, 0.5)

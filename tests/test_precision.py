@@ -8,6 +8,7 @@ import pytest
 from cnn_compression import checkpoints, cpu
 import distillation
 import model as resnet
+import students
 from cnn_compression import training
 
 
@@ -104,7 +105,7 @@ def distiller_step(precision):
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
     teacher = resnet.build_resnet50(resnet.width_spec(0.0625), "cifar")
-    student = resnet.build_resnet50(distillation.student_spec(resnet.width_spec(0.0625), [4, 4, 8, 8], stage_widths=[4, 4, 8, 8]),
+    student = resnet.build_resnet50(students.student_spec(resnet.width_spec(0.0625), [4, 4, 8, 8], stage_widths=[4, 4, 8, 8]),
                                     "cifar", name="student")
     distiller = distillation.Distiller(student, teacher, (0.7, 0.0, 0.2))
     distiller.compile(optimizer=keras.optimizers.SGD(0.1),

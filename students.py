@@ -1,0 +1,210 @@
+"""The distillation stage's students: thin networks of the teacher's own family, freshly initialised.
+
+- Our ResNet50 teacher: a width spec (model.py's) with the teacher's stem, classes and conv1/conv2
+  widths and the base model's stage widths divided (`student_spec`), or searched for a parameter
+  compression against the base (`spec_for_compression`).
+- Any other functional teacher: its traced channel groups (prune.any_model_groups, residual streams
+  included) narrowed by one factor searched for a parameter compression against the teacher
+  (`narrowed_widths`), the graph rebuilt by prune.prune_groups and re-initialised (`narrowed_student`).
+
+Beside model.py rather than in it: this is a policy of the distillation stage (which widths a student
+gets), written entirely through model.py's spec functions and prune.py's surgery, which it shares
+with no other stage.
+"""
+
+import math
+
+import numpy as np
+
+import model as resnet
+import prune
+
+COMPRESSION_TOLERANCE = 0.03  # how close --student_compression gets (relative) before it gives up
+FACTOR_GRID = np.geomspace(1e-3, 1.0, 1200)  # width factors tried (widths are whole numbers: a step function)
+
+
+def check_compression(target):
+    if not (math.isfinite(target) and target > 1):
+        raise ValueError(f"the student compression must be a number above 1, got {target}")
+
+
+def closest_on_grid(build, count, goal):
+    """(relative error, candidate): of the candidates `build(factor)` over FACTOR_GRID, the one whose
+    `count` is closest to `goal`. Widths are whole numbers, so the count is a step function of the
+    factor, and it only grows with it: bisection finds the first grid point at or above the goal,
+    and the best is it or the point before (what a scan of the whole grid would find)."""
+    def at(index):
+        candidate = build(float(FACTOR_GRID[index]))
+        return abs(count(candidate) - goal) / goal, candidate
+
+    low, high = 0, len(FACTOR_GRID) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if count(build(float(FACTOR_GRID[middle]))) >= goal:
+            high = middle
+        else:
+            low = middle + 1
+    return min((at(index) for index in sorted({max(0, low - 1), low})), key=lambda found: found[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Our ResNet50: width specs
+
+
+def student_spec(teacher_spec, base_stage_widths, divisor=32, stage_widths=None):
+    """The student's width spec: the teacher's stem and conv1/conv2 widths; stage widths = base // divisor.
+
+    `stage_widths` (four ints) overrides the division.
+    """
+    if stage_widths is None:
+        if divisor < 1:
+            raise ValueError(f"the student divisor must be at least 1, got {divisor}")
+        stage_widths = [max(1, int(width) // divisor) for width in base_stage_widths]
+    spec = resnet.copy_spec(teacher_spec)
+    spec["stages"] = [int(width) for width in stage_widths]
+    return resnet.validate_spec(spec)
+
+
+def spec_for_compression(teacher_spec, base_spec, stem, class_num, target, tolerance=COMPRESSION_TOLERANCE):
+    """A student width spec with base parameters / student parameters within `tolerance` of `target`.
+
+    First the original's student shape: the teacher's conv1/conv2 widths, the base's stage widths
+    times one factor s. When even the thinnest stages leave too many parameters, the inner widths
+    shrink too (to at most the base's times s). The factor is searched on a fine grid (widths are
+    whole numbers, so the count is a step function of s: `closest_on_grid`); ValueError when no grid
+    point comes close.
+    """
+    check_compression(target)
+    goal = resnet.parameter_count(base_spec, stem, class_num) / target
+
+    def stages_only(factor):
+        spec = resnet.copy_spec(teacher_spec)
+        spec["stages"] = [max(1, int(round(width * factor))) for width in base_spec["stages"]]
+        return spec
+
+    def inner_too(factor):
+        spec = stages_only(factor)
+        spec["blocks"] = [[max(1, min(t, int(round(b * factor)))) for t, b in zip(teacher_pair, base_pair)]
+                          for teacher_pair, base_pair in zip(teacher_spec["blocks"], base_spec["blocks"])]
+        return spec
+
+    def count(spec):
+        return resnet.parameter_count(spec, stem, class_num)
+
+    best = None
+    for family in (stages_only, inner_too):
+        found = closest_on_grid(family, count, goal)
+        if best is None or found[0] < best[0]:
+            best = found
+        if best[0] <= tolerance:
+            return resnet.validate_spec(best[1])
+    achieved = resnet.parameter_count(base_spec, stem, class_num) / resnet.parameter_count(best[1], stem, class_num)
+    raise ValueError(f"no student width spec comes within {100 * tolerance:g}% of {target:g}x compression "
+                     f"(closest: {achieved:.2f}x)")
+
+
+def build_student(teacher, base_stage_widths, divisor=32, stage_widths=None):
+    """A fresh student ResNet50 with the teacher's stem, classes, input and conv1/conv2 widths."""
+    spec, stem, class_num, input_shape = resnet.describe_model(teacher)
+    return resnet.build_resnet50(student_spec(spec, base_stage_widths, divisor, stage_widths), stem, class_num,
+                                 input_shape, name="student")
+
+
+# ---------------------------------------------------------------------------------------------
+# Any functional model: its own channel groups, uniformly narrowed
+
+
+def narrowed_widths(teacher, groups, target, tolerance=COMPRESSION_TOLERANCE):
+    """({group name: width}, achieved compression): every group of `teacher` at max(1, round(width * s)),
+    one factor s for all, so that teacher parameters / student parameters is within `tolerance` of
+    `target`. Counted by prune.size_counter from the groups alone (no model built per candidate);
+    ValueError when no factor comes close (the frozen layers, such as the classifier's classes,
+    bound what narrowing can remove)."""
+    check_compression(target)
+    if not groups:
+        raise ValueError(f"{teacher.name} has no channel group to narrow")
+    count = prune.size_counter(teacher, groups)
+    teacher_parameters = count({})[0]
+    goal = teacher_parameters / target
+
+    def widths(factor):
+        return {group["name"]: max(1, int(round(group["width"] * factor))) for group in groups}
+
+    error, best = closest_on_grid(widths, lambda candidate: count(candidate)[0], goal)
+    achieved = teacher_parameters / count(best)[0]
+    if error > tolerance:
+        raise ValueError(f"narrowing {teacher.name}'s channel groups comes no closer than {achieved:.2f}x to "
+                         f"{target:g}x compression (within {100 * tolerance:g}%)")
+    return best, achieved
+
+
+def _initializers(network):
+    """[(variable, initializer)] for every weight of `network`'s layers that have trainable weights,
+    from each layer's own `<weight>_initializer` attribute (a depthwise kernel's: depthwise_initializer);
+    None when some weight has none (a custom layer)."""
+    import keras
+
+    pairs = []
+    for layer in network.layers:
+        if isinstance(layer, keras.Model):
+            inner = _initializers(layer)
+            if inner is None:
+                return None
+            pairs += inner
+            continue
+        if not layer.trainable_weights:  # a Normalization's statistics describe the input: kept
+            continue
+        for weight in layer.weights:
+            name = weight.name
+            candidates = [f"{name}_initializer", f"{name.replace('_kernel', '')}_initializer"]
+            candidates += ["depthwise_initializer"] if name == "kernel" else []  # DepthwiseConv2D's kernel
+            initializer = next((getattr(layer, key) for key in candidates if callable(getattr(layer, key, None))), None)
+            if initializer is None:
+                return None
+            pairs.append((weight, initializer))
+    return pairs
+
+
+def reinitialised(network, name=None):
+    """`network` with fresh weights: each weight re-drawn in place from its layer's initializer
+    (the model was just built by the caller, or is re-initialised by request). Layers without
+    trainable weights keep their state (a Normalization's statistics describe the input, not
+    learnt features). A model with a weight of no known initializer is instead copied with every
+    layer rebuilt from its config (a weightless layer whose config cannot be rebuilt, such as a
+    Lambda of a Python lambda refused by safe-mode deserialization, is reused)."""
+    import keras
+
+    pairs = _initializers(network)
+    if pairs is not None:
+        for weight, initializer in pairs:
+            weight.assign(initializer(tuple(weight.shape), weight.dtype))
+        copy = network
+    else:
+        def clone(layer):
+            try:
+                return layer.__class__.from_config(layer.get_config())
+            except ValueError:
+                if getattr(layer, "weights", None):
+                    raise
+                return layer
+
+        def fresh_input(tensor):  # clone_model would name the input layer after its tensor ('keras_tensor')
+            return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history.operation.name)
+
+        copy = keras.models.clone_model(network, input_tensors=keras.tree.map_structure(fresh_input, network.input),
+                                        clone_function=clone)
+        for original, fresh in zip(network.layers, copy.layers):
+            if original.weights and not original.trainable_weights and fresh is not original:
+                fresh.set_weights(original.get_weights())
+    if name is None or name == copy.name:
+        return copy
+    return keras.Model(copy.input, copy.output, name=name)
+
+
+def narrowed_student(teacher, target, tolerance=COMPRESSION_TOLERANCE):
+    """(student, {group name: width}, achieved compression): `teacher`'s own graph with every channel
+    group narrowed (`narrowed_widths`, residual streams included), freshly initialised."""
+    groups = prune.any_model_groups(teacher, residual=True)
+    widths, achieved = narrowed_widths(teacher, groups, target, tolerance)
+    keep = {name: np.arange(width) for name, width in widths.items()}
+    return reinitialised(prune.prune_groups(teacher, groups, keep), name="student"), widths, achieved
