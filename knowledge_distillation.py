@@ -17,10 +17,10 @@ import math
 import os
 import sys
 
+import cnn_compression
 from cnn_compression import checkpoints
 from cnn_compression import cli
 from cnn_compression import files
-from cnn_compression import multi_worker
 from cnn_compression import metrics
 from cnn_compression import stages
 from cnn_compression import training
@@ -292,6 +292,7 @@ def make_student(teacher, args, class_num, strategy):
 
 def main(argv=None):
     args = parse_args(argv)
+    cnn_compression.setup()
     import keras
 
     from cnn_compression import data
@@ -306,8 +307,9 @@ def main(argv=None):
     if not os.path.exists(teacher_path) and "prued_model" in teacher_path:
         raise cli.UserError(f"no teacher model at {teacher_path} (the original README's typo: pruned_model?)")
     class_num = len(data.CLASS_NAMES)
-    args.precision = training.set_precision(args.precision)  # auto resolved, so config.json records what ran
-    strategy = training.distribution_strategy(args)
+    # Strategy, this worker's folder (a scratch copy on workers other than the chief), precision;
+    # the folder is only checked here: every input is checked before it is created or touched.
+    strategy, folder = stages.start_stage(args, args.save_folder)
     with strategy.scope():
         teacher = load_classifier(teacher_path, "teacher model", args.precision, class_num)
     if args.student_compression and args.student_stage_widths:
@@ -325,14 +327,11 @@ def main(argv=None):
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
-    folder = multi_worker.worker_folder(args.save_folder, strategy)  # a scratch copy on workers other than the chief
-    # Every input is checked before the output folder is created or touched.
-    stages.check_output_folder(folder)
-    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
-    inputs = {"data": split.fingerprint(), "teacher": None if args.no_teacher else files.fingerprint_file(teacher_path),
-              **{key: value for key, value in described.items() if key in ("student_spec", "student", "student_widths")}}
-    files.lock_folder(folder)
-    state = stages.open_stage(folder, args, inputs)
+    split = stages.load_split(args)
+    inputs = stages.input_fingerprints(
+        split, {"teacher": None if args.no_teacher else teacher_path},
+        **{key: value for key, value in described.items() if key in ("student_spec", "student", "student_widths")})
+    state = stages.enter_stage(folder, args, inputs)
     if state is None:
         return
     steps_per_epoch = math.ceil(len(split.y_train) / args.batch_size)

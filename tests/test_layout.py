@@ -93,3 +93,16 @@ def test_the_checks_find_circles_and_upward_imports(tmp_path):
     assert import_circles(str(tmp_path)) == [["a", "b", "c", "a"],
                                              [f"{PACKAGE}.low", f"{PACKAGE}.lower", "d", f"{PACKAGE}.low"]]
     assert import_graph(str(tmp_path))[f"{PACKAGE}.lower"] == {"d"}
+
+
+def test_every_stage_script_sets_the_library_up():
+    """cnn_compression.setup() (the fused BatchNorm) is an explicit call in each script's main, not a
+    side effect: a script that forgets it trains on Keras' slower BatchNorm without any error."""
+    scripts = [name for name in sorted(os.listdir(REPO)) if name.endswith(".py")
+               and "cli.run(main)" in open(os.path.join(REPO, name)).read()]
+    assert len(scripts) >= 6
+    for name in scripts:
+        tree = ast.parse(open(os.path.join(REPO, name)).read())
+        main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+        calls = {ast.unparse(node.func) for node in ast.walk(main) if isinstance(node, ast.Call)}
+        assert "cnn_compression.setup" in calls, f"{name}: main() never calls cnn_compression.setup()"
