@@ -153,7 +153,7 @@ def verify(root, data_dir):
     from cnn_compression import metrics
 
     try:
-        split = data.load_split("cifar10", data_dir)
+        _, _, x_test, y_test, _ = data.load_cifar10(data_dir)  # the test set alone: no split needed
     except data.DataError as error:
         raise cli.UserError(str(error)) from None
     lines = []
@@ -163,7 +163,7 @@ def verify(root, data_dir):
             if not os.path.isfile(model_path):
                 continue
             network = keras.models.load_model(model_path, compile=False)
-            accuracy = metrics.accuracy(network, split.x_test, split.y_test, batch_size=500)
+            accuracy = metrics.accuracy(network, x_test, y_test, batch_size=500)
             line = f"{model_path}: plain Keras test accuracy {accuracy:.4f}, summary {record['test_acc']:.4f}"
             print(line)
             lines.append(line)

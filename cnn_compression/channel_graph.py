@@ -39,34 +39,9 @@ them, and Add-like layers merge ids with a union-find.
 
 import numpy as np
 
-# Activation functions applied per element: they carry channels through unchanged.
-ELEMENTWISE_ACTIVATIONS = frozenset({
-    "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "swish",
-    "hard_silu", "hard_swish", "sigmoid", "hard_sigmoid", "log_sigmoid", "tanh", "hard_tanh",
-    "softplus", "softsign", "exponential", "mish", "sparse_plus", "squareplus", "soft_shrink",
-    "hard_shrink", "tanh_shrink", "threshold",
-})
-# Their outputs are exactly zero for a whole range of inputs: APoZ measures something there.
-RELU_FAMILY = frozenset({"relu", "relu6"})
-
-# Layers that pass every channel through unchanged and hold no per-channel state.
-PASS_THROUGH = frozenset({
-    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
-    "GaussianDropout", "AlphaDropout", "ActivityRegularization", "Identity", "LeakyReLU", "ELU",
-    "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
-    "AveragePooling3D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
-    "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D", "ZeroPadding1D", "ZeroPadding2D",
-    "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D", "UpSampling1D", "UpSampling2D",
-    "UpSampling3D", "RepeatVector",
-})
-# Layers whose inputs must have equal channels, channel i of each combined with channel i of the others.
-ELEMENTWISE_MERGES = frozenset({"Add", "Subtract", "Multiply", "Maximum", "Minimum", "Average"})
-CONVOLUTIONS = frozenset({"Conv1D", "Conv2D", "Conv3D"})
-TRANSPOSED_CONVOLUTIONS = frozenset({"Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"})
-
-
-class Unfollowable(Exception):
-    """The trace cannot say which output channel depends on which input channel of a layer."""
+from cnn_compression.layer_kinds import (CONVOLUTIONS, ELEMENTWISE_ACTIVATIONS, ELEMENTWISE_MERGES, PASS_THROUGH,
+                                          RELU_FAMILY, TRANSPOSED_CONVOLUTIONS, Unfollowable, activation_name,
+                                          channel_width, channels_last, layer_type, weight_names)
 
 
 class _Channels:
@@ -112,39 +87,6 @@ class _Channels:
         self.frozen.append((ids, reason))
 
 
-def _type(layer):
-    """The Keras class name of `layer`; a class of another package (even of the same name) is unknown."""
-    kind = type(layer)
-    return kind.__name__ if kind.__module__.split(".")[0] == "keras" else f"{kind.__module__}.{kind.__name__}"
-
-
-def _activation_name(layer):
-    """The layer's activation as a name ('relu', ...), None without one, '?' when not a plain name."""
-    name = layer.get_config().get("activation")
-    if name is None:
-        return None
-    return name if isinstance(name, str) else "?"
-
-
-def _channels_last(layer):
-    return getattr(layer, "data_format", "channels_last") == "channels_last"
-
-
-def _width(shape):
-    if len(shape) < 2 or shape[-1] is None:
-        raise Unfollowable("its channel axis has no fixed size")
-    return int(shape[-1])
-
-
-def _weight_names(layer, allowed):
-    names = [weight.name for weight in layer.weights]
-    unexpected = sorted(set(names) - set(allowed))
-    if unexpected or len(set(names)) != len(names):
-        # quantised or LoRA-adapted layers keep other weights whose axes we do not know
-        raise Unfollowable(f"unexpected weights {', '.join(unexpected) or names}")
-    return set(names)
-
-
 class _Tracer:
     def __init__(self, model):
         self.model = model
@@ -173,26 +115,26 @@ class _Tracer:
     # -- layer kinds ---------------------------------------------------------------------------
 
     def producer(self, layer, inputs, in_shapes, out_shapes):
-        kind = _type(layer)
-        if not _channels_last(layer):
+        kind = layer_type(layer)
+        if not channels_last(layer):
             raise Unfollowable("channels_first data format")
         if getattr(layer, "groups", 1) != 1:
             raise Unfollowable(f"grouped convolution (groups={layer.groups})")
         if len(inputs) != 1:
             raise Unfollowable("more than one input")
-        activation = _activation_name(layer)
-        width = _width(out_shapes[0])
+        activation = activation_name(layer)
+        width = channel_width(out_shapes[0])
         if kind == "Dense":
-            names = _weight_names(layer, {"kernel", "bias"})
+            names = weight_names(layer, {"kernel", "bias"})
             out_weights, in_weights, config = {"kernel": -1, "bias": 0}, {"kernel": -2}, {"units": "width"}
         elif kind in CONVOLUTIONS:
-            names = _weight_names(layer, {"kernel", "bias"})
+            names = weight_names(layer, {"kernel", "bias"})
             out_weights, in_weights, config = {"kernel": -1, "bias": 0}, {"kernel": -2}, {"filters": "width"}
         elif kind in TRANSPOSED_CONVOLUTIONS:  # kernel (..., out, in)
-            names = _weight_names(layer, {"kernel", "bias"})
+            names = weight_names(layer, {"kernel", "bias"})
             out_weights, in_weights, config = {"kernel": -2, "bias": 0}, {"kernel": -1}, {"filters": "width"}
         else:  # SeparableConv: depthwise (..., in, multiplier), pointwise (1, 1, in * multiplier, out)
-            names = _weight_names(layer, {"depthwise_kernel", "pointwise_kernel", "bias"})
+            names = weight_names(layer, {"depthwise_kernel", "pointwise_kernel", "bias"})
             out_weights, config = {"pointwise_kernel": -1, "bias": 0}, {"filters": "width"}
             in_weights = {"depthwise_kernel": -2, "pointwise_kernel": -2}
             if layer.depth_multiplier != 1:
@@ -217,7 +159,7 @@ class _Tracer:
 
     def carrier(self, layer, inputs, in_shapes, out_shapes):
         """A layer passing channel i to channel i that holds per-channel weights or config."""
-        kind = _type(layer)
+        kind = layer_type(layer)
         if len(inputs) != 1:
             raise Unfollowable("more than one input")
         rank = len(in_shapes[0])
@@ -226,18 +168,18 @@ class _Tracer:
             axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
             if axis is None or axis % rank != rank - 1:
                 raise Unfollowable(f"normalises axis {layer.axis}, not the channel axis")
-            names = _weight_names(layer, {"gamma", "beta", "moving_mean", "moving_variance"})
+            names = weight_names(layer, {"gamma", "beta", "moving_mean", "moving_variance"})
             weights = {name: 0 for name in names}
         elif kind == "DepthwiseConv2D" or kind == "DepthwiseConv1D":
-            if not _channels_last(layer):
+            if not channels_last(layer):
                 raise Unfollowable("channels_first data format")
             if layer.depth_multiplier != 1:
                 raise Unfollowable(f"depth_multiplier {layer.depth_multiplier}: several outputs per input channel")
-            activation = _activation_name(layer)
+            activation = activation_name(layer)
             if activation is not None and activation not in ELEMENTWISE_ACTIVATIONS:
                 raise Unfollowable(f"activation {activation!r} mixes channels")
             relu = activation in RELU_FAMILY
-            names = _weight_names(layer, {"kernel", "bias"})
+            names = weight_names(layer, {"kernel", "bias"})
             weights = {name: (-2 if name == "kernel" else 0) for name in names}  # kernel (..., in, 1)
         elif kind == "PReLU":
             alpha = layer.weights[0]
@@ -247,7 +189,7 @@ class _Tracer:
             axes = tuple(axis % rank for axis in layer.axis)
             if axes != (rank - 1,):
                 raise Unfollowable(f"normalises over axes {layer.axis}, not the channel axis alone")
-            names = _weight_names(layer, {"mean", "variance", "count"})
+            names = weight_names(layer, {"mean", "variance", "count"})
             weights = {name: -1 for name in names if name != "count"}
             layer_config = layer.get_config()
             config = {key: "slice" for key in ("mean", "variance")
@@ -272,7 +214,7 @@ class _Tracer:
 
     def follow(self, layer, inputs, in_shapes, out_shapes):
         """Output channel ids of one call of `layer`; Unfollowable if the trace cannot tell."""
-        kind = _type(layer)
+        kind = layer_type(layer)
         if kind in CONVOLUTIONS or kind in TRANSPOSED_CONVOLUTIONS or kind in ("Dense", "SeparableConv1D", "SeparableConv2D"):
             return self.producer(layer, inputs, in_shapes, out_shapes)
         if kind in ("BatchNormalization", "DepthwiseConv1D", "DepthwiseConv2D", "PReLU", "Normalization",
@@ -283,10 +225,10 @@ class _Tracer:
         if kind in PASS_THROUGH or kind in ("Activation", "ReLU", "Softmax", "Permute"):
             if len(inputs) != 1:
                 raise Unfollowable("more than one input")
-            if not _channels_last(layer):
+            if not channels_last(layer):
                 raise Unfollowable("channels_first data format")
             if kind == "Activation":
-                activation = _activation_name(layer)
+                activation = activation_name(layer)
                 if activation not in ELEMENTWISE_ACTIVATIONS:
                     raise Unfollowable(f"activation {activation!r} mixes channels")
                 if activation in RELU_FAMILY:
@@ -305,7 +247,7 @@ class _Tracer:
                 raise Unfollowable("its noise shape fixes the channel count")
             return [inputs[0]]
         if kind in ELEMENTWISE_MERGES:
-            width = _width(out_shapes[0])
+            width = channel_width(out_shapes[0])
             # an input of one channel is broadcast over all of them: it is not tied channel by channel
             tied = [ids for ids, shape in zip(inputs, in_shapes) if shape[-1] == width]
             if not tied or any(shape[-1] not in (1, width) for shape in in_shapes):
@@ -323,7 +265,7 @@ class _Tracer:
                 self.channels.tie(inputs[0], ids)
             return [inputs[0]]
         if kind == "Flatten":
-            if not _channels_last(layer):
+            if not channels_last(layer):
                 raise Unfollowable("channels_first data format")
             spatial = in_shapes[0][1:-1]
             if any(size is None for size in spatial):
@@ -369,17 +311,17 @@ class _Tracer:
             if hasattr(layer, "_nodes_by_depth"):
                 raise Unfollowable("nested model")
             followed = self.follow(layer, inputs, in_shapes, out_shapes)
-            if len(followed) != len(out_shapes) or any(len(ids) != _width(shape) for ids, shape in zip(followed, out_shapes)):
+            if len(followed) != len(out_shapes) or any(len(ids) != channel_width(shape) for ids, shape in zip(followed, out_shapes)):
                 raise Unfollowable("its output channels do not match the trace")
             results = followed
         except Unfollowable as why:
-            kind = _type(layer)
+            kind = layer_type(layer)
             for ids in inputs + list(followed):  # what a half-followed layer recorded is frozen too
                 self.channels.freeze(ids, f"read by {layer.name} ({kind}): {why}")
             results = []
             for shape in out_shapes:
                 try:
-                    ids = self.channels.fresh(_width(shape))
+                    ids = self.channels.fresh(channel_width(shape))
                 except Unfollowable:
                     ids = self.channels.fresh(0)
                 self.channels.record("origins", layer, ids)

@@ -10,6 +10,7 @@ import pytest
 
 import distillation
 import knowledge_distillation
+import prune
 import students
 from cnn_compression import checkpoints
 from cnn_compression import data
@@ -46,6 +47,13 @@ def assert_every_term_finite_and_falling(terms):
         assert np.isfinite([before, after]).all() and after < before, (name, before, after)
 
 
+def group_produced_by(network, layer_name):
+    """The name of the traced channel group whose channels `layer_name` produces (groups are named
+    after the ReLU that shows them, so not always after the layer)."""
+    return next(group["name"] for group in prune.any_model_groups(network, residual=True)
+                if any(producer["layer"] == layer_name for producer in group["producers"]))
+
+
 def test_a_mobilenet_v2_teacher_distils_into_its_own_narrowed_student(batch, tmp_path):
     images, labels = batch
     training.set_seed(0)
@@ -56,10 +64,11 @@ def test_a_mobilenet_v2_teacher_distils_into_its_own_narrowed_student(batch, tmp
     assert [layer.name for layer in student.layers] == [layer.name for layer in teacher.layers]
     assert teacher.count_params() / student.count_params() == pytest.approx(achieved, rel=1e-9)
     assert abs(achieved / 4.0 - 1) <= students.COMPRESSION_TOLERANCE
-    assert student.get_layer("Conv1").filters == widths["Conv1"] < teacher.get_layer("Conv1").filters
+    stem = group_produced_by(teacher, "Conv1")
+    assert student.get_layer("Conv1").filters == widths[stem] < teacher.get_layer("Conv1").filters
     assert student.output_shape == (None, 10)
     # Fresh weights, not the teacher's first channels
-    kept = teacher.get_layer("Conv1").get_weights()[0][..., :widths["Conv1"]]
+    kept = teacher.get_layer("Conv1").get_weights()[0][..., :widths[stem]]
     assert not np.allclose(student.get_layer("Conv1").get_weights()[0], kept)
 
     hints = [("block_5_add", "block_5_add"), ("out_relu", "out_relu")]
@@ -146,8 +155,9 @@ def test_the_script_distils_any_teacher_into_its_narrowed_student(classifiers, t
     results = config["results"]
     assert config["complete"] and results["parameters"] == student.count_params()
     assert abs(results["compression_vs_teacher"] / 2 - 1) <= students.COMPRESSION_TOLERANCE
-    assert set(results["student_widths"]) == {"stem", "inner", "wide"}  # the residual stream narrowed too
-    assert student.get_layer("inner").filters == results["student_widths"]["inner"] < 12
+    names = {layer: group_produced_by(teacher, layer) for layer in ("stem", "inner", "wide")}
+    assert set(results["student_widths"]) == set(names.values())  # the residual stream narrowed too
+    assert student.get_layer("inner").filters == results["student_widths"][names["inner"]] < 12
     history = json.loads((save / "history.json").read_text())
     assert {f"train_{name}" for name in distillation.LOSS_TERMS} <= set(history)
     assert all(np.isfinite(history[f"train_{name}"]).all() for name in distillation.LOSS_TERMS)

@@ -407,9 +407,9 @@ def test_ablation_verify_reloads_the_saved_models_with_plain_keras(tmp_path, cif
     write_summary(root / "random", "random", [1.5], [0.0])
     network = resnet.build_resnet50(resnet.width_spec(0.0625))
     checkpoints.save_model(network, str(root / "random" / "iter1" / "model.h5"))
-    split = data.load_split("cifar10", cifar10_dir)
-    predicted = network.predict(split.x_test.astype("float32"), batch_size=500, verbose=0).argmax(-1)
-    accuracy = float(np.mean(predicted == split.y_test.reshape(-1)))
+    _, _, x_test, y_test, _ = data.load_cifar10(cifar10_dir)
+    predicted = network.predict(x_test.astype("float32"), batch_size=500, verbose=0).argmax(-1)
+    accuracy = float(np.mean(predicted == y_test.reshape(-1)))
     summary_path = root / "random" / "summary.json"
     summary = json.loads(summary_path.read_text())
     summary["iterations"][0]["test_acc"] = accuracy + 0.01  # a checkpoint that does not give its table row
