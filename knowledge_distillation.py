@@ -290,6 +290,16 @@ def make_student(teacher, args, class_num, strategy):
     return student, {"student_widths": widths}, f"{teacher.name}'s channel groups narrowed {achieved:.2f}x", []
 
 
+def loss_line(distiller):
+    """The start-up log's account of the student's loss: only the terms a weight switches on."""
+    import distillation
+
+    if distiller.teacher is None:
+        return "labels only (cross-entropy)"
+    terms = " + ".join(f"{weight:g} * {name}" for name, weight in zip(distillation.LOSS_TERMS, distiller.lambdas) if weight)
+    return f"loss {terms}{' (its discriminator trained alongside)' if distiller.discriminator is not None else ''}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     cnn_compression.setup()
@@ -303,6 +313,9 @@ def main(argv=None):
     if not args.no_teacher and not any(lambdas):
         raise cli.UserError("--lambda1, --lambda2 and --lambda3 are all 0: nothing to distil "
                             "(pass --no_teacher to train the student on labels alone)")
+    if args.hint_layers and not args.lambda2:
+        raise cli.UserError("--hint_layers names the pairs of the intermediate term, which --lambda2 0 switches off: "
+                            "give --lambda2 a weight or drop --hint_layers")
     teacher_path = args.teacher_path or os.path.join(args.root_folder, "model.h5")
     if not os.path.exists(teacher_path) and "prued_model" in teacher_path:
         raise cli.UserError(f"no teacher model at {teacher_path} (the original README's typo: pruned_model?)")
@@ -348,8 +361,7 @@ def main(argv=None):
     student_parameters = resnet.count_parameters(student)
     print(f"data: {split.sizes()} from {split.source}; teacher {teacher_parameters:,} parameters, student "
           f"{student_parameters:,} ({teacher_parameters / student_parameters:.2f}x smaller), {student_line}; "
-          f"{'labels only' if args.no_teacher else 'terms ' + ', '.join(distiller.logged_terms()[2:])}"
-          f"{'; hints ' + ', '.join(f'{t}:{s}' for t, s in hints) if hints else ''}; "
+          f"{loss_line(distiller)}{'; hints ' + ', '.join(f'{t}:{s}' for t, s in hints) if hints else ''}; "
           f"{'resuming' if state == 'resume' else 'starting'} in {folder}")
     train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=class_num)

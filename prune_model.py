@@ -8,21 +8,22 @@ Each iteration k scores every channel (--importance, on validation images for ap
 selects channels per group (--ranking layer) or across groups (--ranking global), builds the
 smaller model (physically fewer filters), records its accuracy right after pruning, fine-tunes it
 until validation accuracy stops improving (--patience, ceiling --epoch_num) and writes
-<root_folder>/iter{k}/model.h5 (best validation accuracy), history.json and apoz.json, then
-appends the iteration to <root_folder>/summary.json. With --target_compression or --target_macs
-the iterations go on until the target is reached (at most --prune_iter of them), the last one
-removing only what reaches it. Rerunning the same command resumes: it continues after the last
-iteration summary.json lists (a run that met its target is complete), and an interrupted
-fine-tuning resumes from its last finished epoch (the pruned architecture is saved first, as
-iter{k}/pruned.h5). With --distill_from (a teacher .h5, or 'base': --base_model_path) each
-fine-tuning minimises (1 - alpha) * CE + alpha * T^2 * KL(teacher || student), the distillation
-stage's backbone loss (docs/pruning.md).
+<root_folder>/iter{k}/model.h5 (best validation accuracy; model.keras beside it for a model .h5
+cannot hold), history.json and apoz.json, then appends the iteration to
+<root_folder>/summary.json. With --target_compression or --target_macs the iterations go on
+until the target is reached (at most --prune_iter of them), the last one removing only what
+reaches it. Rerunning the same command resumes: it continues after the last iteration
+summary.json lists (a run that met its target is complete), and an interrupted fine-tuning
+resumes from its last finished epoch (the pruned architecture is saved first, as
+iter{k}/pruned.h5). With --distill_from (a teacher .h5 or .keras, or 'base': --base_model_path)
+each fine-tuning minimises (1 - alpha) * CE + alpha * T^2 * KL(teacher || student), the
+distillation stage's backbone loss (docs/pruning.md).
 
---base_model_path is our ResNet50 or any functional Keras classifier that takes 32x32x3 raw 0-255
-images (preprocessing inside the model) and outputs one row of class scores (probabilities
-after a softmax, or logits). Both are pruned alike: channel groups traced off the graph each
-iteration (prune.any_model_groups), targets by prune.size_counter, surgery by prune.prune_groups;
-see docs/pruning.md and docs/any_model.md.
+--base_model_path (.h5 or .keras) is our ResNet50 or any functional Keras classifier that takes
+32x32x3 raw 0-255 images (preprocessing inside the model) and outputs one row of class scores
+(probabilities after a softmax, or logits). Both are pruned alike: channel groups traced off the
+graph each iteration (prune.any_model_groups), targets by prune.size_counter, surgery by
+prune.prune_groups; see docs/pruning.md and docs/any_model.md.
 """
 
 import os
@@ -92,7 +93,7 @@ def parse_args(argv=None):
                          help="the same for base MACs / MACs")
     group = parser.add_argument_group("distillation while pruning")
     group.add_argument("--distill_from", default=None, metavar="PATH",
-                       help="fine-tune every iteration against this frozen teacher (an .h5 classifier of the base "
+                       help="fine-tune every iteration against this frozen teacher (an .h5 or .keras classifier of the base "
                             "model's classes and input; 'base': --base_model_path): (1 - alpha) * CE + alpha * T^2 "
                             "* KL(teacher || student), the distillation stage's backbone loss")
     # None when not distilling, so that config.json shows them unused; the defaults come with --distill_from
@@ -189,8 +190,7 @@ def main(argv=None):
     if teacher is not None:
         input_files["teacher"] = pruning_iteration.teacher_path(args)
     inputs = stages.input_fingerprints(split, input_files)
-    stages.check_output_folder(root)
-    files.lock_folder(root)
+    stages.lock_output_folder(root)
     if args.overwrite and os.listdir(root) not in ([], [files.LOCK_NAME]):
         files.set_aside(root)  # removed once iteration 1 has fine-tuned an epoch
     if summary is not None and files.read_json(summary_path, "summary") != summary:
@@ -211,9 +211,7 @@ def main(argv=None):
         stages.write_config(root, args, complete=False)  # extended with a larger --prune_iter
     for k in range(1, len(done) + 1):  # resume aids of finished iterations
         training.discard_backup(pruning_iteration.iteration_folder(root, k))
-        stale = os.path.join(pruning_iteration.iteration_folder(root, k), "pruned.h5")
-        if os.path.exists(stale):
-            os.remove(stale)
+        checkpoints.remove_model(os.path.join(pruning_iteration.iteration_folder(root, k), "pruned.h5"))
 
     class_num = int(base_network.output_shape[-1])
     if summary is None:
@@ -249,7 +247,7 @@ def main(argv=None):
             met = summary["target"]["met_at_iteration"] = k
         files.write_json(summary_path, summary)  # the iteration counts as complete from here on
         training.discard_backup(pruning_iteration.iteration_folder(root, k))
-        os.remove(os.path.join(pruning_iteration.iteration_folder(root, k), "pruned.h5"))
+        checkpoints.remove_model(os.path.join(pruning_iteration.iteration_folder(root, k), "pruned.h5"))
         print(f"iteration {k}: compression {record['compression_rate']:.2f}x, validation accuracy "
               f"{record['val_acc_pruned']:.4f} after pruning, {record['val_acc']:.4f} after fine-tuning; "
               f"test accuracy {record['test_acc']:.4f}")

@@ -61,6 +61,13 @@ def keras_path(path):
     return os.path.splitext(path)[0] + KERAS_SUFFIX
 
 
+def remove_model(path):
+    """Delete the model file at `path` and the `.keras` that `save_model` may have written beside it."""
+    for written in (path, keras_path(path)):
+        if os.path.exists(written):
+            os.remove(written)
+
+
 def _only_keras_layers(model):
     """Every operation of `model` is a layer class Keras exports (what the `.h5` reader rebuilds by
     name); false for custom classes and for ops called on tensors while building the graph."""

@@ -6,7 +6,6 @@ import platform
 # Flags of CPUs that compute bfloat16 natively (AMX tiles or AVX512 bf16 dot products).
 BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
 
-
 CPUINFO = "/proc/cpuinfo"
 
 

@@ -74,9 +74,15 @@ def enter_stage(folder, args, inputs, ignore=()):
     """Lock `folder` (held until the process ends) and open the stage in it: "fresh" or
     "resume", or None, after saying so, when it already holds this run finished. Call it once
     every input has been checked; `inputs` from `input_fingerprints`, `ignore` as `begin_stage`'s."""
+    lock_output_folder(folder)
+    return open_stage(folder, args, inputs, ignore)
+
+
+def lock_output_folder(folder):
+    """A stage's first write: check `folder` again (another run may have filled it while the
+    inputs were loaded; `start_stage` checked it first), then create it and hold its lock."""
     check_output_folder(folder)
     lock_folder(folder)
-    return open_stage(folder, args, inputs, ignore)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,14 +138,13 @@ def changed_arguments(previous, args, inputs=None, ignore=()):
 def begin_stage(folder, args, ignore=(), inputs=None):
     """Decide what a stage run does with `folder`: returns "fresh", "resume" or "done".
 
-    Call it once every input is validated, holding the folder's lock (`files.FolderLock`). A
+    Call it once every input is validated, holding the folder's lock (`lock_output_folder`). A
     folder holding a run with other arguments is never touched without --overwrite; with it,
     the old run is moved aside (`set_aside`) and removed only once the new run has finished its
     first epoch. Arguments named in `ignore` may differ on a rerun (e.g. prune_model.py's
     --prune_iter, so a finished run can be extended). `inputs`: {name: fingerprint} of the input
     files, compared in place of their paths.
     """
-    check_output_folder(folder)
     create_output_folder(folder)
     remove_temporaries(folder)
     config_path = os.path.join(folder, CONFIG_NAME)

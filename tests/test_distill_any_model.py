@@ -148,12 +148,14 @@ def classifiers(tmp_path_factory):
     return folder
 
 
-def test_the_script_distils_any_teacher_into_its_narrowed_student(classifiers, tmp_path, data_flags):
+def test_the_script_distils_any_teacher_into_its_narrowed_student(classifiers, tmp_path, data_flags, capsys):
     save = tmp_path / "kd"
     knowledge_distillation.main([str(argument) for argument in [
         "--teacher_path", classifiers / "teacher.keras", "--student_compression", 2, "--hint_layers", "block_out:block_out",
         "--save_folder", save, *data_flags, "--train_size", 100, "--batch_size", 50, "--epoch_num", 1, "--verbose", 0,
         "--precision", "float32"]])
+    assert ("loss 0.7 * backbone_loss + 0.3 * intermediate_loss + 0.2 * adversarial_loss (its discriminator trained "
+            "alongside); hints block_out:block_out;") in capsys.readouterr().out
     student = keras.models.load_model(str(save / "model.h5"))  # plain Keras
     teacher = keras.models.load_model(str(classifiers / "teacher.keras"))
     assert [layer.name for layer in student.layers] == [layer.name for layer in teacher.layers]
@@ -178,6 +180,8 @@ def test_the_script_distils_any_teacher_into_its_narrowed_student(classifiers, t
     ("reinitialise", ["--teacher_path", "teacher.keras", "--student_compression", 2, "--reinitialise_student"],
      "re-initialises --student_path"),
     ("bad pair", ["--teacher_path", "teacher.keras", "--hint_layers", "block_out"], "not a teacher_layer:student_layer pair"),
+    ("hints off", ["--teacher_path", "teacher.keras", "--student_compression", 2, "--hint_layers", "block_out:block_out",
+                   "--lambda2", 0], "--lambda2 0 switches off"),
     ("archive named .h5", ["--teacher_path", "archive.h5", "--student_compression", 2], "name it with the .keras suffix"),
 ])
 def test_bad_teachers_students_and_pairs_are_refused_in_one_line_before_anything_is_written(case, flags, expected,

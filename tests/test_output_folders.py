@@ -109,6 +109,33 @@ def test_a_failed_start_creates_nothing_and_the_corrected_retry_runs(tmp_path):
     assert os.listdir(folder) == []
 
 
+@pytest.mark.parametrize("script", ["train_base_model.py", "prune_model.py"])
+def test_a_folder_filled_by_another_run_during_start_up_is_refused_before_the_first_write(script, tmp_path, monkeypatch):
+    """The output folder is checked where start-up first reads it and again where it first writes
+    (lock_output_folder): another run may take it while the data loads."""
+    from cnn_compression import stages
+    from test_prune_any_model import small_classifier
+
+    folder = tmp_path / "out"
+    load_split = stages.load_split
+
+    def load_while_another_run_writes(args):
+        split = load_split(args)
+        (folder / "other").mkdir(parents=True)
+        (folder / "other" / "config.json").write_text("{}\n")
+        return split
+
+    monkeypatch.setattr(stages, "load_split", load_while_another_run_writes)
+    if script == "prune_model.py":
+        small_classifier().save(str(tmp_path / "base.h5"))
+        flags = ["--root_folder", folder, "--base_model_path", tmp_path / "base.h5", "--criterion", "fraction"]
+    else:
+        flags = ["--save_folder", folder, *SMALL]
+    line = assert_one_line_error(run_in_process(script, *flags, "--dataset", "sample"))
+    assert "holds other runs in its subfolders (other)" in line
+    assert os.listdir(folder) == ["other"]  # no lock, no config.json
+
+
 def test_overwrite_sets_the_old_run_aside_until_the_new_one_has_an_epoch(finished, tmp_path):
     _, original, pretrained, _ = finished
     folder = str(tmp_path / "copy")

@@ -10,6 +10,7 @@ import pytest
 from cnn_compression import channel_graph
 from cnn_compression import channel_selection
 from cnn_compression import cli
+from cnn_compression import files
 import evaluate_model
 import prune
 import prune_model
@@ -100,6 +101,51 @@ def test_prune_model_prunes_any_functional_classifier(classifier_path, tmp_path,
     assert "stem_relu" in layers  # the residual stream, scored through its ReLUs before and after the Add
     pruned = keras.models.load_model(str(residual_root / f"iter{last['iteration']}" / "model.h5"), compile=False)
     assert pruned.get_layer("stem").filters == pruned.get_layer("back").filters < 16
+
+
+def hard_swish_classifier():
+    """A small CNN with MobileNetV3's hard swish, x * relu6(x + 3) / 6: ops on Python constants in
+    the graph, which Keras cannot rebuild from .h5; only the native .keras holds this model."""
+    layers = keras.layers
+    inputs = keras.Input((32, 32, 3), name="pixels")
+    x = layers.Rescaling(1 / 255.0, name="scale")(inputs)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = x * layers.ReLU(6.0, name="gate")(x + 3.0) * (1 / 6)
+    x = layers.Conv2D(12, 3, padding="same", name="inner")(x)
+    x = layers.ReLU(name="inner_relu")(layers.BatchNormalization(name="inner_bn")(x))
+    outputs = layers.Dense(10, name="classes")(layers.GlobalAveragePooling2D(name="global")(x))
+    return keras.Model(inputs, outputs, name="hard_swish")
+
+
+def test_a_model_only_keras_holds_is_pruned_from_keras_and_written_beside_each_h5(tmp_path, capsys, data_flags):
+    keras.utils.set_random_seed(0)
+    base_path = tmp_path / "base.keras"
+    hard_swish_classifier().save(str(base_path))
+    root = tmp_path / "run"
+    arguments = ["--base_model_path", base_path, "--root_folder", root, "--criterion", "fraction", "--prune_fraction", 0.25,
+                 *data_flags, *RUN_FLAGS]
+    prune_model.main([str(argument) for argument in [*arguments, "--prune_iter", 1]])
+    assert "also writing model.keras, which every stage opens in its place" in capsys.readouterr().out
+    folder = root / "iter1"
+    # the resume aids (pruned.h5 and its pruned.keras) are gone once the iteration is recorded
+    assert sorted(path.name for path in folder.iterdir()) == ["apoz.json", "history.json", "model.h5", "model.keras",
+                                                            "pruned.json"]
+    with pytest.raises(Exception):
+        keras.models.load_model(str(folder / "model.h5"), compile=False)  # why model.keras is written
+    network = keras.models.load_model(str(folder / "model.keras"), compile=False)  # plain Keras
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["base"]["parameters"] == keras.models.load_model(str(base_path)).count_params()
+    assert network.count_params() == summary["iterations"][0]["parameters"] < summary["base"]["parameters"]
+    # both groups a quarter narrower: the stem's (through the hard swish's ops) and inner's
+    assert (network.get_layer("stem").filters, network.get_layer("inner").filters) == (12, 9)
+
+    # a second iteration prunes iteration 1's model, which its model.h5 path opens through model.keras
+    files.release_folder_locks()  # the first run's, as its process would have at exit
+    prune_model.main([str(argument) for argument in [*arguments, "--prune_iter", 2]])
+    network = keras.models.load_model(str(root / "iter2" / "model.keras"), compile=False)
+    assert (network.get_layer("stem").filters, network.get_layer("inner").filters) == (9, 7)
+    assert len(json.loads((root / "summary.json").read_text())["iterations"]) == 2
 
 
 def test_the_stage_refuses_models_it_cannot_prune(tmp_path):
