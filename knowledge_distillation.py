@@ -13,7 +13,6 @@ term) and config.json. --no_teacher trains the same student on labels alone, the
 Rerunning resumes.
 """
 
-import math
 import os
 import sys
 
@@ -347,7 +346,7 @@ def main(argv=None):
     state = stages.enter_stage(folder, args, inputs)
     if state is None:
         return
-    steps_per_epoch = math.ceil(len(split.y_train) / args.batch_size)
+    steps_per_epoch = data.training_steps(len(split.y_train), args.batch_size)
     with strategy.scope():
         distiller = distillation.Distiller(
             student, None if args.no_teacher else teacher, lambdas, args.regressor_name,

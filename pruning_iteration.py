@@ -11,6 +11,7 @@ import time
 
 from cnn_compression import channel_selection
 from cnn_compression import checkpoints
+from cnn_compression import data
 from cnn_compression import cli
 from cnn_compression import files
 from cnn_compression import training
@@ -317,7 +318,7 @@ def run_iteration(k, network, score_data, split, train_data, val_data, base, bas
           + (f" against the teacher {teacher_path(args)}" if teacher is not None else ""))
     started = time.perf_counter()
     training.set_seed(args.seed + k)
-    steps_per_epoch = -(-len(split.y_train) // args.batch_size)
+    steps_per_epoch = data.training_steps(len(split.y_train), args.batch_size)
     pruned = checkpoints.working_copy(pruned, strategy)  # pruned.h5 is float32: back in the --precision policy
     with strategy.scope():
         if teacher is None:

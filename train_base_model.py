@@ -49,7 +49,7 @@ def main(argv=None):
     strategy, folder = stages.start_stage(args, args.save_folder)
     training.set_seed(args.seed)
     split = stages.load_split(args)
-    steps_per_epoch = -(-len(split.y_train) // args.batch_size)
+    steps_per_epoch = data.training_steps(len(split.y_train), args.batch_size)
     with strategy.scope():
         network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
         training.compile_classifier(network, args, steps_per_epoch)

@@ -20,8 +20,6 @@ run's cifar-stem base at epoch 19): a trained network's step turns no more under
 under a half-grey-level change of its input.
 """
 
-import argparse
-
 from cnn_compression import cli
 
 

@@ -113,7 +113,7 @@ def measure(task):
     path = contextlib.nullcontext() if task["fused"] else fused_batch_norm.keras_batch_norm()
     with path:  # models traced inside take this BatchNorm path
         network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
-        training.compile_classifier(network, args, -(-len(split.y_train) // args.batch_size))
+        training.compile_classifier(network, args, data.training_steps(len(split.y_train), args.batch_size))
         args.verbose = 0
         with tempfile.TemporaryDirectory() as folder:  # the stage's own fit: recorder, checkpoint, backup
             training.fit_stage(network, train_data, val_data, folder, args, extra_callbacks=(timer,))

@@ -122,6 +122,22 @@ def test_pipeline_augments_training_only():
         assert any(_is_window(crop, images[i]) for i in candidates)
 
 
+def test_training_epochs_leave_out_the_partial_batch_and_evaluation_keeps_every_image():
+    labels = np.arange(40) % 10
+    images = np.zeros((40, 32, 32, 3), np.uint8)
+    for training, batch_size, sizes in ((True, 16, [16, 16]), (True, 64, [40]), (False, 16, [16, 16, 8])):
+        batches = [len(y) for _, y in data.make_dataset(images, labels, batch_size, training=training, seed=0)]
+        assert batches == sizes
+        if training:
+            assert len(batches) == data.training_steps(len(labels), batch_size)
+    # Reshuffled every epoch: the left-out images change from one epoch to the next (each image is
+    # its index in every pixel, so crops and flips keep it readable at the centre).
+    dataset = data.make_dataset(np.arange(40, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8),
+                                labels, 16, training=True, seed=0).map(lambda x, y: x[:, 16, 16, 0])
+    epochs = [sorted(np.concatenate([batch.numpy() for batch in dataset]).astype(int).tolist()) for _ in range(3)]
+    assert all(len(epoch) == 32 for epoch in epochs) and len({tuple(epoch) for epoch in epochs}) > 1
+
+
 def _is_window(crop, image):
     padded = np.pad(image.astype("float32"), ((4, 4), (4, 4), (0, 0)))
     for view in (crop, crop[:, ::-1]):
