@@ -145,6 +145,7 @@ def test_a_model_only_keras_holds_is_pruned_from_keras_and_written_beside_each_h
     # a second iteration prunes iteration 1's model, which its model.h5 path opens through model.keras
     files.release_folder_locks()  # the first run's, as its process would have at exit
     prune_model.main([str(argument) for argument in [*arguments, "--prune_iter", 2]])
+    assert "cannot hold" not in capsys.readouterr().out  # the same model, the same reason: said already
     network = keras.models.load_model(str(root / "iter2" / "model.keras"), compile=False)
     assert (network.get_layer("stem").filters, network.get_layer("inner").filters) == (9, 7)
     assert len(json.loads((root / "summary.json").read_text())["iterations"]) == 2
