@@ -39,9 +39,10 @@ them, and Add-like layers merge ids with a union-find.
 
 import numpy as np
 
-from cnn_compression.layer_kinds import (CONVOLUTIONS, ELEMENTWISE_ACTIVATIONS, ELEMENTWISE_MERGES, PASS_THROUGH,
-                                          RELU_FAMILY, TRANSPOSED_CONVOLUTIONS, Unfollowable, activation_name,
-                                          channel_width, channels_last, layer_type, weight_names)
+from cnn_compression.layer_kinds import (CONVOLUTIONS, ELEMENTWISE_ACTIVATIONS, ELEMENTWISE_MERGES, ELEMENTWISE_OPS,
+                                          PASS_THROUGH, RELU_FAMILY, TRANSPOSED_CONVOLUTIONS, Unfollowable,
+                                          activation_name, channel_width, channels_last, constant_shapes, layer_type,
+                                          weight_names)
 
 
 class _Channels:
@@ -246,7 +247,7 @@ class _Tracer:
             elif kind in ("Dropout",) and layer.noise_shape is not None and layer.noise_shape[-1] not in (None, 1):
                 raise Unfollowable("its noise shape fixes the channel count")
             return [inputs[0]]
-        if kind in ELEMENTWISE_MERGES:
+        if kind in ELEMENTWISE_MERGES or kind in ELEMENTWISE_OPS:
             width = channel_width(out_shapes[0])
             # an input of one channel is broadcast over all of them: it is not tied channel by channel
             tied = [ids for ids, shape in zip(inputs, in_shapes) if shape[-1] == width]
@@ -310,6 +311,11 @@ class _Tracer:
         try:
             if hasattr(layer, "_nodes_by_depth"):
                 raise Unfollowable("nested model")
+            for shape in constant_shapes(node):
+                # x + np.array([...]): one value per channel, which the surgery would have to slice;
+                # a scalar (hard swish's 3.0) or a constant broadcast over the channels passes.
+                if len(shape) and shape[-1] != 1:
+                    raise Unfollowable(f"a constant operand of shape {shape} varies along the channel axis")
             followed = self.follow(layer, inputs, in_shapes, out_shapes)
             if len(followed) != len(out_shapes) or any(len(ids) != channel_width(shape) for ids, shape in zip(followed, out_shapes)):
                 raise Unfollowable("its output channels do not match the trace")

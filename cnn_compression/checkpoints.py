@@ -54,6 +54,7 @@ def working_copy(model, strategy):
 
 
 _H5_HOLDS = weakref.WeakKeyDictionary()  # model -> why .h5 cannot hold it ('' when it can), tried once per model
+_NOTED = set()  # (model name, why .h5 cannot hold it) already said: a run saves many such models
 
 
 def keras_path(path):
@@ -102,7 +103,9 @@ def save_model(model, path):
     """Save `model` as a float32 Keras HDF5 (no optimizer state: every stage compiles afresh) atomically;
     the model's own compile settings stay untouched. Where `.h5` cannot hold the model (it does not
     reopen, see `_h5_failure`), the native `.keras` is written beside it too (`keras_path`), said
-    once on stdout; `load_model` opens it when the `.h5` fails. Returns the paths written.
+    on stdout once per process for a model name and reason (a pruning run saves a new model object
+    twice an iteration, each as unfit as the last); `load_model` opens it when the `.h5` fails.
+    Returns the paths written.
 
     (Keras 3 strips the optimizer from the compile config of the model it saves to .h5.)
     """
@@ -112,15 +115,16 @@ def save_model(model, path):
     write_atomically(path, lambda temporary: float32.save(temporary, include_optimizer=False))
     written = [path]
     if path.endswith((".h5", ".hdf5")):
-        first_time = model not in _H5_HOLDS
         failure = _h5_failure(model, path)
         if failure:
             other = keras_path(path)
             write_atomically(other, lambda temporary: float32.save(temporary, include_optimizer=False))
             written.append(other)
-            if first_time:
+            if (model.name, failure) not in _NOTED:
+                _NOTED.add((model.name, failure))
                 print(f"note: {os.path.basename(path)} cannot hold {model.name} ({failure}); "
-                      f"also writing {os.path.basename(other)}, which every stage opens in its place")
+                      f"also writing {os.path.basename(other)}, and from now on a .keras beside each .h5 of this "
+                      "model, which every stage opens in its place")
     if saved is not None:
         compile_config.config = saved
     return written
@@ -128,7 +132,7 @@ def save_model(model, path):
 
 def load_model(path, what="model", check=None):
     """Open a Keras model file with plain Keras: an `.h5` (HDF5), or a native `.keras` archive for
-    models `.h5` cannot hold (see `h5_holds`). A missing, foreign or broken file is a UserError.
+    models `.h5` cannot hold (see `save_model`). A missing, foreign or broken file is a UserError.
     `check(model)`, if given, may refuse the model with a UserError (e.g. `model.describe_model`
     for a stage that needs our ResNet50)."""
     import keras

@@ -2,6 +2,8 @@
 them element-wise, which convolve them, and how to read a layer's activation, data format, width
 and weights (`channel_graph` walks the graph with it)."""
 
+import numpy as np
+
 # Activation functions applied per element: they carry channels through unchanged.
 ELEMENTWISE_ACTIVATIONS = frozenset({
     "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "swish",
@@ -24,6 +26,10 @@ PASS_THROUGH = frozenset({
 })
 # Layers whose inputs must have equal channels, channel i of each combined with channel i of the others.
 ELEMENTWISE_MERGES = frozenset({"Add", "Subtract", "Multiply", "Maximum", "Minimum", "Average"})
+# keras.ops calls that combine two operands element by element, broadcasting (`x + 3.0`, `x * gate`,
+# MobileNetV3's hard swish): followed as the merges are, a constant operand only if it is the same
+# for every channel (see `constant_shapes`).
+ELEMENTWISE_OPS = frozenset({"ops.Add", "ops.Subtract", "ops.Multiply", "ops.Maximum", "ops.Minimum"})
 CONVOLUTIONS = frozenset({"Conv1D", "Conv2D", "Conv3D"})
 TRANSPOSED_CONVOLUTIONS = frozenset({"Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"})
 
@@ -33,9 +39,48 @@ class Unfollowable(Exception):
 
 
 def layer_type(layer):
-    """The Keras class name of `layer`; a class of another package (even of the same name) is unknown."""
+    """The Keras class name of `layer`; 'ops.<name>' for a keras.ops call in the graph (keras.ops.add is
+    class Add too, but takes constants and has none of the layer's attributes); a class of another
+    package (even of the same name) is unknown."""
+    import keras
+
     kind = type(layer)
-    return kind.__name__ if kind.__module__.split(".")[0] == "keras" else f"{kind.__module__}.{kind.__name__}"
+    if kind.__module__.split(".")[0] != "keras":
+        return f"{kind.__module__}.{kind.__name__}"
+    return kind.__name__ if isinstance(layer, keras.layers.Layer) else f"ops.{kind.__name__}"
+
+
+def constant_shapes(node):
+    """Shapes of the operands of a graph node that are not tensors of the graph: the constants an op
+    was called with (3.0 -> (), a numpy or Keras array -> its shape). Keyword flags count too."""
+    from keras import KerasTensor
+
+    shapes = []
+
+    def visit(value):
+        if isinstance(value, KerasTensor):
+            return
+        if isinstance(value, (list, tuple, dict)) and any(isinstance(leaf, KerasTensor) for leaf in _leaves(value)):
+            for item in (value.values() if isinstance(value, dict) else value):  # tensors and constants mixed
+                visit(item)
+            return
+        shape = getattr(value, "shape", None)
+        try:
+            shapes.append(tuple(shape) if shape is not None else np.shape(value))
+        except ValueError:  # a ragged list: no shape to call it by
+            shapes.append((None,))
+
+    for value in (*node.arguments.args, *node.arguments.kwargs.values()):
+        visit(value)
+    return shapes
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
 
 
 def activation_name(layer):

@@ -1,6 +1,8 @@
 """Channel groups traced from any functional model, surgery from them, importances: keras.applications
 models (random weights, 32x32 inputs), a small model of every followed layer kind, our ResNet50."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -404,6 +406,44 @@ def test_channels_through_a_lambda_or_a_reshape_are_frozen_not_pruned():
     before = outputs_of(network, images)
     pruned = prune.prune_groups(network, groups, {"b": [0, 2, 4]})
     assert pruned.get_layer("b").get_config()["filters"] == 3 and pruned.get_layer("c").kernel.shape == (1, 1, 3, 3)
+    np.testing.assert_allclose(outputs_of(pruned, images), before, rtol=0, atol=1e-5 * np.abs(before).max())
+
+
+def test_ops_on_a_per_channel_constant_freeze_their_channels_ops_on_a_scalar_do_not():
+    """`x + array` / `x * tensor` with one value per channel: the surgery cannot slice the constant,
+    so those channels are frozen; hard swish's scalars and a constant broadcast over the channels
+    pass. keras.ops.reshape is an op, not the Reshape layer: frozen (once a crash)."""
+    layers = keras.layers
+    inputs = keras.Input((6, 6, 3), name="image")
+    x = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    x = layers.ReLU(name="a_relu")(x + np.array([0.5, -1.0, 2.0, 0.25], "float32"))
+    x = layers.Conv2D(5, 3, padding="same", name="b")(x)
+    x = x * layers.ReLU(6.0, name="gate")(x + 3.0) * (1 / 6)  # hard swish
+    x = x * np.linspace(0.5, 1.5, 36, dtype="float32").reshape(6, 6, 1)  # per position, the same for every channel
+    x = layers.Conv2D(6, 1, name="c")(layers.ReLU(name="b_relu")(x))
+    x = keras.ops.multiply(x, keras.ops.convert_to_tensor(np.linspace(1, 2, 6, dtype="float32")))
+    x = keras.ops.reshape(layers.GlobalAveragePooling2D(name="pool")(x), (-1, 6))
+    network = keras.Model(inputs, layers.Dense(3, name="classes")(x))
+    groups = channel_graph.trace_channel_groups(network)
+    frozen = channel_graph.frozen_groups(groups)
+    assert [group["name"] for group in channel_graph.prunable_groups(groups)] == ["b"]
+    assert {"image", "a", "c", "classes"} < set(frozen)
+    assert len(frozen["a"]) == 1 and re.fullmatch(
+        r"read by \w+ \(ops\.Add\): a constant operand of shape \(4,\) varies along the channel axis", frozen["a"][0])
+    assert len(frozen["c"]) == 1 and re.fullmatch(
+        r"read by \w+ \(ops\.Multiply\): a constant operand of shape \(6,\) varies along the channel axis", frozen["c"][0])
+    assert any(re.fullmatch(r"read by \w+ \(ops\.Reshape\): layer type unknown to the trace", reason)
+               for reasons in frozen.values() for reason in reasons)
+    for name in ("a", "c"):
+        with pytest.raises(ValueError, match=f"{name} is frozen"):
+            prune.prune_groups(network, groups, {name: [0, 1]})
+    # b, through the hard swish and the per-position constant: its dead channels removed, the same outputs
+    by_name = {group["name"]: group for group in groups}
+    kill_channels(network, {"b": (by_name["b"], [1, 3])})
+    images = random_images(network, count=3)
+    before = outputs_of(network, images)
+    pruned = prune.prune_groups(network, groups, {"b": [0, 2, 4]})
+    assert pruned.get_layer("b").get_config()["filters"] == 3 and pruned.get_layer("c").kernel.shape == (1, 1, 3, 6)
     np.testing.assert_allclose(outputs_of(pruned, images), before, rtol=0, atol=1e-5 * np.abs(before).max())
 
 

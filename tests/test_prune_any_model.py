@@ -126,7 +126,9 @@ def test_a_model_only_keras_holds_is_pruned_from_keras_and_written_beside_each_h
     arguments = ["--base_model_path", base_path, "--root_folder", root, "--criterion", "fraction", "--prune_fraction", 0.25,
                  *data_flags, *RUN_FLAGS]
     prune_model.main([str(argument) for argument in [*arguments, "--prune_iter", 1]])
-    assert "also writing model.keras, which every stage opens in its place" in capsys.readouterr().out
+    # said once, at the first .h5 (pruned.h5), not again for model.h5 nor for the pruned.h5 of a later model
+    output = capsys.readouterr().out
+    assert output.count("cannot hold") == 1 and "also writing pruned.keras, and from now on a .keras" in output
     folder = root / "iter1"
     # the resume aids (pruned.h5 and its pruned.keras) are gone once the iteration is recorded
     assert sorted(path.name for path in folder.iterdir()) == ["apoz.json", "history.json", "model.h5", "model.keras",
@@ -143,6 +145,7 @@ def test_a_model_only_keras_holds_is_pruned_from_keras_and_written_beside_each_h
     # a second iteration prunes iteration 1's model, which its model.h5 path opens through model.keras
     files.release_folder_locks()  # the first run's, as its process would have at exit
     prune_model.main([str(argument) for argument in [*arguments, "--prune_iter", 2]])
+    assert "cannot hold" not in capsys.readouterr().out  # the same model, the same reason: said already
     network = keras.models.load_model(str(root / "iter2" / "model.keras"), compile=False)
     assert (network.get_layer("stem").filters, network.get_layer("inner").filters) == (9, 7)
     assert len(json.loads((root / "summary.json").read_text())["iterations"]) == 2
