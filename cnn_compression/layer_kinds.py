@@ -29,7 +29,8 @@ ELEMENTWISE_MERGES = frozenset({"Add", "Subtract", "Multiply", "Maximum", "Minim
 # keras.ops calls that combine two operands element by element, broadcasting (`x + 3.0`, `x * gate`,
 # MobileNetV3's hard swish): followed as the merges are, a constant operand only if it is the same
 # for every channel (see `constant_shapes`).
-ELEMENTWISE_OPS = frozenset({"ops.Add", "ops.Subtract", "ops.Multiply", "ops.Maximum", "ops.Minimum"})
+ELEMENTWISE_OPS = frozenset({"ops.Add", "ops.Subtract", "ops.Multiply", "ops.Divide", "ops.TrueDivide", "ops.Maximum",
+                             "ops.Minimum"})
 CONVOLUTIONS = frozenset({"Conv1D", "Conv2D", "Conv3D"})
 TRANSPOSED_CONVOLUTIONS = frozenset({"Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"})
 

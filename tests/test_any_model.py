@@ -418,7 +418,7 @@ def test_ops_on_a_per_channel_constant_freeze_their_channels_ops_on_a_scalar_do_
     x = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
     x = layers.ReLU(name="a_relu")(x + np.array([0.5, -1.0, 2.0, 0.25], "float32"))
     x = layers.Conv2D(5, 3, padding="same", name="b")(x)
-    x = x * layers.ReLU(6.0, name="gate")(x + 3.0) * (1 / 6)  # hard swish
+    x = x * layers.ReLU(6.0, name="gate")(x + 3.0) / 6.0  # hard swish, divided as some implementations do
     x = x * np.linspace(0.5, 1.5, 36, dtype="float32").reshape(6, 6, 1)  # per position, the same for every channel
     x = layers.Conv2D(6, 1, name="c")(layers.ReLU(name="b_relu")(x))
     x = keras.ops.multiply(x, keras.ops.convert_to_tensor(np.linspace(1, 2, 6, dtype="float32")))
