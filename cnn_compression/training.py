@@ -7,7 +7,7 @@ import os
 
 from cnn_compression.checkpoints import save_model
 from cnn_compression.cli import UserError
-from cnn_compression.files import discard_replaced, read_history, remove_temporaries, write_json
+from cnn_compression.files import discard_replaced, read_history, read_json, remove_temporaries, write_json
 
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
@@ -283,6 +283,7 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
 
     backup = os.path.join(folder, "backup")
     remove_temporaries(folder)
+    remove_temporaries(backup)  # the seed states' (make_seed_state_backup)
     repair_backup(folder)
     finished = os.path.join(backup, FIT_FINISHED)
     if os.path.exists(finished) and os.path.exists(os.path.join(folder, "model.h5")):
@@ -293,7 +294,8 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
     # The recorder writes history.json and model.h5 before the backup records the epoch as done,
     # so a kill between the two redoes that epoch instead of losing it from the history. The
     # backup outlives the fit (delete_checkpoint=False) until the caller's results are written.
-    callbacks = [recorder, keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
+    callbacks = [recorder, make_seed_state_backup(backup, first_epoch),
+                 keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
                  make_first_epoch_check(first_epoch), keras.callbacks.TerminateOnNaN(), *extra_callbacks]
     if args.patience:
         callbacks.append(make_early_stopping(recorder, args.patience))
@@ -333,6 +335,37 @@ def resume_epoch(folder):
             return int(json.load(handle)["epoch"])
     except FileNotFoundError:
         return 0
+
+
+SEED_STATES = "seed_states.json"
+
+
+def make_seed_state_backup(backup, first_epoch):
+    """A callback that carries the random state of the model's layers (Dropout's SeedGenerators)
+    across a resume, as BackupAndRestore carries the weights.
+
+    Keras saves no SeedGenerator state with the weights, so a resumed fit would draw the first
+    epoch's dropout masks again. The states are written at each epoch's end, before the backup's
+    own files, keyed by the epoch a fit resumes at: a kill in between, or `repair_backup` falling
+    back to the older copy, still finds the states of the epoch the weights are from.
+    """
+    import keras
+
+    path = os.path.join(backup, SEED_STATES)
+
+    class SeedStateBackup(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.states = [v for v in self.model.variables if v.name == "seed_generator_state"]
+            self.saved = read_json(path) if self.states and os.path.exists(path) else {}
+            for variable, value in zip(self.states, self.saved.get(str(first_epoch), [])):
+                variable.assign(value)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.states:
+                self.saved[str(epoch + 1)] = [keras.ops.convert_to_numpy(v).tolist() for v in self.states]
+                write_json(path, self.saved)
+
+    return SeedStateBackup()
 
 
 def make_first_epoch_check(first_epoch):
