@@ -81,17 +81,26 @@ def test_base_training_resumes_after_sigkill_at_every_phase_with_whole_files(tmp
     assert config["complete"] and config["results"]["best_val_acc"] == max(history["val_acc"])
 
 
+def tiny_network():
+    """A convolution, BatchNorm and a softmax classifier: a few seconds per fit where a ResNet50
+    takes tens."""
+    inputs = keras.Input((32, 32, 3))
+    features = keras.layers.Conv2D(8, 3, strides=2, use_bias=False)(keras.layers.Rescaling(1 / 255)(inputs))
+    features = keras.layers.ReLU()(keras.layers.BatchNormalization()(features))
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="predictions")(pooled))
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     import argparse
 
     from cnn_compression import data
-    import model as resnet
 
     split = data.load_split("sample", train_size=128)
     args = argparse.Namespace(epoch_num=4, learning_rate=0.01, momentum=0.9, weight_decay=0.0, label_smoothing=0.0,
                               lr_schedule="cosine", warmup_epochs=0, step_epochs=60, patience=None, verbose=0)
     training.set_seed(0)
-    network = resnet.build_resnet50(resnet.width_spec(0.0625))
+    network = tiny_network()
     training.compile_classifier(network, args, steps_per_epoch=2)
 
     class PoisonAtSecondEpoch(keras.callbacks.Callback):
@@ -164,8 +173,8 @@ def test_a_resumed_fit_stops_early_at_the_same_epoch_as_an_uninterrupted_one(tmp
 def test_a_fit_is_a_function_of_its_seed_and_a_resumed_fit_ends_as_an_uninterrupted_one(tmp_path):
     """Two fits from the same seed end with the same weights and history, to the bit; so does a fit
     killed after epoch 1 and rerun: it trains epochs 2 and 3 on the uninterrupted fit's batches
-    (before, a rebuilt pipeline restarted its shuffle and drew other crops). A tiny convolutional
-    network with BatchNorm on 64 sample images: 3 epochs of 4 batches."""
+    (before, a rebuilt pipeline restarted its shuffle and drew other crops). `tiny_network` on 64
+    sample images: 3 epochs of 4 batches."""
     import argparse
 
     from cnn_compression import data
@@ -178,10 +187,7 @@ def test_a_fit_is_a_function_of_its_seed_and_a_resumed_fit_ends_as_an_uninterrup
 
     def fit(folder, extra_callbacks=()):
         training.set_seed(0)
-        inputs = keras.Input((32, 32, 3))
-        features = keras.layers.Conv2D(8, 3, strides=2, use_bias=False)(keras.layers.Rescaling(1 / 255)(inputs))
-        features = keras.layers.ReLU()(keras.layers.BatchNormalization()(features))
-        network = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(keras.layers.GlobalAveragePooling2D()(features)))
+        network = tiny_network()
         training.compile_classifier(network, args, train.steps_per_epoch)
         history = training.fit_stage(network, train, val, str(folder), args, extra_callbacks=extra_callbacks)
         return history, network.get_weights()
