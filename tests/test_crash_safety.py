@@ -49,27 +49,29 @@ def kill_at_every_phase(arguments, folder, epochs):
     return read_files(folder, ["model.h5", "history.json"])
 
 
+def assert_trained_as_uninterrupted(arguments, folder, uninterrupted):
+    """Run `arguments` once more, uninterrupted, into the folder `uninterrupted`: the killed and
+    resumed run in `folder` trained exactly as it did (same batches, same crops), so the same
+    numbers to the bit; its epoch 1 was trained by a fresh process too. The history holds every
+    epoch's losses (the last val_loss measures the final weights); model.h5 is the best epoch's."""
+    run_script(*[uninterrupted if argument == folder else argument for argument in arguments])
+    assert open(os.path.join(uninterrupted, "history.json"), "rb").read() == open(os.path.join(folder, "history.json"), "rb").read()
+    expected, resumed = (model_arrays(os.path.join(f, "model.h5")) for f in (uninterrupted, folder))
+    assert expected.keys() == resumed.keys() and all(np.array_equal(expected[name], resumed[name]) for name in expected)
+    assert (json.load(open(os.path.join(uninterrupted, "config.json")))["results"]["test_acc"]
+            == json.load(open(os.path.join(folder, "config.json")))["results"]["test_acc"])
+
+
 def test_base_training_resumes_after_sigkill_at_every_phase_with_whole_files(tmp_path, data_flags):
     folder = str(tmp_path / "base_model")
-    flags = ["--width", "0.0625", "--train_size", "256", "--epoch_num", "4", "--batch_size", "64",
-             "--warmup_epochs", "0", "--verbose", "0", *data_flags]
-    arguments = ["train_base_model.py", "--save_folder", folder, *flags]
+    arguments = ["train_base_model.py", "--save_folder", folder, "--width", "0.0625", "--train_size", "256",
+                 "--epoch_num", "4", "--batch_size", "64", "--warmup_epochs", "0", "--verbose", "0", *data_flags]
     fitted = kill_at_every_phase(arguments, folder, epochs=4)
     completed = run_script(*arguments)
     assert "resuming" in completed.stdout
     # Killed after the fit: the rerun only evaluated and closed, it did not train again.
     assert read_files(folder, ["model.h5", "history.json"]) == fitted
-    # The killed and resumed run trained exactly as an uninterrupted one: same batches, same
-    # crops, so the same numbers to the bit (epoch 1 was trained by a fresh process in both). The
-    # history holds every epoch's losses (the last val_loss measures the final weights); model.h5
-    # is the best epoch's.
-    uninterrupted = str(tmp_path / "uninterrupted")
-    run_script("train_base_model.py", "--save_folder", uninterrupted, *flags)
-    assert open(os.path.join(uninterrupted, "history.json"), "rb").read() == fitted["history.json"]
-    expected, resumed = (model_arrays(os.path.join(f, "model.h5")) for f in (uninterrupted, folder))
-    assert expected.keys() == resumed.keys() and all(np.array_equal(expected[name], resumed[name]) for name in expected)
-    assert (json.load(open(os.path.join(uninterrupted, "config.json")))["results"]["test_acc"]
-            == json.load(open(os.path.join(folder, "config.json")))["results"]["test_acc"])
+    assert_trained_as_uninterrupted(arguments, folder, str(tmp_path / "uninterrupted"))
     history = json.load(open(os.path.join(folder, "history.json")))
     assert all(len(history[key]) == 4 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"))
     # The schedule continued across the kills: cosine decay per step over 4 epochs of 4 steps.
@@ -228,3 +230,4 @@ def test_distillation_resumes_after_sigkill_at_every_phase_with_whole_files(tmp_
     assert all(len(values) == 3 for values in history.values())
     assert sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]
     assert json.load(open(os.path.join(folder, "config.json")))["complete"]
+    assert_trained_as_uninterrupted(arguments, folder, str(tmp_path / "uninterrupted"))
