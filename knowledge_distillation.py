@@ -362,7 +362,7 @@ def main(argv=None):
           f"{student_parameters:,} ({teacher_parameters / student_parameters:.2f}x smaller), {student_line}; "
           f"{loss_line(distiller)}{'; hints ' + ', '.join(f'{t}:{s}' for t, s in hints) if hints else ''}; "
           f"{'resuming' if state == 'resume' else 'starting'} in {folder}")
-    train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, class_num)
+    train_data = data.TrainingData(split.x_train, split.y_train, args.batch_size, args.seed, class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=class_num)
     history = training.fit_stage(distiller, train_data, val_data, folder, args, model_to_save=student)
 

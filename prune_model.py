@@ -228,11 +228,7 @@ def main(argv=None):
     if args.apoz_samples:
         chosen = data.stratified_indices(split.y_val, args.apoz_samples, args.seed)
         score_data = split.x_val[chosen], split.y_val[chosen]
-    # The augmentation's random ops take their seeds from the global seed when the pipeline is
-    # built: seeded here, as the other stages do, not left to whatever ran before (a second run
-    # in one process). Its parallel map still hands the draws to batches in no fixed order.
-    training.set_seed(args.seed)
-    train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed, class_num)
+    train_data = data.TrainingData(split.x_train, split.y_train, args.batch_size, args.seed, class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=class_num)
     print(f"data: {split.sizes()} from {split.source}; {'resuming after iteration ' + str(len(done)) if done else 'starting'} in {root}")
     for k in range(len(done) + 1, args.prune_iter + 1):

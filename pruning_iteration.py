@@ -11,7 +11,6 @@ import time
 
 from cnn_compression import channel_selection
 from cnn_compression import checkpoints
-from cnn_compression import data
 from cnn_compression import cli
 from cnn_compression import files
 from cnn_compression import training
@@ -304,7 +303,8 @@ def prune_once(k, network, score_data, split, base_network, base_widths, args):
 def run_iteration(k, network, score_data, split, train_data, val_data, base, base_network, base_widths, args, strategy,
                   teacher=None):
     """One complete iteration; returns its summary.json record and the fine-tuned model.
-    `teacher`: --distill_from's model (load_teacher), or None to fine-tune on labels alone."""
+    `train_data`: a data.TrainingData. `teacher`: --distill_from's model (load_teacher), or None to
+    fine-tune on labels alone."""
     folder = iteration_folder(args.root_folder, k)
     paths = {name: os.path.join(folder, name) for name in ("apoz.json", "pruned.h5", "pruned.json")}
     if all(os.path.exists(path) for path in paths.values()):
@@ -318,7 +318,7 @@ def run_iteration(k, network, score_data, split, train_data, val_data, base, bas
           + (f" against the teacher {teacher_path(args)}" if teacher is not None else ""))
     started = time.perf_counter()
     training.set_seed(args.seed + k)
-    steps_per_epoch = data.training_steps(len(split.y_train), args.batch_size)
+    steps_per_epoch = train_data.steps_per_epoch
     pruned = checkpoints.working_copy(pruned, strategy)  # pruned.h5 is float32: back in the --precision policy
     with strategy.scope():
         if teacher is None:

@@ -87,7 +87,7 @@ def measure(task):
     training.set_seed(args.seed)
     args.precision = training.set_precision(args.precision)
     split = data.load_split("cifar10", args.data_dir, args.train_size, args.seed)
-    train_data = data.make_dataset(split.x_train, split.y_train, args.batch_size, True, args.seed)
+    train_data = data.TrainingData(split.x_train, split.y_train, args.batch_size, args.seed)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size)
 
     class EpochTimer(keras.callbacks.Callback):
@@ -113,7 +113,7 @@ def measure(task):
     path = contextlib.nullcontext() if task["fused"] else fused_batch_norm.keras_batch_norm()
     with path:  # models traced inside take this BatchNorm path
         network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
-        training.compile_classifier(network, args, data.training_steps(len(split.y_train), args.batch_size))
+        training.compile_classifier(network, args, train_data.steps_per_epoch)
         args.verbose = 0
         with tempfile.TemporaryDirectory() as folder:  # the stage's own fit: recorder, checkpoint, backup
             training.fit_stage(network, train_data, val_data, folder, args, extra_callbacks=(timer,))

@@ -213,19 +213,24 @@ def load_split(dataset="cifar10", data_dir=None, train_size=None, seed=0):
     return Split(x_train, y_train, x_val, y_val, x_test, y_test, source)
 
 
-def _augment(images):
-    """Pad by 4, take a random 32x32 crop and flip half the images: vectorised over the batch."""
+def _augment(images, seed):
+    """Pad by 4, take a random 32x32 crop and flip half the images: vectorised over the batch.
+
+    The draws are stateless, a function of `seed` (shape [2]) alone, so a batch augments the same
+    way whichever thread of the parallel map, or which run, computes it.
+    """
     import tensorflow as tf
 
     batch = tf.shape(images)[0]
     height, width = images.shape[1], images.shape[2]
+    offset_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     padded = tf.pad(images, [[0, 0], [4, 4], [4, 4], [0, 0]])
-    offsets = tf.random.uniform([batch, 2], maxval=9, dtype=tf.int32)
+    offsets = tf.random.stateless_uniform([batch, 2], offset_seed, minval=0, maxval=9, dtype=tf.int32)
     rows = offsets[:, :1] + tf.range(height)[None, :]
     cols = offsets[:, 1:] + tf.range(width)[None, :]
     cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
     cropped = tf.gather(cropped, cols, axis=2, batch_dims=1)
-    flip = tf.random.uniform([batch]) < 0.5
+    flip = tf.random.stateless_uniform([batch], flip_seed) < 0.5
     return tf.where(flip[:, None, None, None], tf.reverse(cropped, axis=[2]), cropped)
 
 
@@ -248,27 +253,73 @@ def training_steps(example_count, batch_size):
     return 1 if example_count else 0
 
 
-def make_dataset(images, labels, batch_size, training=False, seed=0, class_num=10):
+def make_dataset(images, labels, batch_size, training=False, seed=0, class_num=10, first_epoch=0, epoch_num=None):
     """A tf.data pipeline of (float32 0-255 images, one-hot labels).
 
-    Training: cached, reshuffled every epoch, randomly cropped and flipped, in full batches only
-    (`drops_remainder`); otherwise in order, every image.
+    Evaluation (`training` False): every image once, in order. Training: the epochs `first_epoch`
+    up to `epoch_num` (default: the one epoch `first_epoch`) one after another, each in full
+    batches only (`drops_remainder`), randomly cropped and flipped. Epoch e is a pure function of
+    (seed, e): its order a stateless permutation seeded by (seed, e), batch b's crops and flips
+    seeded by (seed, e, b). So the pipeline a resumed fit builds from its resume epoch yields
+    exactly the batches the uninterrupted fit trained on from there.
     """
     import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
     # Under multi-worker training each worker keeps every N-th batch element (there are no files to shard).
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dataset = dataset.with_options(options)
-    if training:
-        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size, drop_remainder=training and drops_remainder(len(labels), batch_size))
-    if training:
-        # Augmenting whole batches costs a few ops per batch instead of per image.
-        dataset = dataset.map(lambda x, y: (_augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if not training:
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).with_options(options).batch(batch_size)
+    else:
+        dataset = _training_batches(images, labels, batch_size, seed, first_epoch,
+                                    first_epoch + 1 if epoch_num is None else epoch_num).with_options(options)
     dataset = dataset.map(
         lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, class_num)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _training_batches(images, labels, batch_size, seed, first_epoch, epoch_num):
+    """Augmented uint8 batches of the epochs first_epoch..epoch_num-1, each a function of (seed, epoch)."""
+    import tensorflow as tf
+
+    images, labels = tf.constant(images), tf.constant(labels)
+    count = int(labels.shape[0])
+    drop_remainder = drops_remainder(count, batch_size)
+
+    def epoch_batches(epoch):
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), epoch_seed)
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
+        return batches.enumerate().map(lambda index, chosen: (tf.random.experimental.stateless_fold_in(epoch_seed, index), chosen))
+
+    def augmented(batch_seed, chosen):
+        # Augmenting whole batches costs a few ops per batch instead of per image.
+        return _augment(tf.gather(images, chosen), batch_seed), tf.gather(labels, chosen)
+
+    epochs = tf.data.Dataset.range(first_epoch, max(first_epoch, epoch_num))
+    return epochs.flat_map(epoch_batches).map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@dataclass(eq=False)
+class TrainingData:
+    """A stage's training images and how its epochs batch, order and augment them.
+
+    `fit_stage` builds the pipeline from the epoch its fit starts at (`epochs`), so a resumed
+    stage trains on exactly the batches an uninterrupted one would have.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    batch_size: int
+    seed: int = 0
+    class_num: int = 10
+
+    @property
+    def steps_per_epoch(self):
+        return training_steps(len(self.labels), self.batch_size)
+
+    def epochs(self, first_epoch, epoch_num):
+        """The batches of epochs first_epoch..epoch_num-1, one after another (see `make_dataset`)."""
+        return make_dataset(self.images, self.labels, self.batch_size, True, self.seed, self.class_num, first_epoch, epoch_num)

@@ -7,7 +7,7 @@ import os
 
 from cnn_compression.checkpoints import save_model
 from cnn_compression.cli import UserError
-from cnn_compression.files import discard_replaced, read_history, remove_temporaries, write_json
+from cnn_compression.files import discard_replaced, read_history, read_json, remove_temporaries, write_json
 
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
@@ -271,7 +271,8 @@ FIT_FINISHED = "fit_finished.json"
 
 
 def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, extra_callbacks=(), run_folder=None):
-    """`model.fit` with the stage's callbacks; resumable mid-stage through BackupAndRestore.
+    """`model.fit` on `train_data` (a `data.TrainingData`) with the stage's callbacks; resumable
+    mid-stage through BackupAndRestore, on the same batches an uninterrupted fit trains on.
 
     Writes `folder/model.h5` (best validation accuracy) and `folder/history.json`. Returns the
     history dict. A NaN loss stops training and raises TrainingDiverged; the last good
@@ -282,17 +283,20 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
 
     backup = os.path.join(folder, "backup")
     remove_temporaries(folder)
+    remove_temporaries(backup)  # the seed states' (make_seed_state_backup)
     repair_backup(folder)
     finished = os.path.join(backup, FIT_FINISHED)
     if os.path.exists(finished) and os.path.exists(os.path.join(folder, "model.h5")):
         # Killed after the fit, before the caller closed the stage: the checkpoint and history are final.
         return read_history(os.path.join(folder, "history.json"))
+    first_epoch = resume_epoch(folder)
     recorder = make_stage_recorder(folder, model_to_save, run_folder=run_folder)
     # The recorder writes history.json and model.h5 before the backup records the epoch as done,
     # so a kill between the two redoes that epoch instead of losing it from the history. The
     # backup outlives the fit (delete_checkpoint=False) until the caller's results are written.
-    callbacks = [recorder, keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
-                 keras.callbacks.TerminateOnNaN(), *extra_callbacks]
+    callbacks = [recorder, make_seed_state_backup(backup, first_epoch),
+                 keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
+                 make_first_epoch_check(first_epoch), keras.callbacks.TerminateOnNaN(), *extra_callbacks]
     if args.patience:
         callbacks.append(make_early_stopping(recorder, args.patience))
     if getattr(args, "tensorboard", None):
@@ -301,8 +305,13 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
         if run_folder:
             name = f"{os.path.basename(os.path.normpath(run_folder))}_{name}"
         callbacks.append(keras.callbacks.TensorBoard(log_dir=os.path.join(args.tensorboard, name)))
-    model.fit(train_data, validation_data=val_data, epochs=args.epoch_num, callbacks=callbacks,
-              verbose=args.verbose, shuffle=False)  # the pipeline shuffles
+    # One stream of every epoch from the resume epoch on, cut into epochs by steps_per_epoch: Keras
+    # 3.15 keeps one iterator across the epochs of a fit given steps_per_epoch (EpochIterator), so
+    # epoch e trains on the batches of (seed, e) (tests/test_data.py pins this). A fit with nothing
+    # left still gets one epoch's stream, never read: an empty one would fail the multi-worker build.
+    stream = train_data.epochs(min(first_epoch, args.epoch_num - 1), args.epoch_num)
+    model.fit(stream, steps_per_epoch=train_data.steps_per_epoch, validation_data=val_data, epochs=args.epoch_num,
+              callbacks=callbacks, verbose=args.verbose, shuffle=False)  # the pipeline shuffles
     # None when the backup already held the last epoch (a kill just before the finish mark)
     history = recorder.history if recorder.history is not None else read_history(os.path.join(folder, "history.json"))
     losses = history.get("train_loss", [])
@@ -316,6 +325,65 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
         raise TrainingDiverged(f"no epoch produced a finite validation accuracy; nothing saved in {folder}")
     write_json(finished, {"epochs": len(losses)})  # a rerun before discard_backup() skips straight to the results
     return history
+
+
+def resume_epoch(folder):
+    """The epoch BackupAndRestore resumes `folder`'s fit at: the epoch after the last one backed up
+    (Keras' training_metadata.json, once `repair_backup` has made it readable), else 0."""
+    try:
+        with open(os.path.join(folder, "backup", "training_metadata.json")) as handle:
+            return int(json.load(handle)["epoch"])
+    except FileNotFoundError:
+        return 0
+
+
+SEED_STATES = "seed_states.json"
+
+
+def make_seed_state_backup(backup, first_epoch):
+    """A callback that carries the random state of the model's layers (Dropout's SeedGenerators)
+    across a resume, as BackupAndRestore carries the weights.
+
+    Keras saves no SeedGenerator state with the weights, so a resumed fit would draw the first
+    epoch's dropout masks again. The states are written at each epoch's end, before the backup's
+    own files, keyed by the epoch a fit resumes at: a kill in between, or `repair_backup` falling
+    back to the older copy, still finds the states of the epoch the weights are from.
+    """
+    import keras
+
+    path = os.path.join(backup, SEED_STATES)
+
+    class SeedStateBackup(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.states = [v for v in self.model.variables if v.name == "seed_generator_state"]
+            self.saved = read_json(path) if self.states and os.path.exists(path) else {}
+            for variable, value in zip(self.states, self.saved.get(str(first_epoch), [])):
+                variable.assign(value)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.states:
+                self.saved[str(epoch + 1)] = [keras.ops.convert_to_numpy(v).tolist() for v in self.states]
+                write_json(path, self.saved)
+
+    return SeedStateBackup()
+
+
+def make_first_epoch_check(first_epoch):
+    """A callback that fails the fit if it starts at another epoch than `first_epoch`, the one its
+    training stream was built from: every epoch would then train on another epoch's batches."""
+    import keras
+
+    class FirstEpochCheck(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.checked = False
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if not self.checked:
+                self.checked = True
+                if epoch != first_epoch:
+                    raise RuntimeError(f"the fit resumed at epoch {epoch + 1}, its data at epoch {first_epoch + 1}")
+
+    return FirstEpochCheck()
 
 
 def repair_backup(folder):

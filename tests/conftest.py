@@ -24,10 +24,10 @@ cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stage
 # two xdist workers take whole files in this order, longest first, so that no long file starts
 # last and runs alone at the end (make test passes --no-loadscope-reorder, which keeps this order).
 FILE_SECONDS = {
-    "test_prune.py": 230, "test_output_folders.py": 150, "test_base_stage.py": 150, "test_crash_safety.py": 130,
+    "test_prune.py": 230, "test_output_folders.py": 150, "test_base_stage.py": 150, "test_crash_safety.py": 150,
     "test_prune_distill.py": 120, "test_distillation.py": 115, "test_distill_any_model.py": 60, "test_importance.py": 90, "test_export.py": 90, "test_prune_any_model.py": 100,
     "test_distribute.py": 85, "test_any_model.py": 60, "test_precision.py": 40, "test_multi_worker.py": 40,
-    "test_model.py": 35, "test_plots.py": 35, "test_fused_batch_norm.py": 25, "test_onednn.py": 30, "test_data.py": 10,
+    "test_model.py": 35, "test_plots.py": 35, "test_fused_batch_norm.py": 25, "test_onednn.py": 30, "test_data.py": 15,
 }
 
 

@@ -130,12 +130,71 @@ def test_training_epochs_leave_out_the_partial_batch_and_evaluation_keeps_every_
         assert batches == sizes
         if training:
             assert len(batches) == data.training_steps(len(labels), batch_size)
-    # Reshuffled every epoch: the left-out images change from one epoch to the next (each image is
-    # its index in every pixel, so crops and flips keep it readable at the centre).
-    dataset = data.make_dataset(np.arange(40, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8),
-                                labels, 16, training=True, seed=0).map(lambda x, y: x[:, 16, 16, 0])
-    epochs = [sorted(np.concatenate([batch.numpy() for batch in dataset]).astype(int).tolist()) for _ in range(3)]
+    # Reshuffled every epoch: the left-out images change from one epoch to the next.
+    epochs = [sorted(np.concatenate(centres(data.make_dataset(indexed_images(40), labels, 16, True, 0, first_epoch=epoch))))
+              for epoch in range(3)]
     assert all(len(epoch) == 32 for epoch in epochs) and len({tuple(epoch) for epoch in epochs}) > 1
+
+
+def indexed_images(count):
+    """Images that are their index in every pixel: crops and flips keep it readable at the centre."""
+    return np.arange(count, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
+
+
+def centres(dataset):
+    """The image indices of every batch of a pipeline over `indexed_images`."""
+    return [images.numpy()[:, 16, 16, 0].astype(int) for images, _ in dataset]
+
+
+def batches(dataset):
+    return [(images.numpy(), onehot.numpy()) for images, onehot in dataset]
+
+
+def test_training_epochs_are_a_function_of_seed_and_epoch():
+    images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(40) % 10
+
+    def epoch(seed, number):
+        return batches(data.make_dataset(images, labels, 16, True, seed, first_epoch=number))
+
+    first = epoch(3, 1)
+    again = epoch(3, 1)  # a new pipeline, as a resumed run builds
+    assert all(np.array_equal(a, b) for batch, same in zip(first, again) for a, b in zip(batch, same))
+    for other in (epoch(3, 2), epoch(4, 1)):  # another epoch, another seed: other order and crops
+        assert not np.array_equal(first[0][0], other[0][0])
+    # Epochs 1..2 in one stream are epoch 1's batches, then epoch 2's.
+    stream = batches(data.make_dataset(images, labels, 16, True, 3, first_epoch=1, epoch_num=3))
+    expected = first + epoch(3, 2)
+    assert len(stream) == 4 and all(np.array_equal(a, b) for batch, same in zip(stream, expected) for a, b in zip(batch, same))
+
+
+def test_keras_fit_trains_epoch_e_on_the_batches_of_epoch_e():
+    """fit_stage hands `fit` one stream of the epochs from the resume epoch on with steps_per_epoch:
+    Keras must then read each epoch's batches from where the last epoch stopped, never restart the
+    stream (which would train every epoch on the first one's batches). A fit resumed at epoch 1 of 3."""
+    import keras
+
+    initial_epoch = 1
+    training_data = data.TrainingData(indexed_images(40), np.arange(40) % 10, 16, seed=5)
+    seen = []
+
+    class Recording(keras.Model):
+        def train_step(self, batch):
+            seen.append((self.epoch, batch[0].numpy()[:, 16, 16, 0].astype(int)))
+            return {"batches": len(seen)}
+
+    class Epoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            network.epoch = epoch
+
+    inputs = keras.Input((32, 32, 3))
+    network = Recording(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(inputs)))
+    network.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+    network.fit(training_data.epochs(initial_epoch, 3), steps_per_epoch=training_data.steps_per_epoch, epochs=3,
+                initial_epoch=initial_epoch, callbacks=[Epoch()], verbose=0, shuffle=False)
+    expected = [(epoch, batch) for epoch in range(initial_epoch, 3) for batch in centres(training_data.epochs(epoch, epoch + 1))]
+    assert [epoch for epoch, _ in seen] == [epoch for epoch, _ in expected]
+    assert all(np.array_equal(batch, wanted) for (_, batch), (_, wanted) in zip(seen, expected))
 
 
 def _is_window(crop, image):

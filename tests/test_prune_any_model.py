@@ -312,9 +312,8 @@ def test_global_ranking_through_the_script_moves_channels_between_groups_down_to
 def test_any_model_pruning_killed_mid_fine_tuning_resumes_to_the_uninterrupted_files(classifier_path, tmp_path, data_flags):
     """SIGKILL of prune_model.py on a model that is not our ResNet50 once iteration 1's first
     fine-tuning epoch is backed up; the same command then resumes at epoch 2 (epoch 1 kept as the
-    killed run wrote it) and writes what an uninterrupted run writes. The training numbers
-    themselves are compared by structure only: the random crops and flips (stateful random ops in a
-    parallel tf.data map) differ between any two processes, interrupted or not."""
+    killed run wrote it) and writes what an uninterrupted run writes, to the bit: epoch 2 trains on
+    the uninterrupted run's batches and crops (the pipeline is a function of the seed and epoch)."""
     import os
 
     from conftest import REPO, assert_files_whole, epoch_backed_up, kill_when
@@ -338,14 +337,10 @@ def test_any_model_pruning_killed_mid_fine_tuning_resumes_to_the_uninterrupted_f
     assert pruned.pop("seconds") > 0 and whole_pruned.pop("seconds") > 0 and pruned == whole_pruned
     history, whole_history = (json.loads((root / "iter1" / "history.json").read_text()) for root in (killed, whole))
     assert {key: values[:1] for key, values in history.items()} == at_kill  # epoch 1 not trained again
-    assert {key: len(values) for key, values in history.items()} == {key: len(values) for key, values in whole_history.items()}
-    assert history["lr"] == whole_history["lr"]  # the schedule continued where it stood
+    assert history == whole_history  # the schedule continued where it stood, on the same batches
     summary, whole_summary = (json.loads((root / "summary.json").read_text()) for root in (killed, whole))
     assert summary["base"] == whole_summary["base"]
     [record], [whole_record] = summary["iterations"], whole_summary["iterations"]
-    trained = ("val_acc", "test_acc", "seconds")
-    assert {key: value for key, value in record.items() if key not in trained} == \
-        {key: value for key, value in whole_record.items() if key not in trained}
-    assert record["val_acc"] == pytest.approx(max(history["val_acc"]), abs=2e-4)  # the resumed fit's best checkpoint
+    assert record.pop("seconds") > 0 and whole_record.pop("seconds") > 0 and record == whole_record
     assert json.loads((killed / "config.json").read_text())["complete"] is True
     assert sorted(os.listdir(killed / "iter1")) == sorted(os.listdir(whole / "iter1"))  # no backup left
