@@ -346,14 +346,14 @@ def main(argv=None):
     state = stages.enter_stage(folder, args, inputs)
     if state is None:
         return
-    steps_per_epoch = data.training_steps(len(split.y_train), args.batch_size)
+    train_data = data.TrainingData(split.x_train, split.y_train, args.batch_size, args.seed, class_num)
     with strategy.scope():
         distiller = distillation.Distiller(
             student, None if args.no_teacher else teacher, lambdas, args.regressor_name,
             args.temperature, args.kd_beta, args.label_smoothing, hint_layers=hints or None,
         )
         distiller.compile(
-            optimizer=training.make_optimizer(args, steps_per_epoch, args.student_learning_rate),
+            optimizer=training.make_optimizer(args, train_data.steps_per_epoch, args.student_learning_rate),
             discriminator_optimizer=training.scaled_for_precision(keras.optimizers.Adam(args.discriminator_learning_rate)),
         )
     teacher_parameters = resnet.count_parameters(teacher)
@@ -362,7 +362,6 @@ def main(argv=None):
           f"{student_parameters:,} ({teacher_parameters / student_parameters:.2f}x smaller), {student_line}; "
           f"{loss_line(distiller)}{'; hints ' + ', '.join(f'{t}:{s}' for t, s in hints) if hints else ''}; "
           f"{'resuming' if state == 'resume' else 'starting'} in {folder}")
-    train_data = data.TrainingData(split.x_train, split.y_train, args.batch_size, args.seed, class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=class_num)
     history = training.fit_stage(distiller, train_data, val_data, folder, args, model_to_save=student)
 

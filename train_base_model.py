@@ -49,9 +49,10 @@ def main(argv=None):
     strategy, folder = stages.start_stage(args, args.save_folder)
     training.set_seed(args.seed)
     split = stages.load_split(args)
+    train_data = data.TrainingData(split.x_train, split.y_train, args.batch_size, args.seed, args.class_num)
     with strategy.scope():
         network = resnet.build_resnet50(resnet.width_spec(args.width), args.stem, args.class_num)
-        training.compile_classifier(network, args, data.training_steps(len(split.y_train), args.batch_size))
+        training.compile_classifier(network, args, train_data.steps_per_epoch)
     loaded_layers = None
     if pretrained:  # also on a resume: a backup, if there is one, then replaces these weights
         loaded_layers, skipped = checkpoints.load_weights_by_name(network, pretrained)
@@ -66,7 +67,6 @@ def main(argv=None):
     print(f"data: {split.sizes()} from {split.source}; parameters: {resnet.count_parameters(network):,}; "
           f"{'resuming' if state == 'resume' else 'starting'} in {folder}"
           + (f"; {strategy.num_replicas_in_sync} replicas" if args.distribute != "none" else ""))
-    train_data = data.TrainingData(split.x_train, split.y_train, args.batch_size, args.seed, args.class_num)
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=args.class_num)
     history = training.fit_stage(network, train_data, val_data, folder, args)
     results = stages.close_stage(folder, args, history, split, parameters=resnet.count_parameters(network),

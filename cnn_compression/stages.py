@@ -21,7 +21,7 @@ from cnn_compression import multi_worker
 from cnn_compression import training
 from cnn_compression.checkpoints import load_model
 from cnn_compression.cli import UserError
-from cnn_compression.files import (create_output_folder, fingerprint_file, lock_folder, read_json, remove_temporaries,
+from cnn_compression.files import (fingerprint_file, lock_folder, read_json, remove_temporaries,
                                    set_aside, versions, write_json)
 from cnn_compression.metrics import loss_and_accuracy
 
@@ -145,7 +145,6 @@ def begin_stage(folder, args, ignore=(), inputs=None):
     --prune_iter, so a finished run can be extended). `inputs`: {name: fingerprint} of the input
     files, compared in place of their paths.
     """
-    create_output_folder(folder)
     remove_temporaries(folder)
     config_path = os.path.join(folder, CONFIG_NAME)
     previous = read_json(config_path, "config") if os.path.exists(config_path) else None

@@ -330,11 +330,8 @@ def fit_stage(model, train_data, val_data, folder, args, model_to_save=None, ext
 def resume_epoch(folder):
     """The epoch BackupAndRestore resumes `folder`'s fit at: the epoch after the last one backed up
     (Keras' training_metadata.json, once `repair_backup` has made it readable), else 0."""
-    try:
-        with open(os.path.join(folder, "backup", "training_metadata.json")) as handle:
-            return int(json.load(handle)["epoch"])
-    except FileNotFoundError:
-        return 0
+    metadata = os.path.join(folder, "backup", "training_metadata.json")
+    return int(read_json(metadata, "backup metadata")["epoch"]) if os.path.exists(metadata) else 0
 
 
 SEED_STATES = "seed_states.json"

@@ -102,6 +102,18 @@ def kill_channels(network, dead):
             layer.finalize_state()
 
 
+def prune_dead_channels_unchanged(network, groups, name, dead, keep):
+    """Kill channels `dead` of group `name`, prune the group down to `keep` (the complement) and
+    check the pruned model computes what the original with those channels dead computes; returns it."""
+    group = next(group for group in groups if group["name"] == name)
+    kill_channels(network, {name: (group, dead)})
+    images = random_images(network, count=3)
+    before = outputs_of(network, images)
+    pruned = prune.prune_groups(network, groups, {name: keep})
+    np.testing.assert_allclose(outputs_of(pruned, images), before, rtol=0, atol=1e-5 * np.abs(before).max())
+    return pruned
+
+
 def expected_parameters(network, groups, keep):
     """Parameters once the channels outside `keep` are removed, from the original weight shapes
     and the positions the groups name (independent of the surgery's slicing)."""
@@ -400,13 +412,8 @@ def test_channels_through_a_lambda_or_a_reshape_are_frozen_not_pruned():
         with pytest.raises(ValueError, match=f"{name} is frozen"):
             prune.prune_groups(network, groups, {name: [0]})
     # the rest still prunes, the Lambda carried over as it is
-    by_name = {group["name"]: group for group in groups}
-    kill_channels(network, {"b": (by_name["b"], [1, 3])})
-    images = random_images(network, count=3)
-    before = outputs_of(network, images)
-    pruned = prune.prune_groups(network, groups, {"b": [0, 2, 4]})
+    pruned = prune_dead_channels_unchanged(network, groups, "b", dead=[1, 3], keep=[0, 2, 4])
     assert pruned.get_layer("b").get_config()["filters"] == 3 and pruned.get_layer("c").kernel.shape == (1, 1, 3, 3)
-    np.testing.assert_allclose(outputs_of(pruned, images), before, rtol=0, atol=1e-5 * np.abs(before).max())
 
 
 def test_ops_on_a_per_channel_constant_freeze_their_channels_ops_on_a_scalar_do_not():
@@ -438,13 +445,8 @@ def test_ops_on_a_per_channel_constant_freeze_their_channels_ops_on_a_scalar_do_
         with pytest.raises(ValueError, match=f"{name} is frozen"):
             prune.prune_groups(network, groups, {name: [0, 1]})
     # b, through the hard swish and the per-position constant: its dead channels removed, the same outputs
-    by_name = {group["name"]: group for group in groups}
-    kill_channels(network, {"b": (by_name["b"], [1, 3])})
-    images = random_images(network, count=3)
-    before = outputs_of(network, images)
-    pruned = prune.prune_groups(network, groups, {"b": [0, 2, 4]})
+    pruned = prune_dead_channels_unchanged(network, groups, "b", dead=[1, 3], keep=[0, 2, 4])
     assert pruned.get_layer("b").get_config()["filters"] == 3 and pruned.get_layer("c").kernel.shape == (1, 1, 3, 6)
-    np.testing.assert_allclose(outputs_of(pruned, images), before, rtol=0, atol=1e-5 * np.abs(before).max())
 
 
 # ---------------------------------------------------------------------------------------------
