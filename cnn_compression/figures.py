@@ -9,8 +9,6 @@ from cnn_compression import results
 from cnn_compression.errors import UserError
 
 
-FIGURE_NAMES = ("pruning_result.png", "3d_apoz.jpg", "apoz_heatmap.png", "accuracy_result.png", "compression_result.png")
-
 
 def pyplot():
     """matplotlib.pyplot, headless (Agg), in the figures' common style."""
@@ -84,7 +82,7 @@ def plot_histories(paths, out):
     return figure
 
 
-def plot_pruning(summary, out):
+def plot_pruning(summary, out, importance="APoZ"):
     plt = pyplot()
     iterations = [entry["iteration"] for entry in summary["iterations"]]
     entries = summary["iterations"]
@@ -113,7 +111,7 @@ def plot_pruning(summary, out):
     # Below the axes, so no legend covers a point.
     accuracy_axis.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper center",
                          bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
-    figure.suptitle("Iterative APoZ pruning: accuracy and compression per iteration")
+    figure.suptitle(f"Iterative {importance} pruning: accuracy and compression per iteration")
     note = test_images_note(results.summary_test_images(summary))
     if note:
         accuracy_axis.set_title(note, fontsize=8, color="0.35")
@@ -138,7 +136,7 @@ def _short(name):
     return name.replace("_block", ".").replace("_relu", "").replace("conv", "c")
 
 
-def plot_apoz_bars(apoz, out):
+def plot_apoz_bars(apoz, out, importance="APoZ"):
     plt = pyplot()
     layers, iterations, counts = removed_matrix(apoz)
     figure = plt.figure(figsize=(11, 6.5))
@@ -151,13 +149,13 @@ def plot_apoz_bars(apoz, out):
     axis.set_xticklabels([_short(name) for name in layers], rotation=90, fontsize=6)
     axis.set_ylabel("pruning iteration")
     axis.set_zlabel("channels removed")
-    axis.set_title("Channels removed per layer and iteration (APoZ)")
+    axis.set_title(f"Channels removed per layer and iteration ({importance})")
     axis.view_init(elev=28, azim=-60)
     save_figure(figure, out)
     return figure
 
 
-def plot_apoz_heatmap(apoz, out):
+def plot_apoz_heatmap(apoz, out, importance="APoZ"):
     import numpy as np
 
     plt = pyplot()
@@ -171,7 +169,7 @@ def plot_apoz_heatmap(apoz, out):
     axis.set_xlabel("layer (stage.block_conv)")
     axis.grid(False)
     figure.colorbar(image, ax=axis, label="channels removed")
-    axis.set_title("Channels removed per layer and iteration (APoZ)")
+    axis.set_title(f"Channels removed per layer and iteration ({importance})")
     figure.tight_layout()
     save_figure(figure, out)
     return figure
@@ -190,10 +188,17 @@ def plot_students(students, teacher, out):
     bars = axis.bar(range(len(names)), values, color=colours)
     for bar, value in zip(bars, values):
         axis.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=9)
+    # The original project's figure for the same kind of model, at its own compression (12.82x students).
+    reported = [(index, results.ORIGINAL["teacher" if name == "teacher (pruned)" else name])
+                for index, name in enumerate(names) if name == "teacher (pruned)" or name in results.ORIGINAL]
+    if reported:
+        axis.scatter([index for index, _ in reported], [100 * value[0] for _, value in reported], marker="_", s=900,
+                     color="black", linewidths=2, zorder=3, label="original project (reported)")
+        axis.legend(fontsize=8, loc="upper left")
     axis.set_xticks(range(len(names)))
     axis.set_xticklabels(names, rotation=15)
     axis.set_ylabel("test accuracy (%)")
-    axis.set_ylim(0, max(values + [1]) * 1.12)
+    axis.set_ylim(0, max(values + [100 * value[0] for _, value in reported] + [1]) * 1.12)
     axis.set_title("Distilled student by loss terms, against the student alone and its teacher")
     counts = {config["results"].get("test_images")
               or results.DATASET_TEST_IMAGES.get(config.get("arguments", {}).get("dataset")) for config in students.values()} - {None}
@@ -205,22 +210,36 @@ def plot_students(students, teacher, out):
     return figure
 
 
-def plot_compression(summary, students, out):
+ORIGINAL_LABELS = ("base", "teacher", "best student", "student alone")
+
+
+def plot_compression(runs, students, out, teacher=None):
+    """Test accuracy against compression: the base, each pruning run's iterations as a line, each
+    student, and the original project's reported headline points; `teacher` is (run name,
+    iteration) of the students' teacher, ringed."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(8.5, 4.8))
-    base = summary["base"] if summary else None
+    figure, axis = plt.subplots(figsize=(11, 4.8))
+    base = runs[0].summary["base"] if runs else None
+    rates = [1.0]
     if base is not None:
         axis.scatter([1.0], [100 * base["test_acc"]], s=80, marker="*", color="C3", label="base", zorder=3)
-        entries = summary["iterations"]
-        rates = [1.0] + [e["compression_rate"] for e in entries]
-        accuracies = [100 * base["test_acc"]] + [100 * e["test_acc"] for e in entries]
-        axis.plot(rates, accuracies, "-o", color="C0", ms=4, label="pruning iterations (fine-tuned)")
-        for entry in entries[4::5]:
-            axis.annotate(f"it {entry['iteration']}", (entry["compression_rate"], 100 * entry["test_acc"]),
-                          textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for index, run in enumerate(runs):
+            entries = run.summary["iterations"]
+            run_rates = [1.0] + [e["compression_rate"] for e in entries]
+            accuracies = [100 * base["test_acc"]] + [100 * e["test_acc"] for e in entries]
+            label = "pruning iterations (fine-tuned)" if len(runs) == 1 else f"{run.name}: {run.importance} iterations (fine-tuned)"
+            axis.plot(run_rates, accuracies, "-o", color=f"C{index}", ms=4, label=label)
+            rates += run_rates
+            for entry in entries[4::5]:
+                axis.annotate(f"it {entry['iteration']}", (entry["compression_rate"], 100 * entry["test_acc"]),
+                              textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for entry in entries:
+                if teacher == (run.name, entry["iteration"]):
+                    axis.scatter([entry["compression_rate"]], [100 * entry["test_acc"]], s=160, facecolors="none",
+                                 edgecolors="C3", linewidths=1.5, zorder=4,
+                                 label=f"the students' teacher ({run.name}, iteration {entry['iteration']})")
     markers = iter("sD^vP")
     variants = results.ordered_variants(students) if base is not None else []
-    rates = [1.0] + ([e["compression_rate"] for e in summary["iterations"]] if summary else [])
     for index, name in enumerate(variants):
         measured = students[name]["results"]
         rate = base["parameters"] / measured["parameters"]
@@ -231,47 +250,62 @@ def plot_compression(summary, students, out):
         axis.scatter([shown], [100 * measured["test_acc"]], s=50, marker=next(markers, "o"), zorder=3,
                      label=f"student ({rate:.1f}x): {name}, {100 * measured['test_acc']:.2f}%",
                      edgecolors="white", linewidths=0.6)
+    original = [results.ORIGINAL[kind] for kind in results.ORIGINAL_POINTS]
+    axis.scatter([rate for _, rate in original], [100 * accuracy for accuracy, _ in original], s=45, marker="o",
+                 facecolors="none", edgecolors="0.3", linewidths=1.2, zorder=3, label="original project (reported)")
+    for kind, (accuracy, rate) in zip(ORIGINAL_LABELS, original):
+        axis.annotate(f"{kind} {100 * accuracy:.2f}%", (rate, 100 * accuracy), textcoords="offset points",
+                      xytext=(6, -3), fontsize=7, color="0.3")
+    rates += [rate for _, rate in original]
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     axis.set_xscale("log")
     low, high = min(rates) / 1.15, max(rates) * 1.25
     axis.set_xlim(low, high)
     ticks = [t for t in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500) if low <= t <= high]
+    if len(ticks) > 9:  # a wide range: fewer ticks, so no two labels touch
+        ticks = [t for t in ticks if t in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500)]
     axis.xaxis.set_major_locator(FixedLocator(ticks))  # every tick drawn gets its label
     axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
     axis.xaxis.set_minor_locator(NullLocator())
-    note = test_images_note(results.summary_test_images(summary) if summary else None)
+    note = test_images_note(results.summary_test_images(runs[0].summary) if runs else None)
     if note:
         axis.text(0.01, 0.01, note, transform=axis.transAxes, ha="left", va="bottom", fontsize=7, color="0.35")
     axis.set_xlabel("compression rate (x fewer parameters than the base, log scale)")
     axis.set_ylabel("test accuracy (%)")
     axis.set_title("Test accuracy against compression")
-    axis.legend(fontsize=8, loc="upper right")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     figure.tight_layout()
     save_figure(figure, out)
     return figure
 
 
 def draw_figures(model_root, images_dir):
-    """Every result figure whose inputs exist; returns the paths written."""
+    """Every result figure whose inputs exist; returns the paths written. Each pruning run gets its
+    own pruning and channel figures (`pruning_result_taylor.png` for `pruned_taylor`; the default
+    `pruned_model` keeps the plain names)."""
     written = []
-    pruning = results.load_pruning(model_root)
+    runs = results.load_pruning_runs(model_root)
     students = results.load_students(model_root)
-    summary = pruning[0] if pruning else None
-    if summary and summary.get("iterations"):
-        plot_pruning(summary, os.path.join(images_dir, "pruning_result.png"))
-        written.append("pruning_result.png")
-        if pruning[1]:
-            plot_apoz_bars(pruning[1], os.path.join(images_dir, "3d_apoz.jpg"))
-            plot_apoz_heatmap(pruning[1], os.path.join(images_dir, "apoz_heatmap.png"))
-            written += ["3d_apoz.jpg", "apoz_heatmap.png"]
+    for run in runs:
+        if not run.summary.get("iterations"):
+            continue
+        name = f"pruning_result{run.suffix}.png"
+        plot_pruning(run.summary, os.path.join(images_dir, name), run.importance)
+        written.append(name)
+        if run.records:
+            bars, heatmap = f"3d_apoz{run.suffix}.jpg", f"apoz_heatmap{run.suffix}.png"
+            plot_apoz_bars(run.records, os.path.join(images_dir, bars), run.importance)
+            plot_apoz_heatmap(run.records, os.path.join(images_dir, heatmap), run.importance)
+            written += [bars, heatmap]
     if students:
         teacher = next((config["results"]["teacher_test_acc"] for config in students.values()
                         if config["results"].get("teacher_test_acc") is not None), None)
         plot_students(students, teacher, os.path.join(images_dir, "accuracy_result.png"))
         written.append("accuracy_result.png")
-    if summary or students:
-        plot_compression(summary, students, os.path.join(images_dir, "compression_result.png"))
+    if runs or students:
+        plot_compression(runs, students, os.path.join(images_dir, "compression_result.png"),
+                         results.teacher_of(students, runs))
         written.append("compression_result.png")
     if not written:
         raise UserError(f"nothing to draw: no pruning summary or finished distillation run under {model_root}")

@@ -1,6 +1,8 @@
-"""The records the stages leave, read back: training histories, the pruning summary and its
-per-iteration APoZ records, the finished distillation runs, and the results table built from them."""
+"""The records the stages leave, read back: training histories, every pruning run's summary and
+per-iteration importance records, the finished distillation runs, and the results table built from
+them, beside what the original project reported."""
 
+import dataclasses
 import difflib
 import glob
 import os
@@ -66,17 +68,72 @@ def summary_test_images(summary):
     return DATASET_TEST_IMAGES.get(summary.get("arguments", {}).get("dataset"))
 
 
-def load_pruning(model_root):
-    summary_path = os.path.join(model_root, "pruned_model", "summary.json")
-    if not os.path.isfile(summary_path):
-        return None
-    summary = files.read_json(summary_path, "pruning summary")
-    apoz = {}
-    for entry in summary.get("iterations", []):
-        path = os.path.join(model_root, "pruned_model", f"iter{entry['iteration']}", "apoz.json")
-        if os.path.isfile(path):
-            apoz[entry["iteration"]] = files.read_json(path, "APoZ record")
-    return summary, apoz
+IMPORTANCE_NAMES = {"apoz": "APoZ", "taylor": "Taylor", "l1": "L1", "bn_scale": "BatchNorm scale", "random": "random"}
+
+
+@dataclasses.dataclass
+class PruningRun:
+    """One prune_model.py run under a model root: its folder's name (`pruned_model`, `pruned_taylor`,
+    ...), its summary.json and its per-iteration importance records ({iteration: apoz.json})."""
+
+    name: str
+    summary: dict
+    records: dict
+
+    @property
+    def importance(self):
+        """The criterion's display name (runs recorded before --importance existed were APoZ)."""
+        key = self.summary.get("arguments", {}).get("importance") or "apoz"
+        return IMPORTANCE_NAMES.get(key, key)
+
+    @property
+    def suffix(self):
+        """What tells this run's figures apart: nothing for the default folder `pruned_model`, else
+        the folder's name without `pruned_` (`_taylor` for `pruned_taylor`)."""
+        return "" if self.name == DEFAULT_PRUNING_FOLDER else "_" + self.name.removeprefix("pruned_")
+
+
+DEFAULT_PRUNING_FOLDER = "pruned_model"
+
+
+def load_pruning_runs(model_root):
+    """Every pruning run directly under model_root (a folder with a summary.json), the default
+    `pruned_model` first, then by name."""
+    runs = []
+    for summary_path in glob.glob(os.path.join(model_root, "*", "summary.json")):
+        folder = os.path.dirname(summary_path)
+        summary = files.read_json(summary_path, "pruning summary")
+        if not isinstance(summary, dict) or "base" not in summary or "iterations" not in summary:
+            continue  # another stage's summary, not a pruning run's
+        records = {}
+        for entry in summary["iterations"]:
+            path = os.path.join(folder, f"iter{entry['iteration']}", "apoz.json")
+            if os.path.isfile(path):
+                records[entry["iteration"]] = files.read_json(path, "importance record")
+        runs.append(PruningRun(os.path.basename(folder), summary, records))
+    return sorted(runs, key=lambda run: (run.name != DEFAULT_PRUNING_FOLDER, run.name))
+
+
+def teacher_of(students, runs):
+    """(run name, iteration) of the pruning iteration the students were distilled from, or None: the
+    students' --root_folder ends in <run folder>/iter<k> (paths are recorded as given, so only their
+    last two parts are compared)."""
+    names = {run.name for run in runs}
+    for config in students.values():
+        root = config.get("arguments", {}).get("root_folder")
+        if not root or config.get("arguments", {}).get("no_teacher"):
+            continue
+        parts = os.path.normpath(root).split(os.sep)
+        if len(parts) >= 2 and parts[-2] in names and parts[-1].startswith("iter") and parts[-1][4:].isdigit():
+            return parts[-2], int(parts[-1][4:])
+    return None
+
+
+# What the original PyTorch project reported (CIFAR-10 test accuracy, compression in real parameters;
+# ../shared/reference/original-project.md): shown beside our rows and as points on the compression figure.
+ORIGINAL = {"base": (0.9034, 1.0), "teacher": (0.8591, 3.02), "student alone": (0.6764, 12.82),
+            "L_b": (0.7724, 12.82), "L_b + L_inter": (0.7744, 12.82), "L_b + L_inter + L_adv": (0.7601, 12.82)}
+ORIGINAL_POINTS = ("base", "teacher", "L_b + L_inter", "student alone")  # its headline four: best student, and alone
 
 
 VARIANT_ORDER = ("student alone", "L_b", "L_b + L_inter", "L_b + L_inter + L_adv")
@@ -111,27 +168,34 @@ def load_students(model_root):
 
 
 def results_rows(model_root, student_macs):
-    """Rows (name, test acc, val acc, parameters, compression, MACs) for the base, every pruning
-    iteration and every finished student found under model_root.
+    """Rows (name, test acc, val acc, parameters, compression, MACs, original) for the base, every
+    iteration of every pruning run and every finished student found under model_root; `original` is
+    what the original project reported for that kind of model, where it reported one.
 
     `student_macs(folder)`: the MACs of the student saved in `folder` (its model.h5). The pruning
     summary records its models' MACs; a distillation run does not, and how to count them is the
     model's business (plot_train_history.py passes our ResNet50's count).
     """
     rows = []
-    pruning = load_pruning(model_root)
-    base = pruning[0]["base"] if pruning else None
-    if base is not None:
-        rows.append(("base", base.get("test_acc"), base.get("val_acc"), base["parameters"], 1.0, base["macs"]))
-        for entry in pruning[0].get("iterations", []):
-            rows.append((f"pruned, iteration {entry['iteration']}", entry["test_acc"], entry["val_acc"],
-                         entry["parameters"], entry["compression_rate"], entry["macs"]))
+    runs = load_pruning_runs(model_root)
     students = load_students(model_root)
+    teacher = teacher_of(students, runs)
+    base = runs[0].summary["base"] if runs else None
+    if base is not None:
+        rows.append(("base", base.get("test_acc"), base.get("val_acc"), base["parameters"], 1.0, base["macs"],
+                     ORIGINAL["base"]))
+    for run in runs:
+        label = "pruned" if len(runs) == 1 else run.name
+        for entry in run.summary["iterations"]:
+            is_teacher = teacher == (run.name, entry["iteration"])
+            rows.append((f"{label}, iteration {entry['iteration']}" + (", the teacher" if is_teacher else ""),
+                         entry["test_acc"], entry["val_acc"], entry["parameters"], entry["compression_rate"],
+                         entry["macs"], ORIGINAL["teacher"] if is_teacher else None))
     for name in ordered_variants(students):
         results = students[name]["results"]
         rate = base["parameters"] / results["parameters"] if base else None
         rows.append((f"student, {name}", results["test_acc"], results.get("best_val_acc"), results["parameters"],
-                     rate, student_macs(students[name]["folder"])))
+                     rate, student_macs(students[name]["folder"]), ORIGINAL.get(name)))
     return rows
 
 
@@ -139,9 +203,10 @@ def format_table(rows):
     def percent(value):
         return "" if value is None else f"{100 * value:.2f}%"
 
-    lines = ["| model | test accuracy | validation accuracy | parameters | compression | MACs |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, test, val, parameters, rate, macs in rows:
+    lines = ["| model | test accuracy | validation accuracy | parameters | compression | MACs | original project (reported) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, test, val, parameters, rate, macs, original in rows:
+        reported = "" if original is None else f"{percent(original[0])} at {original[1]:g}x"
         lines.append(f"| {name} | {percent(test)} | {percent(val)} | {parameters:,} | "
-                     f"{'' if rate is None else f'{rate:.2f}x'} | {macs / 1e6:.2f} M |")
+                     f"{'' if rate is None else f'{rate:.2f}x'} | {macs / 1e6:.2f} M | {reported} |")
     return "\n".join(lines)

@@ -128,7 +128,8 @@ def test_result_figures_are_drawn_from_the_model_tree(project):
     assert rows[4].startswith("| pruned, iteration 2 | 59.00% |")
     assert rows[5].startswith("| student, student alone | 40.00% |") and rows[6].startswith("| student, L_b + L_inter + L_adv | 50.00% |")
     # MACs of each student, ours (449,792 for width 0.0625, as model.count_macs) and any other model
-    assert rows[5].endswith("| 0.45 M |") and rows[6].endswith("| 0.22 M |")
+    assert rows[5].endswith("| 0.45 M | 67.64% at 12.82x |") and rows[6].endswith("| 0.22 M | 76.01% at 12.82x |")
+    assert rows[2].endswith("| 90.34% at 1x |") and rows[4].endswith("|  |")  # no teacher recorded: no original beside it
     for name in ("pruning_result.png", "apoz_heatmap.png", "accuracy_result.png", "compression_result.png"):
         with open(os.path.join(images, name), "rb") as handle:
             assert handle.read(8) == PNG_SIGNATURE, name
@@ -139,7 +140,9 @@ def test_result_figures_are_drawn_from_the_model_tree(project):
 
 def test_result_figures_draw_the_summary_apoz_and_student_values(project, tmp_path):
     model_root = os.path.join(project, "model")
-    summary, apoz = results.load_pruning(model_root)
+    [run] = results.load_pruning_runs(model_root)
+    summary, apoz = run.summary, run.records
+    assert run.name == "pruned_model" and run.suffix == "" and run.importance == "APoZ"
     students = results.load_students(model_root)
     entries = summary["iterations"]
 
@@ -167,9 +170,12 @@ def test_result_figures_draw_the_summary_apoz_and_student_values(project, tmp_pa
     axis = figure.axes[0]
     assert [label.get_text() for label in axis.get_xticklabels()] == ["student alone", "L_b + L_inter + L_adv", "teacher (pruned)"]
     np.testing.assert_allclose([bar.get_height() for bar in axis.patches], [40, 50, 59])
+    # beside each bar, what the original reported for that kind of model
+    [reported] = [c for c in axis.collections if c.get_label() == "original project (reported)"]
+    np.testing.assert_allclose(reported.get_offsets(), [[0, 67.64], [1, 76.01], [2, 85.91]])
 
     # accuracy against compression: the base and the iterations as one line, a point per student
-    figure = figures.plot_compression(summary, students, str(tmp_path / "compression.png"))
+    figure = figures.plot_compression([run], students, str(tmp_path / "compression.png"))
     axis = figure.axes[0]
     rates, accuracies = line_data(axis)["pruning iterations (fine-tuned)"]
     np.testing.assert_allclose(rates, [1.0, 1.4, 2.1])
@@ -177,13 +183,73 @@ def test_result_figures_draw_the_summary_apoz_and_student_values(project, tmp_pa
     alone = 1_000_000 / resnet.build_resnet50(resnet.width_spec(0.0625)).count_params()
     small = 1_000_000 / (3 * 3 * 3 * 8 + 8 + 8 * 10 + 10)  # the small CNN student's 314 parameters
     points = {collection.get_label(): collection.get_offsets() for collection in axis.collections}
-    assert set(points) == {"base", f"student ({alone:.1f}x): student alone, 40.00%", f"student ({small:.1f}x): L_b + L_inter + L_adv, 50.00%"}
+    assert set(points) == {"base", f"student ({alone:.1f}x): student alone, 40.00%", f"student ({small:.1f}x): L_b + L_inter + L_adv, 50.00%",
+                           "original project (reported)"}
+    # the original's headline points: base, teacher at 3.02x, best student and student alone at 12.82x
+    np.testing.assert_allclose(points["original project (reported)"], [[1, 90.34], [3.02, 85.91], [12.82, 77.44], [12.82, 67.64]])
     np.testing.assert_allclose(points["base"], [[1.0, 61.0]])
     # each student at its own compression (x nudged apart by a few percent where points would overlap)
     for label, (rate, accuracy) in {f"student ({alone:.1f}x): student alone, 40.00%": (alone, 40.0),
                                     f"student ({small:.1f}x): L_b + L_inter + L_adv, 50.00%": (small, 50.0)}.items():
         np.testing.assert_allclose(points[label][0], [rate, accuracy], rtol=0.06)
     assert axis.get_xscale() == "log"
+
+
+def write_pruning_run(root, name, importance, rates_and_accuracies):
+    """A pruning run's summary.json and apoz.json records under root/name (one channel removed per iteration)."""
+    entries = []
+    for iteration, (rate, accuracy) in enumerate(rates_and_accuracies, start=1):
+        entries.append({"iteration": iteration, "parameters": int(1e6 / rate), "macs": 1e6 / rate, "compression_rate": rate,
+                        "mac_ratio": rate, "val_acc_pruned": 0.3, "test_acc_pruned": 0.3, "val_acc": accuracy + 0.01,
+                        "test_acc": accuracy, "channels_removed": 1, "epochs": 2, "seconds": 1.0})
+        (root / name / f"iter{iteration}").mkdir(parents=True)
+        layers = {"conv2_block1_1_relu": {"score": [0.1, 0.9], "kept": [1], "removed": [0], "width_before": 2, "width_after": 1}}
+        (root / name / f"iter{iteration}" / "apoz.json").write_text(json.dumps({"iteration": iteration, "importance": importance, "layers": layers}))
+    summary = {"base": {"parameters": 1_000_000, "macs": 1e6, "val_acc": 0.93, "test_acc": 0.92},
+               "iterations": entries, "arguments": {"importance": importance}}
+    (root / name / "summary.json").write_text(json.dumps(summary))
+
+
+def test_several_pruning_runs_and_the_teacher_are_told_apart(tmp_path):
+    """The strong run's layout (model/cifar_stem/): Taylor and APoZ runs side by side, the students
+    distilled from one of their iterations."""
+    root = tmp_path / "model"
+    write_pruning_run(root, "pruned_taylor", "taylor", [(1.5, 0.91), (3.1, 0.90)])
+    write_pruning_run(root, "pruned_apoz", "apoz", [(1.6, 0.90), (3.2, 0.88)])
+    student = resnet.build_resnet50(resnet.width_spec(0.0625))
+    folder = root / "kd_model" / "backbone"
+    folder.mkdir(parents=True)
+    # paths are recorded as given on the command line, relative to where the run started
+    config = {"arguments": {"root_folder": "./model/cifar_stem/pruned_taylor/iter2", "lambda1": 0.7}, "complete": True,
+              "results": {"test_acc": 0.8, "best_val_acc": 0.81, "parameters": student.count_params(), "teacher_test_acc": 0.9}}
+    (folder / "config.json").write_text(json.dumps(config))
+    checkpoints.save_model(student, str(folder / "model.h5"))
+
+    runs = results.load_pruning_runs(str(root))
+    assert [(run.name, run.importance, run.suffix) for run in runs] == [("pruned_apoz", "APoZ", "_apoz"), ("pruned_taylor", "Taylor", "_taylor")]
+    assert results.teacher_of(results.load_students(str(root)), runs) == ("pruned_taylor", 2)
+    table = tmp_path / "results.md"
+    completed = run_script("plot_train_history.py", "--figures", "--model_root", root, "--images_dir", tmp_path / "images", "--table", table)
+    rows = table.read_text().splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| base", "| pruned_apoz, iteration 1", "| pruned_apoz, iteration 2", "| pruned_taylor, iteration 1",
+        "| pruned_taylor, iteration 2, the teacher", "| student, L_b"]
+    assert rows[4].startswith("| pruned_taylor, iteration 2, the teacher | 90.00% | 91.00% | 322,580 | 3.10x |")
+    assert rows[4].endswith("| 85.91% at 3.02x |") and rows[5].endswith("| 77.24% at 12.82x |")
+    for name in ("pruning_result_taylor.png", "pruning_result_apoz.png", "apoz_heatmap_taylor.png", "3d_apoz_apoz.jpg",
+                 "accuracy_result.png", "compression_result.png"):
+        assert os.path.isfile(tmp_path / "images" / name) and name in completed.stdout
+    assert not os.path.exists(tmp_path / "images" / "pruning_result.png")
+
+    figure = figures.plot_pruning(runs[1].summary, str(tmp_path / "taylor.png"), runs[1].importance)
+    assert figure._suptitle.get_text().startswith("Iterative Taylor pruning")
+    figure = figures.plot_compression(runs, results.load_students(str(root)), str(tmp_path / "compression.png"), ("pruned_taylor", 2))
+    axis = figure.axes[0]
+    lines = line_data(axis)
+    np.testing.assert_allclose(lines["pruned_taylor: Taylor iterations (fine-tuned)"], [[1, 1.5, 3.1], [92, 91, 90]])
+    np.testing.assert_allclose(lines["pruned_apoz: APoZ iterations (fine-tuned)"], [[1, 1.6, 3.2], [92, 90, 88]])
+    points = {collection.get_label(): collection.get_offsets() for collection in axis.collections}
+    np.testing.assert_allclose(points["the students' teacher (pruned_taylor, iteration 2)"], [[3.1, 90]])
 
 
 def test_figures_without_results_say_so(tmp_path):
