@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO := demo
 DEMO_FLAGS := --dataset sample --batch_size 64
 
-.PHONY: install demo test test-all figures clean-demo
+.PHONY: install demo test test-all figures figures-strong clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: install
 # Figures and results table of the reference run (model/ -> images/, results.md).
 figures: install
 	$(PY) plot_train_history.py --figures --table results.md
+
+# The strong reference run's (model/cifar_stem/, issue 22) figures and table, however far it has got.
+figures-strong: install
+	$(PY) plot_train_history.py --figures --model_root model/cifar_stem --images_dir images/cifar_stem --table model/cifar_stem/results.md
 
 # The suite CI runs; test-all adds the slow multi-process repeats. Whole files per worker, longest
 # first (tests/conftest.py orders them).
