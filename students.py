@@ -19,7 +19,7 @@ import numpy as np
 import model as resnet
 import prune
 
-COMPRESSION_TOLERANCE = 0.03  # how close --student_compression gets (relative) before it gives up
+COMPRESSION_TOLERANCE = 0.03  # how far past --student_compression a student may go (relative) before it gives up
 FACTOR_GRID = np.geomspace(1e-3, 1.0, 1200)  # width factors tried (widths are whole numbers: a step function)
 
 
@@ -28,23 +28,24 @@ def check_compression(target):
         raise ValueError(f"the student compression must be a number above 1, got {target}")
 
 
-def closest_on_grid(build, count, goal):
-    """(relative error, candidate): of the candidates `build(factor)` over FACTOR_GRID, the one whose
-    `count` is closest to `goal`. Widths are whole numbers, so the count is a step function of the
-    factor, and it only grows with it: bisection finds the first grid point at or above the goal,
-    and the best is it or the point before (what a scan of the whole grid would find)."""
-    def at(index):
-        candidate = build(float(FACTOR_GRID[index]))
-        return abs(count(candidate) - goal) / goal, candidate
-
+def largest_within(build, count, goal):
+    """(relative shortfall, candidate): of the candidates `build(factor)` over FACTOR_GRID, the largest
+    whose `count` is at most `goal`, so that the compression asked for is reached, never missed;
+    the shortfall (goal - count) / goal is how much further than asked it goes. (inf, None) when
+    even the thinnest candidate counts more. Widths are whole numbers, so the count is a step
+    function of the factor that only grows with it: bisection finds the last grid point at or
+    below the goal (what a scan of the whole grid would find)."""
+    if count(build(float(FACTOR_GRID[0]))) > goal:
+        return math.inf, None
     low, high = 0, len(FACTOR_GRID) - 1
     while low < high:
-        middle = (low + high) // 2
-        if count(build(float(FACTOR_GRID[middle]))) >= goal:
-            high = middle
+        middle = (low + high + 1) // 2
+        if count(build(float(FACTOR_GRID[middle]))) <= goal:
+            low = middle
         else:
-            low = middle + 1
-    return min((at(index) for index in sorted({max(0, low - 1), low})), key=lambda found: found[0])
+            high = middle - 1
+    candidate = build(float(FACTOR_GRID[low]))
+    return (goal - count(candidate)) / goal, candidate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,12 +67,13 @@ def student_spec(teacher_spec, base_stage_widths, divisor=32, stage_widths=None)
 
 
 def spec_for_compression(teacher_spec, base_spec, stem, class_num, target, tolerance=COMPRESSION_TOLERANCE):
-    """A student width spec with base parameters / student parameters within `tolerance` of `target`.
+    """A student width spec with base parameters / student parameters at least `target` and within
+    `tolerance` of it (a student asked for at 12.82x is never 12.7x).
 
     First the original's student shape: the teacher's conv1/conv2 widths, the base's stage widths
     times one factor s. When even the thinnest stages leave too many parameters, the inner widths
     shrink too (to at most the base's times s). The factor is searched on a fine grid (widths are
-    whole numbers, so the count is a step function of s: `closest_on_grid`); ValueError when no grid
+    whole numbers, so the count is a step function of s: `largest_within`); ValueError when no grid
     point comes close.
     """
     check_compression(target)
@@ -91,16 +93,16 @@ def spec_for_compression(teacher_spec, base_spec, stem, class_num, target, toler
     def count(spec):
         return resnet.parameter_count(spec, stem, class_num)
 
-    best = None
+    best = (math.inf, None)
     for family in (stages_only, inner_too):
-        found = closest_on_grid(family, count, goal)
-        if best is None or found[0] < best[0]:
+        found = largest_within(family, count, goal)
+        if found[0] < best[0]:
             best = found
         if best[0] <= tolerance:
             return resnet.validate_spec(best[1])
-    achieved = resnet.parameter_count(base_spec, stem, class_num) / resnet.parameter_count(best[1], stem, class_num)
-    raise ValueError(f"no student width spec comes within {100 * tolerance:g}% of {target:g}x compression "
-                     f"(closest: {achieved:.2f}x)")
+    closest = "" if best[1] is None else \
+        f" (closest: {resnet.parameter_count(base_spec, stem, class_num) / resnet.parameter_count(best[1], stem, class_num):.2f}x)"
+    raise ValueError(f"no student width spec reaches {target:g}x compression within {100 * tolerance:g}%{closest}")
 
 
 def build_student(teacher, base_stage_widths, divisor=32, stage_widths=None):
@@ -116,8 +118,8 @@ def build_student(teacher, base_stage_widths, divisor=32, stage_widths=None):
 
 def narrowed_widths(teacher, groups, target, tolerance=COMPRESSION_TOLERANCE):
     """({group name: width}, achieved compression): every group of `teacher` at max(1, round(width * s)),
-    one factor s for all, so that teacher parameters / student parameters is within `tolerance` of
-    `target`. Counted by prune.size_counter from the groups alone (no model built per candidate);
+    one factor s for all, so that teacher parameters / student parameters is at least `target` and
+    within `tolerance` of it. Counted by prune.size_counter from the groups alone (no model built per candidate);
     ValueError when no factor comes close (the frozen layers, such as the classifier's classes,
     bound what narrowing can remove)."""
     check_compression(target)
@@ -130,12 +132,12 @@ def narrowed_widths(teacher, groups, target, tolerance=COMPRESSION_TOLERANCE):
     def widths(factor):
         return {group["name"]: max(1, int(round(group["width"] * factor))) for group in groups}
 
-    error, best = closest_on_grid(widths, lambda candidate: count(candidate)[0], goal)
-    achieved = teacher_parameters / count(best)[0]
-    if error > tolerance:
-        raise ValueError(f"narrowing {teacher.name}'s channel groups comes no closer than {achieved:.2f}x to "
-                         f"{target:g}x compression (within {100 * tolerance:g}%)")
-    return best, achieved
+    shortfall, best = largest_within(widths, lambda candidate: count(candidate)[0], goal)
+    if shortfall > tolerance:
+        closest = "" if best is None else f"; the closest at or above it is {teacher_parameters / count(best)[0]:.2f}x"
+        raise ValueError(f"narrowing {teacher.name}'s channel groups reaches no compression within {100 * tolerance:g}% "
+                         f"above {target:g}x{closest}")
+    return best, teacher_parameters / count(best)[0]
 
 
 def _initializers(network):

@@ -285,15 +285,17 @@ def test_bad_input_is_one_line_and_overwrites_nothing(teacher_files, tmp_path, c
     assert sorted(os.listdir(save)) == ["config.json"] and (save / "config.json").read_text() == '{"sentinel": true}\n'
 
 
-def test_student_compression_chooses_widths_within_three_percent():
+def test_student_compression_reaches_the_target_and_goes_at_most_three_percent_past_it():
     base = resnet.width_spec(0.25)
     teacher = resnet.copy_spec(base)
     teacher["blocks"] = [[max(1, conv1 // 2), max(1, conv2 // 3)] for conv1, conv2 in base["blocks"]]
     base_parameters = resnet.parameter_count(base, "cifar")
-    for target in (3.02, 12.82):
+    for target in (3.02, 12.82, 5.0, 7.3, 20.0):
         spec = students.spec_for_compression(teacher, base, "cifar", 10, target)
         achieved = base_parameters / resnet.parameter_count(spec, "cifar")
-        assert abs(achieved / target - 1) <= students.COMPRESSION_TOLERANCE, (target, achieved)
+        # the closest width spec could sit below the target (12.69x for 12.82x on the strong run's
+        # teacher): asked for R, the student is never less than R
+        assert target <= achieved <= target / (1 - students.COMPRESSION_TOLERANCE), (target, achieved)
         # Never wider than the teacher inside the blocks, nor than the base in the stages.
         assert all(s <= t for pair_s, pair_t in zip(spec["blocks"], teacher["blocks"]) for s, t in zip(pair_s, pair_t))
         assert all(s <= b for s, b in zip(spec["stages"], base["stages"]))
@@ -301,7 +303,7 @@ def test_student_compression_chooses_widths_within_three_percent():
     assert students.spec_for_compression(teacher, base, "cifar", 10, 3.02)["blocks"] == teacher["blocks"]
     built = resnet.build_resnet50(students.spec_for_compression(teacher, base, "cifar", 10, 12.82), "cifar")
     assert built.count_params() == resnet.parameter_count(students.spec_for_compression(teacher, base, "cifar", 10, 12.82), "cifar")
-    with pytest.raises(ValueError, match="no student width spec"):
+    with pytest.raises(ValueError, match="no student width spec reaches"):
         students.spec_for_compression(teacher, base, "cifar", 10, 1e7)
     with pytest.raises(ValueError, match="above 1"):
         students.spec_for_compression(teacher, base, "cifar", 10, 0.5)
