@@ -10,7 +10,10 @@
 #
 # Stages: the base; then pruning to 3x by Taylor and by APoZ; then the four students at 12.82x from
 # the teacher with the better validation accuracy. The base ran at commit e564bc6; the later stages
-# run at the commit written into model/cifar_stem/RUN_COMMIT once the base was done.
+# run at the commit written into model/cifar_stem/RUN_COMMIT once the base was done (32ce97b). That
+# pin moved once mid-pruning, at an epoch boundary, to the commit that makes --student_compression
+# reach its target (the pruning path did not change between the two; the note of issue 22 lists the diff).
+# Afterwards, in the checkout: `bash benchmarks/strong_run.sh save; make figures-strong`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -5,6 +5,7 @@
 #     bash benchmarks/strong_run.sh pause    # SIGSTOP around your own test runs and benchmarks
 #     bash benchmarks/strong_run.sh continue
 #     bash benchmarks/strong_run.sh status   # the log's last epochs
+#     bash benchmarks/strong_run.sh stop     # end it (to move the pin); `start` resumes at its last backed-up epoch
 #     bash benchmarks/strong_run.sh save     # before the session ends: copy its files here to commit
 #
 # The run executes in a git worktree ($WORKTREE) detached at the commit in model/cifar_stem/RUN_COMMIT,
@@ -43,6 +44,10 @@ case "${1:-status}" in
     (cd "$WORKTREE" && PY="$PY" nohup nice -n 5 bash benchmarks/cifar10_strong.sh >> "$LOG" 2>&1 &)
     echo "started at $pin (log: $LOG; CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))" ;;
   pause) run_pids | xargs -r kill -STOP; echo "paused" ;;
+  stop)
+    # SIGKILL, as a crash would (it ends paused processes too): every stage resumes from its last
+    # backed-up epoch, so stop just after an epoch ends to lose little.
+    run_pids | xargs -r kill -KILL; sleep 1; [ -z "$(run_pids)" ] && echo "stopped" || { echo "still running: $(run_pids | tr '\n' ' ')" >&2; exit 1; } ;;
   continue) run_pids | xargs -r kill -CONT; echo "running" ;;
   status) tail -n 5 "$LOG" 2>/dev/null || echo "no log at $LOG"; echo "processes: $(run_pids | tr '\n' ' ')" ;;
   save)
@@ -54,5 +59,5 @@ case "${1:-status}" in
     cp "$LOG" model/cifar_stem/cifar10_strong.log
     [ -z "$pids" ] || kill -CONT $pids
     echo "copied into model/cifar_stem/: commit it" ;;
-  *) echo "usage: $0 start|pause|continue|status|save" >&2; exit 2 ;;
+  *) echo "usage: $0 start|pause|continue|status|stop|save" >&2; exit 2 ;;
 esac
