@@ -11,6 +11,7 @@ export_model.py: `cnn_compression.tflite.export_tflite`).
 
 import os
 import statistics
+import sys
 import time
 
 import cnn_compression
@@ -27,7 +28,8 @@ def parse_args(argv=None):
     parser = cli.Parser(description="Evaluate a checkpoint of any stage (our ResNet50 or any Keras classifier on 32x32 images).")
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--base_model_path", default=None,
-                        help=f"compare against this model (default {DEFAULT_BASE} when it exists)")
+                        help=f"compare against this model (default {DEFAULT_BASE} when it exists and, for our "
+                             "ResNet50, has the model's stem, classes and input)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--latency_repeats", type=cli.non_negative_int, default=20,
                         help="timed repeats per batch size after warm-up (0 skips latency)")
@@ -35,6 +37,36 @@ def parse_args(argv=None):
                         help="also write float32 and int8 TFLite models beside the model (export_model.py with its defaults)")
     cli.add_data_flags(parser)
     return parser.parse_args(argv)
+
+
+def base_mismatch(network, base):
+    """Why `base` cannot be the model `network` was compressed from (None when it can, or when
+    either is not our ResNet50, whose shape alone tells): another stem, class count or input."""
+    import model as resnet
+
+    try:
+        ours, theirs = resnet.describe_model(network)[1:], resnet.describe_model(base)[1:]  # (stem, classes, input)
+    except resnet.NotOurResNetError:
+        return None
+    if ours != theirs:
+        return f"its stem, classes and input {theirs} differ from the model's {ours}"
+    return None
+
+
+def choose_base(network, base_model_path=None):
+    """The base to compare `network` with: --base_model_path (checked to open), else DEFAULT_BASE
+    when it exists and `base_mismatch` has no objection (a note on stderr when it has), else None."""
+    if base_model_path:
+        checkpoints.load_model(base_model_path, "base model")
+        return base_model_path
+    if not os.path.exists(DEFAULT_BASE):
+        return None
+    mismatch = base_mismatch(network, checkpoints.load_model(DEFAULT_BASE, "default base model"))
+    if mismatch:
+        print(f"note: not comparing against the default base {DEFAULT_BASE}: {mismatch} (pass --base_model_path)",
+              file=sys.stderr)
+        return None
+    return DEFAULT_BASE
 
 
 def measure_latency(network, batch_size, repeats, warmup=3):
@@ -90,10 +122,8 @@ def main(argv=None):
     cnn_compression.setup()
     from cnn_compression import data
 
-    base_path = args.base_model_path or (DEFAULT_BASE if os.path.exists(DEFAULT_BASE) else None)
-    checkpoints.load_model(args.model_path)  # reject bad files before loading the data set
-    if base_path:
-        checkpoints.load_model(base_path, "base model")
+    network = checkpoints.load_model(args.model_path)  # reject bad files before loading the data set
+    base_path = choose_base(network, args.base_model_path)
     if args.json and os.path.isdir(args.json):
         raise cli.UserError(f"--json {args.json} is a folder")
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)

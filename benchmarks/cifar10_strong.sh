@@ -66,7 +66,9 @@ $PY knowledge_distillation.py --save_folder="$ROOT/kd_model/backbone_intermediat
     --lambda3=0 --regressor_name=vid "${KD[@]}"
 $PY knowledge_distillation.py --save_folder="$ROOT/kd_model/all_three" --lambda1=0.7 --lambda2=0.3 --lambda3=0.2 \
     --regressor_name=vid "${KD[@]}"
+# Against this run's base (evaluate_model.py's default, ./model/base_model, is another stem).
 for model in "$ROOT/base_model" "$TEACHER" "$ROOT"/kd_model/*/; do
-    $PY evaluate_model.py --model_path="${model%/}/model.h5" --data_dir "$DATA_DIR" --json "${model%/}/evaluation.json"
+    $PY evaluate_model.py --model_path="${model%/}/model.h5" --base_model_path "$ROOT/base_model/model.h5" \
+        --data_dir "$DATA_DIR" --json "${model%/}/evaluation.json"
 done
 

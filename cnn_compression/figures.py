@@ -223,8 +223,10 @@ def plot_compression(runs, students, out, teacher=None):
     rates = [1.0]
     if base is not None:
         axis.scatter([1.0], [100 * base["test_acc"]], s=80, marker="*", color="C3", label="base", zorder=3)
-        for index, run in enumerate(runs):
+        for index, run in enumerate(runs):  # a run's colour stays its own as later runs fill in
             entries = run.summary["iterations"]
+            if not entries:  # started, no iteration finished: nothing to draw but the base
+                continue
             run_rates = [1.0] + [e["compression_rate"] for e in entries]
             accuracies = [100 * base["test_acc"]] + [100 * e["test_acc"] for e in entries]
             label = "pruning iterations (fine-tuned)" if len(runs) == 1 else f"{run.name}: {run.importance} iterations (fine-tuned)"

@@ -74,11 +74,13 @@ IMPORTANCE_NAMES = {"apoz": "APoZ", "taylor": "Taylor", "l1": "L1", "bn_scale": 
 @dataclasses.dataclass
 class PruningRun:
     """One prune_model.py run under a model root: its folder's name (`pruned_model`, `pruned_taylor`,
-    ...), its summary.json and its per-iteration importance records ({iteration: apoz.json})."""
+    ...), its summary.json, its per-iteration importance records ({iteration: apoz.json}) and the
+    folder itself."""
 
     name: str
     summary: dict
     records: dict
+    folder: str = None
 
     @property
     def importance(self):
@@ -110,22 +112,30 @@ def load_pruning_runs(model_root):
             path = os.path.join(folder, f"iter{entry['iteration']}", "apoz.json")
             if os.path.isfile(path):
                 records[entry["iteration"]] = files.read_json(path, "importance record")
-        runs.append(PruningRun(os.path.basename(folder), summary, records))
+        runs.append(PruningRun(os.path.basename(folder), summary, records, folder))
     return sorted(runs, key=lambda run: (run.name != DEFAULT_PRUNING_FOLDER, run.name))
 
 
 def teacher_of(students, runs):
     """(run name, iteration) of the pruning iteration the students were distilled from, or None: the
-    students' --root_folder ends in <run folder>/iter<k> (paths are recorded as given, so only their
-    last two parts are compared)."""
-    names = {run.name for run in runs}
+    students' --root_folder ends in <run folder>/iter<k> (paths are recorded as given, relative to
+    where the run started, so only their last two parts are compared), and where both are at hand
+    the teacher the student recorded (config.json's inputs) is that iteration's model.h5: a teacher
+    outside the root in a folder of the same name is not this run's."""
+    by_name = {run.name: run for run in runs}
     for config in students.values():
         root = config.get("arguments", {}).get("root_folder")
         if not root or config.get("arguments", {}).get("no_teacher"):
             continue
         parts = os.path.normpath(root).split(os.sep)
-        if len(parts) >= 2 and parts[-2] in names and parts[-1].startswith("iter") and parts[-1][4:].isdigit():
-            return parts[-2], int(parts[-1][4:])
+        if len(parts) < 2 or parts[-2] not in by_name or not (parts[-1].startswith("iter") and parts[-1][4:].isdigit()):
+            continue
+        run, iteration = by_name[parts[-2]], int(parts[-1][4:])
+        recorded = (config.get("inputs") or {}).get("teacher")
+        model_path = os.path.join(run.folder, f"iter{iteration}", "model.h5") if run.folder else None
+        if recorded and model_path and os.path.isfile(model_path) and files.fingerprint_file(model_path) != recorded:
+            continue
+        return run.name, iteration
     return None
 
 

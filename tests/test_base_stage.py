@@ -173,3 +173,21 @@ def test_train_rejects_an_output_folder_that_is_a_file(tmp_path):
     completed = run_script("train_base_model.py", "--save_folder", str(target), "--dataset", "sample", check=False)
     assert "not a folder" in assert_one_line_error(completed)
     assert target.read_text() == "keep me"
+
+
+def test_the_default_base_is_compared_only_when_it_can_be_the_models_base(tmp_path, monkeypatch, capsys):
+    """The strong run's models (CIFAR stem) are not compared with ./model/base_model (ImageNet stem):
+    their MAC ratio and speed-ups against it would mean nothing."""
+    import evaluate_model
+
+    cifar = resnet.build_resnet50(resnet.width_spec(0.0625), "cifar")
+    imagenet_path = str(tmp_path / "imagenet.h5")
+    checkpoints.save_model(resnet.build_resnet50(resnet.width_spec(0.0625), "imagenet"), imagenet_path)
+    monkeypatch.setattr(evaluate_model, "DEFAULT_BASE", imagenet_path)
+    assert evaluate_model.choose_base(cifar) is None
+    assert f"not comparing against the default base {imagenet_path}" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate_model, "DEFAULT_BASE", str(tmp_path / "absent.h5"))
+    assert evaluate_model.choose_base(cifar) is None
+    # A base of the same stem, classes and input is compared, and a model not ours never refused.
+    assert evaluate_model.base_mismatch(cifar, resnet.build_resnet50(resnet.width_spec(0.125), "cifar")) is None
+    assert evaluate_model.base_mismatch(keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten()]), cifar) is None

@@ -10,6 +10,7 @@ import pytest
 
 from cnn_compression import checkpoints
 from cnn_compression import figures
+from cnn_compression import files
 from cnn_compression import results
 import model as resnet
 from conftest import assert_one_line_error, run_in_process, run_script
@@ -255,3 +256,36 @@ def test_several_pruning_runs_and_the_teacher_are_told_apart(tmp_path):
 def test_figures_without_results_say_so(tmp_path):
     line = assert_one_line_error(run_in_process("plot_train_history.py", "--figures", "--model_root", tmp_path))
     assert "nothing to draw" in line
+
+
+def test_a_teacher_outside_the_root_in_a_folder_of_the_same_name_is_not_marked(tmp_path):
+    """The students' --root_folder names a pruned_taylor/iter2 elsewhere: its model is not this
+    root's pruned_taylor/iter2/model.h5 (config.json's teacher fingerprint tells them apart)."""
+    root = tmp_path / "model"
+    write_pruning_run(root, "pruned_taylor", "taylor", [(1.5, 0.91), (3.1, 0.90)])
+    (root / "pruned_taylor" / "iter2" / "model.h5").write_bytes(b"this root's teacher")
+    (tmp_path / "other.h5").write_bytes(b"another teacher")
+    folder = root / "kd_model" / "backbone"
+    folder.mkdir(parents=True)
+    runs = results.load_pruning_runs(str(root))
+    for teacher_file, expected in ((tmp_path / "other.h5", None),
+                                   (root / "pruned_taylor" / "iter2" / "model.h5", ("pruned_taylor", 2))):
+        config = {"arguments": {"root_folder": "/elsewhere/pruned_taylor/iter2", "lambda1": 0.7}, "complete": True,
+                  "inputs": {"teacher": files.fingerprint_file(str(teacher_file))},
+                  "results": {"test_acc": 0.8, "parameters": 1000, "teacher_test_acc": 0.9}}
+        (folder / "config.json").write_text(json.dumps(config))
+        assert results.teacher_of(results.load_students(str(root)), runs) == expected
+
+
+def test_a_pruning_run_without_finished_iterations_draws_no_line(tmp_path):
+    """APoZ started, its first iteration not finished: the compression figure has the Taylor line
+    only, and the base once."""
+    root = tmp_path / "model"
+    write_pruning_run(root, "pruned_taylor", "taylor", [(1.5, 0.91), (3.1, 0.90)])
+    (root / "pruned_apoz").mkdir()
+    write_pruning_run(root, "pruned_apoz", "apoz", [])
+    runs = results.load_pruning_runs(str(root))
+    figure = figures.plot_compression(runs, {}, str(tmp_path / "compression.png"))
+    assert list(line_data(figure.axes[0])) == ["pruned_taylor: Taylor iterations (fine-tuned)"]
+    assert [row[0] for row in results.results_rows(str(root), None)] == [
+        "base", "pruned_taylor, iteration 1", "pruned_taylor, iteration 2"]
