@@ -7,7 +7,7 @@ the same maths in one kernel on bfloat16 or float16 inputs (statistics in float3
 swaps only the layer's `call`: the layer, its weights and its saved config stay Keras' own, so
 every `.h5` opens with plain `keras.models.load_model`. What the kernel does not cover (masks,
 renorm, synchronized, no scale or centre, other ranks or axes, an epsilon below cuDNN's floor)
-keeps Keras' path.
+keeps Keras' path, and so does a channel count the kernel is slow at (`fast_channel_count`).
 """
 
 import contextlib
@@ -15,14 +15,26 @@ import contextlib
 FUSED_DTYPES = ("float32", "bfloat16", "float16")
 CUDNN_MIN_EPSILON = 1.001e-5
 
+# oneDNN's JIT BatchNorm covers channels in whole vector blocks; any other count (a pruned layer's 51,
+# a student's 17) falls back to a generic kernel 2-7x slower than the JIT one and 2-3x slower than
+# Keras' own ops (benchmarks/batch_norm_widths.py). Multiples of 8 run about as fast as Keras' ops or
+# faster on AVX-512 (16 floats a vector) and fill AVX2's 8.
+ONEDNN_CHANNEL_BLOCK = 8
+
 _keras_call = None
+_slow_odd_channels = None  # set by install(): oneDNN on, no GPU (cuDNN takes any channel count)
+
+
+def fast_channel_count(channels):
+    """Whether the fused kernel is the faster path for this many channels on this machine."""
+    return not _slow_odd_channels or channels % ONEDNN_CHANNEL_BLOCK == 0
 
 
 def _fusable(layer, inputs, mask):
     return (mask is None and not layer.renorm and not getattr(layer, "synchronized", False)
             and layer.scale and layer.center and len(inputs.shape) == 4
             and layer.axis in (-1, 3) and layer.epsilon >= CUDNN_MIN_EPSILON
-            and layer.compute_dtype in FUSED_DTYPES)
+            and layer.compute_dtype in FUSED_DTYPES and fast_channel_count(inputs.shape[-1]))
 
 
 def fused_call(self, inputs, training=None, mask=None):
@@ -56,12 +68,18 @@ def fused_call(self, inputs, training=None, mask=None):
 
 def install():
     """Route every keras.layers.BatchNormalization through `fused_call` (TensorFlow backend only)."""
-    global _keras_call
+    global _keras_call, _slow_odd_channels
     import keras
 
     layer_class = keras.layers.BatchNormalization
     if keras.backend.backend() != "tensorflow" or layer_class.call is fused_call:
         return
+    if _slow_odd_channels is None:
+        import tensorflow as tf
+
+        from cnn_compression import onednn
+
+        _slow_odd_channels = onednn.enabled() and not tf.config.list_physical_devices("GPU")
     _keras_call = layer_class.call
     layer_class.call = fused_call
 

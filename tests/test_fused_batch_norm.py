@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from cnn_compression import fused_batch_norm
+from cnn_compression import onednn
 import model as resnet
 
 TOLERANCE = {"float32": 2e-5, "mixed_bfloat16": 3e-2, "mixed_float16": 4e-3}  # 4e-3: a few float16 ulps
@@ -67,22 +68,24 @@ def test_fused_path_matches_keras_maths(policy, training):
         assert not np.allclose(got[4], run_layer(policy, True, images, False)[0][4])
 
 
-FALLBACKS = {  # BatchNormalization options (and the input) FusedBatchNormV3 does not cover
-    "mask": ({}, (4, 5, 5, 6), True),
-    "renorm": ({"renorm": True}, (4, 5, 5, 6), False),
-    "no scale": ({"scale": False}, (4, 5, 5, 6), False),
-    "no centre": ({"center": False}, (4, 5, 5, 6), False),
-    "rank 2": ({}, (8, 6), False),
-    "rank 3": ({}, (4, 5, 6), False),
-    "axis 1": ({"axis": 1}, (4, 6, 5, 5), False),
-    "epsilon 1e-5": ({"epsilon": 1e-5}, (4, 5, 5, 6), False),
+FALLBACKS = {  # BatchNormalization options (and the input) FusedBatchNormV3 does not cover, or runs slowly
+    "mask": ({}, (4, 5, 5, 8), True),
+    "renorm": ({"renorm": True}, (4, 5, 5, 8), False),
+    "no scale": ({"scale": False}, (4, 5, 5, 8), False),
+    "no centre": ({"center": False}, (4, 5, 5, 8), False),
+    "rank 2": ({}, (8, 8), False),
+    "rank 3": ({}, (4, 5, 8), False),
+    "axis 1": ({"axis": 1}, (4, 8, 5, 5), False),
+    "epsilon 1e-5": ({"epsilon": 1e-5}, (4, 5, 5, 8), False),
+    "12 channels, oneDNN on a CPU": ({}, (4, 5, 5, 12), False),  # a pruned width: oneDNN's slow generic kernel
 }
 
 
 @pytest.mark.parametrize("case", list(FALLBACKS))
 @pytest.mark.parametrize("training", [True, False])
-def test_what_the_fused_kernel_does_not_cover_takes_keras_path_and_numbers(case, training):
+def test_what_the_fused_kernel_does_not_cover_takes_keras_path_and_numbers(case, training, monkeypatch):
     options, shape, masked = FALLBACKS[case]
+    monkeypatch.setattr(fused_batch_norm, "_slow_odd_channels", True)  # as with oneDNN on a CPU, whatever the host
     rng = np.random.default_rng(0)
     images = tf.constant(rng.normal(3, 2, shape).astype("float32"))
     mask = tf.constant(rng.uniform(size=shape[:-1]) < 0.7) if masked else None
@@ -113,14 +116,29 @@ def test_what_the_fused_kernel_does_not_cover_takes_keras_path_and_numbers(case,
     assert fused_batch_norm.installed()
 
 
-def test_the_default_layer_is_fusable_and_the_kernel_runs():
+def test_the_default_layer_is_fusable_and_the_kernel_runs(monkeypatch):
     """The control for the cases above: one option away from them the kernel does run."""
+    monkeypatch.setattr(fused_batch_norm, "_slow_odd_channels", True)
     layer = keras.layers.BatchNormalization(epsilon=fused_batch_norm.CUDNN_MIN_EPSILON)
-    images = tf.zeros((2, 3, 3, 4))
+    images = tf.zeros((2, 3, 3, 8))
     layer.build(images.shape)
     assert fused_batch_norm._fusable(layer, images, None)
     step = tf.function(lambda x: layer(x, training=True))
     assert "FusedBatchNormV3" in {operation.type for operation in step.get_concrete_function(images).graph.get_operations()}
+
+
+def test_odd_channel_counts_go_to_keras_path_only_where_the_fused_kernel_is_slow_at_them(monkeypatch):
+    """oneDNN's JIT BatchNorm takes whole blocks of 8 channels (16 on AVX-512); with oneDNN on a CPU a
+    pruned layer's 51 channels take Keras' ops, which beat the kernel's generic fallback. Elsewhere
+    (a GPU's cuDNN, oneDNN off) every count stays fused."""
+    monkeypatch.setattr(fused_batch_norm, "_slow_odd_channels", True)
+    assert [fused_batch_norm.fast_channel_count(c) for c in (8, 16, 24, 51, 64, 102, 104, 205, 410)] == \
+        [True, True, True, False, True, False, True, False, False]
+    monkeypatch.setattr(fused_batch_norm, "_slow_odd_channels", False)
+    assert all(fused_batch_norm.fast_channel_count(c) for c in (8, 51, 205))
+    # installed by cnn_compression.setup() (conftest): oneDNN on, no GPU here
+    monkeypatch.undo()
+    assert fused_batch_norm._slow_odd_channels == (onednn.enabled() and not tf.config.list_physical_devices("GPU"))
 
 
 def traced_training_step_ops(network):
