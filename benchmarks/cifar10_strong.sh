@@ -10,9 +10,11 @@
 #
 # Stages: the base; then pruning to 3x by Taylor and by APoZ; then the four students at 12.82x from
 # the teacher with the better validation accuracy. The base ran at commit e564bc6; the later stages
-# run at the commit written into model/cifar_stem/RUN_COMMIT once the base was done (32ce97b). That
-# pin moved once mid-pruning, at an epoch boundary, to the commit that makes --student_compression
-# reach its target (the pruning path did not change between the two; the note of issue 22 lists the diff).
+# run at the commit written into model/cifar_stem/RUN_COMMIT once the base was done (32ce97b). The
+# pin moved twice during Taylor iteration 1, each time at an epoch boundary: after epoch 3 to 739572c
+# (--student_compression reaches its target; the pruning path unchanged) and after epoch 5 to
+# 0f56b9c (odd-width BatchNorms on Keras' ops: the same maths, 1.4x faster pruned training;
+# docs/speed.md). Issue 22's note lists both.
 # Afterwards, in the checkout: `bash benchmarks/strong_run.sh save; make figures-strong`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
