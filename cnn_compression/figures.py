@@ -222,13 +222,16 @@ def plot_compression(runs, students, out, teacher=None):
     base = runs[0].summary["base"] if runs else None
     rates = [1.0]
     if base is not None:
-        axis.scatter([1.0], [100 * base["test_acc"]], s=80, marker="*", color="C3", label="base", zorder=3)
+        # a base measured without a test set (test_acc None) starts no line; its iterations still draw
+        start = [] if base.get("test_acc") is None else [(1.0, 100 * base["test_acc"])]
+        if start:
+            axis.scatter([1.0], [start[0][1]], s=80, marker="*", color="C3", label="base", zorder=3)
         for index, run in enumerate(runs):  # a run's colour stays its own as later runs fill in
             entries = run.summary["iterations"]
             if not entries:  # started, no iteration finished: nothing to draw but the base
                 continue
-            run_rates = [1.0] + [e["compression_rate"] for e in entries]
-            accuracies = [100 * base["test_acc"]] + [100 * e["test_acc"] for e in entries]
+            run_rates = [rate for rate, _ in start] + [e["compression_rate"] for e in entries]
+            accuracies = [accuracy for _, accuracy in start] + [100 * e["test_acc"] for e in entries]
             label = "pruning iterations (fine-tuned)" if len(runs) == 1 else f"{run.name}: {run.importance} iterations (fine-tuned)"
             axis.plot(run_rates, accuracies, "-o", color=f"C{index}", ms=4, label=label)
             rates += run_rates

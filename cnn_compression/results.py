@@ -167,13 +167,18 @@ def ordered_variants(students):
 
 
 def load_students(model_root):
-    """{variant: config} of every finished distillation run under model_root/kd_model."""
+    """{variant: config} of every finished distillation run under model_root/kd_model. Two runs of one
+    variant (a temperature tried twice, say) are both kept: the second and later are named with
+    their folder, `L_b (kd_model/backbone_t8)`."""
     students = {}
     for config_path in sorted(glob.glob(os.path.join(model_root, "kd_model", "**", "config.json"), recursive=True)):
         config = files.read_json(config_path, "config")
         if config.get("complete") and "results" in config:
             config["folder"] = os.path.dirname(config_path)
-            students[variant_name(config.get("arguments", {}))] = config
+            name = variant_name(config.get("arguments", {}))
+            if name in students:
+                name = f"{name} ({os.path.relpath(config['folder'], model_root)})"
+            students[name] = config
     return students
 
 

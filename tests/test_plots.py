@@ -253,6 +253,24 @@ def test_several_pruning_runs_and_the_teacher_are_told_apart(tmp_path):
     np.testing.assert_allclose(points["the students' teacher (pruned_taylor, iteration 2)"], [[3.1, 90]])
 
 
+def test_two_students_of_one_variant_are_both_kept_and_a_base_without_test_accuracy_draws(tmp_path):
+    root = tmp_path / "model"
+    write_pruning_run(root, "pruned_model", "apoz", [(1.5, 0.5)])
+    summary_path = root / "pruned_model" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["base"]["test_acc"] = None
+    summary_path.write_text(json.dumps(summary))
+    for name, accuracy in (("backbone", 0.4), ("backbone_t8", 0.45)):
+        (root / "kd_model" / name).mkdir(parents=True)
+        (root / "kd_model" / name / "config.json").write_text(json.dumps(
+            {"arguments": {"lambda1": 0.7}, "complete": True, "results": {"test_acc": accuracy, "parameters": 1000}}))
+    students = results.load_students(str(root))
+    assert {name: config["results"]["test_acc"] for name, config in students.items()} == {
+        "L_b": 0.4, f"L_b ({os.path.join('kd_model', 'backbone_t8')})": 0.45}
+    figure = figures.plot_compression(results.load_pruning_runs(str(root)), students, str(tmp_path / "compression.png"))
+    np.testing.assert_allclose(line_data(figure.axes[0])["pruning iterations (fine-tuned)"], [[1.5], [50]])
+
+
 def test_figures_without_results_say_so(tmp_path):
     line = assert_one_line_error(run_in_process("plot_train_history.py", "--figures", "--model_root", tmp_path))
     assert "nothing to draw" in line
