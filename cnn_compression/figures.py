@@ -210,9 +210,6 @@ def plot_students(students, teacher, out):
     return figure
 
 
-ORIGINAL_LABELS = ("base", "teacher", "best student", "student alone")
-
-
 def plot_compression(runs, students, out, teacher=None):
     """Test accuracy against compression: the base, each pruning run's iterations as a line, each
     student, and the original project's reported headline points; `teacher` is (run name,
@@ -258,7 +255,7 @@ def plot_compression(runs, students, out, teacher=None):
     original = [results.ORIGINAL[kind] for kind in results.ORIGINAL_POINTS]
     axis.scatter([rate for _, rate in original], [100 * accuracy for accuracy, _ in original], s=45, marker="o",
                  facecolors="none", edgecolors="0.3", linewidths=1.2, zorder=3, label="original project (reported)")
-    for kind, (accuracy, rate) in zip(ORIGINAL_LABELS, original):
+    for kind, (accuracy, rate) in zip(results.ORIGINAL_POINTS.values(), original):
         axis.annotate(f"{kind} {100 * accuracy:.2f}%", (rate, 100 * accuracy), textcoords="offset points",
                       xytext=(6, -3), fontsize=7, color="0.3")
     rates += [rate for _, rate in original]

@@ -16,8 +16,9 @@ FUSED_DTYPES = ("float32", "bfloat16", "float16")
 CUDNN_MIN_EPSILON = 1.001e-5
 
 # oneDNN's JIT BatchNorm covers channels in whole vector blocks; any other count (a pruned layer's 51,
-# a student's 17) falls back to a generic kernel 2-7x slower than the JIT one and 2-3x slower than
-# Keras' own ops (benchmarks/batch_norm_widths.py). Multiples of 8 run about as fast as Keras' ops or
+# a student's 17) falls back to a generic kernel 2-7x slower than the JIT one and no faster than
+# Keras' own ops (up to 2-3x slower in one of two runs of benchmarks/batch_norm_widths.py; a pruned
+# model's inference 2.4x slower). Multiples of 8 run about as fast as Keras' ops or
 # faster on AVX-512 (16 floats a vector) and fill AVX2's 8.
 ONEDNN_CHANNEL_BLOCK = 8
 

@@ -143,7 +143,8 @@ def teacher_of(students, runs):
 # ../shared/reference/original-project.md): shown beside our rows and as points on the compression figure.
 ORIGINAL = {"base": (0.9034, 1.0), "teacher": (0.8591, 3.02), "student alone": (0.6764, 12.82),
             "L_b": (0.7724, 12.82), "L_b + L_inter": (0.7744, 12.82), "L_b + L_inter + L_adv": (0.7601, 12.82)}
-ORIGINAL_POINTS = ("base", "teacher", "L_b + L_inter", "student alone")  # its headline four: best student, and alone
+# Its headline four, {key in ORIGINAL: label on the figure}: the best student and the student alone.
+ORIGINAL_POINTS = {"base": "base", "teacher": "teacher", "L_b + L_inter": "best student", "student alone": "student alone"}
 
 
 VARIANT_ORDER = ("student alone", "L_b", "L_b + L_inter", "L_b + L_inter + L_adv")
