@@ -28,7 +28,8 @@ case "${1:-status}" in
     mkdir -p model/cifar_stem; [ -f "$PIN_FILE" ] || git rev-parse HEAD > "$PIN_FILE"
     pin=$(cat "$PIN_FILE")
     if [ -n "$(run_pids)" ]; then echo "already running: $(run_pids | tr '\n' ' ')"; exit 0; fi
-    if [ ! -d "$WORKTREE" ]; then git worktree add --detach "$WORKTREE" "$pin"; fi
+    fresh=0
+    if [ ! -d "$WORKTREE" ]; then git worktree add --detach "$WORKTREE" "$pin"; fresh=1; fi
     if [ "$(git -C "$WORKTREE" rev-parse HEAD)" != "$pin" ]; then
       # A new pin (written between stages, when the next stages need newer code); nothing runs now.
       # The newer commit tracks files the run wrote (untracked in the worktree): set the run's own
@@ -40,7 +41,15 @@ case "${1:-status}" in
       echo "$WORKTREE moved to $pin"
     fi
     mkdir -p "$WORKTREE/model/cifar_stem"
-    cp -a --update model/cifar_stem/. "$WORKTREE/model/cifar_stem/"   # never older files over newer ones
+    if [ "$fresh" = 1 ]; then
+      # A new worktree holds the run's files as of the pin commit, stamped now: this checkout's
+      # copy (the last save) replaces them whatever their times, and the committed log continues,
+      # so `save` never replaces it with one session's part.
+      cp -a model/cifar_stem/. "$WORKTREE/model/cifar_stem/"
+      [ ! -f model/cifar_stem/cifar10_strong.log ] || cp model/cifar_stem/cifar10_strong.log "$LOG"
+    else
+      cp -a --update model/cifar_stem/. "$WORKTREE/model/cifar_stem/"   # the run's newer files stand
+    fi
     (cd "$WORKTREE" && PY="$PY" nohup nice -n 5 bash benchmarks/cifar10_strong.sh >> "$LOG" 2>&1 &)
     echo "started at $pin (log: $LOG; CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))" ;;
   pause) run_pids | xargs -r kill -STOP; echo "paused" ;;
