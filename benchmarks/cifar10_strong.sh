@@ -8,8 +8,8 @@
 # state of an unfinished stage is Keras' BackupAndRestore folder (<stage>/backup/), committed with
 # the run while the stage is unfinished.
 #
-# Stages: the base; then pruning to 3x by Taylor and by APoZ; then the four students at 12.82x from
-# the teacher with the better validation accuracy. The base ran at commit e564bc6; the later stages
+# Stages: the base; then pruning to 3x by Taylor and by APoZ; then short tuning students that choose
+# the teacher, T and beta on validation; then the four students at 12.82x with that choice. The base ran at commit e564bc6; the later stages
 # run at the commit written into model/cifar_stem/RUN_COMMIT once the base was done (32ce97b). The
 # pin moved twice during Taylor iteration 1, each time at an epoch boundary: after epoch 3 to 739572c
 # (--student_compression reaches its target; the pruning path unchanged) and after epoch 5 to
@@ -17,6 +17,7 @@
 # docs/speed.md). Issue 22's note lists both.
 # Afterwards, in the checkout: `bash benchmarks/strong_run.sh save; make figures-strong`.
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA_DIR=${DATA_DIR:-../shared/data/cifar-10-batches-py}
@@ -47,21 +48,46 @@ for importance in taylor apoz; do
     $PY prune_model.py --root_folder="$ROOT/pruned_$importance" --importance $importance "${PRUNE[@]}"
 done
 
-# The teacher: the pruned model with the better validation accuracy at the target (never test).
-TEACHER=$($PY - "$ROOT" <<'PYTHON'
-import json, os, sys
-best = max(("taylor", "apoz"), key=lambda name: json.load(open(os.path.join(sys.argv[1], f"pruned_{name}", "summary.json")))["iterations"][-1]["val_acc"])
-summary = json.load(open(os.path.join(sys.argv[1], f"pruned_{best}", "summary.json")))
-print(os.path.join(sys.argv[1], f"pruned_{best}", f"iter{summary['iterations'][-1]['iteration']}"))
-PYTHON
-)
-echo "teacher: $TEACHER"
+# The teacher and the distillation setting, chosen on validation (never test) by short L_b runs of
+# 10 epochs in $ROOT/kd_tuning/ (issue 22: "the teacher that gives the best student"; "tune T, beta
+# ... on validation"), one coordinate at a time: the teacher (each pruned run's last iteration, at
+# the defaults T 4, beta 0.9), then T in {2, 4, 8}, then beta in {0.5, 0.9, 1.0}. Each run resumes
+# or is skipped when finished, like every stage. The lambdas stay the original's (0.7, 0.3, 0.2):
+# tuning them would take the four variants' budget several times over.
+TUNE=(--base_model_path "$ROOT/base_model/model.h5" --student_compression 12.82 --lambda1=0.7 --lambda2=0 --lambda3=0
+      --epoch_num 10 --student_learning_rate 0.05 --warmup_epochs 1 --weight_decay 5e-3 --batch_size 128
+      --precision float32 --data_dir "$DATA_DIR" --verbose 2)
+last_iteration() {  # the folder of a pruning run's last iteration
+    $PY -c 'import json, os, sys; s = json.load(open(os.path.join(sys.argv[1], "summary.json")))
+print(os.path.join(sys.argv[1], "iter%d" % s["iterations"][-1]["iteration"]))' "$1"
+}
+tune() {  # name teacher_folder T beta: one tuning student (resumed, or skipped when finished)
+    $PY knowledge_distillation.py --save_folder="$ROOT/kd_tuning/$1" --root_folder="$2" --temperature "$3" --kd_beta "$4" \
+        "${TUNE[@]}"
+}
+best_of() {  # name=value ...: the value of the tuning run with the best validation accuracy (the first on ties)
+    $PY -c 'import json, os, sys
+runs = [argument.split("=", 1) for argument in sys.argv[2:]]
+score = lambda run: max(json.load(open(os.path.join(sys.argv[1], run[0], "history.json")))["val_acc"])
+print(max(runs, key=score)[1])' "$ROOT/kd_tuning" "$@"
+}
+TAYLOR_LAST=$(last_iteration "$ROOT/pruned_taylor")
+APOZ_LAST=$(last_iteration "$ROOT/pruned_apoz")
+tune taylor_t4_beta0.9 "$TAYLOR_LAST" 4 0.9
+tune apoz_t4_beta0.9 "$APOZ_LAST" 4 0.9
+TEACHER_FOLDER=$(best_of taylor_t4_beta0.9="$TAYLOR_LAST" apoz_t4_beta0.9="$APOZ_LAST")
+NAME=$(basename "$(dirname "$TEACHER_FOLDER")"); NAME=${NAME#pruned_}  # taylor or apoz
+for t in 2 8; do tune "${NAME}_t${t}_beta0.9" "$TEACHER_FOLDER" "$t" 0.9; done
+T=$(best_of "${NAME}_t4_beta0.9"=4 "${NAME}_t2_beta0.9"=2 "${NAME}_t8_beta0.9"=8)
+for beta in 0.5 1.0; do tune "${NAME}_t${T}_beta$beta" "$TEACHER_FOLDER" "$T" "$beta"; done
+BETA=$(best_of "${NAME}_t${T}_beta0.9"=0.9 "${NAME}_t${T}_beta0.5"=0.5 "${NAME}_t${T}_beta1.0"=1.0)
+echo "teacher: $TEACHER_FOLDER; temperature $T, beta $BETA (validation, $ROOT/kd_tuning/)"
 
 # Students (the third stage: >= 12.82x fewer parameters than the base), the four variants of the
-# original with one budget each.
-KD=(--root_folder="$TEACHER" --base_model_path "$ROOT/base_model/model.h5" --student_compression 12.82
-    --epoch_num 30 --student_learning_rate 0.05 --warmup_epochs 2 --weight_decay 5e-3 --batch_size 128
-    --precision float32 --data_dir "$DATA_DIR" --verbose 2)
+# original with one budget each, at the tuned setting.
+KD=(--root_folder="$TEACHER_FOLDER" --base_model_path "$ROOT/base_model/model.h5" --student_compression 12.82
+    --temperature "$T" --kd_beta "$BETA" --epoch_num 30 --student_learning_rate 0.05 --warmup_epochs 2 --weight_decay 5e-3
+    --batch_size 128 --precision float32 --data_dir "$DATA_DIR" --verbose 2)
 $PY knowledge_distillation.py --save_folder="$ROOT/kd_model/student_alone" --no_teacher "${KD[@]}"
 $PY knowledge_distillation.py --save_folder="$ROOT/kd_model/backbone" --lambda1=0.7 --lambda2=0 --lambda3=0 "${KD[@]}"
 $PY knowledge_distillation.py --save_folder="$ROOT/kd_model/backbone_intermediate" --lambda1=0.7 --lambda2=0.3 \
@@ -69,7 +95,7 @@ $PY knowledge_distillation.py --save_folder="$ROOT/kd_model/backbone_intermediat
 $PY knowledge_distillation.py --save_folder="$ROOT/kd_model/all_three" --lambda1=0.7 --lambda2=0.3 --lambda3=0.2 \
     --regressor_name=vid "${KD[@]}"
 # Against this run's base (evaluate_model.py's default, ./model/base_model, is another stem).
-for model in "$ROOT/base_model" "$TEACHER" "$ROOT"/kd_model/*/; do
+for model in "$ROOT/base_model" "$TEACHER_FOLDER" "$ROOT"/kd_model/*/; do
     $PY evaluate_model.py --model_path="${model%/}/model.h5" --base_model_path "$ROOT/base_model/model.h5" \
         --data_dir "$DATA_DIR" --json "${model%/}/evaluation.json"
 done

@@ -1,10 +1,13 @@
 """What /proc/cpuinfo says about this CPU, without loading TensorFlow (a benchmark's parent process
 reads it before deciding which variants its children measure)."""
 
+import os
 import platform
 
 # Flags of CPUs that compute bfloat16 natively (AMX tiles or AVX512 bf16 dot products).
 BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below its bfloat16 kernels: under them it emulates bfloat16.
+ISAS_WITHOUT_BFLOAT16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 CPUINFO = "/proc/cpuinfo"
 
@@ -22,9 +25,19 @@ def _first_field(name):
     return None
 
 
+def isa_cap():
+    """The instruction set oneDNN is held to (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA),
+    upper-cased; None when it may use all this CPU has. Capping it at AVX2 on a newer CPU runs the
+    kernels an AVX2 CPU gets, which is how speed on AVX2 machines can be measured elsewhere."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return None if cap in ("", "ALL") else cap
+
+
 def model_name():
-    """The CPU's model name (speed figures are only meaningful beside it)."""
-    return _first_field("model name") or platform.processor() or platform.machine()
+    """The CPU's model name, and oneDNN's ISA cap when one is set (speed figures are only meaningful
+    beside it)."""
+    name = _first_field("model name") or platform.processor() or platform.machine()
+    return name if isa_cap() is None else f"{name}, oneDNN capped at {isa_cap()}"
 
 
 def flags():
@@ -33,5 +46,5 @@ def flags():
 
 
 def native_bfloat16():
-    """Whether this CPU computes bfloat16 natively."""
-    return bool(flags() & set(BFLOAT16_FLAGS))
+    """Whether this CPU computes bfloat16 natively (and oneDNN is not held below its bfloat16 kernels)."""
+    return bool(flags() & set(BFLOAT16_FLAGS)) and isa_cap() not in ISAS_WITHOUT_BFLOAT16

@@ -41,5 +41,12 @@ def test_cpu_facts_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatc
     assert (cpu.model_name(), cpu.flags(), cpu.native_bfloat16()) == ("AMD EPYC 7B13", {"fpu", "avx2", "fma"}, False)
     fake.write_text("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2 avx512_bf16 amx_bf16\n")
     assert cpu.native_bfloat16() and cpu.model_name() == "Intel(R) Xeon(R) Processor"
+    # oneDNN held to AVX2 runs an AVX2 CPU's kernels: no native bfloat16, and the figures say so.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert not cpu.native_bfloat16() and cpu.model_name() == "Intel(R) Xeon(R) Processor, oneDNN capped at AVX2"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu.native_bfloat16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert cpu.native_bfloat16() and cpu.model_name() == "Intel(R) Xeon(R) Processor"
     monkeypatch.setattr(cpu, "CPUINFO", str(tmp_path / "missing"))
     assert cpu.flags() == set() and not cpu.native_bfloat16() and cpu.model_name()  # platform's answer instead
