@@ -11,10 +11,11 @@
 # Stages: the base; then pruning to 3x by Taylor and by APoZ; then short tuning students that choose
 # the teacher, T and beta on validation; then the four students at 12.82x with that choice. The base ran at commit e564bc6; the later stages
 # run at the commit written into model/cifar_stem/RUN_COMMIT once the base was done (32ce97b). The
-# pin moved twice during Taylor iteration 1, each time at an epoch boundary: after epoch 3 to 739572c
+# pin moved during Taylor iteration 1, each time at an epoch boundary: after epoch 3 to 739572c
 # (--student_compression reaches its target; the pruning path unchanged) and after epoch 5 to
 # 0f56b9c (odd-width BatchNorms on Keras' ops: the same maths, 1.4x faster pruned training;
-# docs/speed.md). Issue 22's note lists both.
+# docs/speed.md). Issue 22's note lists both. A third move, after epoch 11 of that iteration, to
+# a636f40 (the student tuning below, which no stage had reached; the pruning path unchanged).
 # Afterwards, in the checkout: `bash benchmarks/strong_run.sh save; make figures-strong`.
 set -euo pipefail
 shopt -s inherit_errexit
