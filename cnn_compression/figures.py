@@ -2,6 +2,7 @@
 from the stages' records (`results`): pruning per iteration, channels removed per layer, the
 distilled students, accuracy against compression."""
 
+import math
 import os
 
 from cnn_compression import files
@@ -246,23 +247,26 @@ def plot_compression(runs, students, out, teacher=None):
         measured = students[name]["results"]
         rate = base["parameters"] / measured["parameters"]
         rates.append(rate)
-        # Students share one compression rate: spread them sideways (a few percent, on the log axis)
-        # and give each accuracy in the legend, so none hides another.
-        shown = rate * (1 + 0.1 * (index - (len(variants) - 1) / 2))
+        # Students share one compression rate: spread them sideways (5% apart, on the log axis) and
+        # give each accuracy in the legend, so none hides another.
+        shown = rate * (1 + 0.05 * (index - (len(variants) - 1) / 2))
         axis.scatter([shown], [100 * measured["test_acc"]], s=50, marker=next(markers, "o"), zorder=3,
                      label=f"student ({rate:.1f}x): {name}, {100 * measured['test_acc']:.2f}%",
                      edgecolors="white", linewidths=0.6)
     original = [results.ORIGINAL[kind] for kind in results.ORIGINAL_POINTS]
     axis.scatter([rate for _, rate in original], [100 * accuracy for accuracy, _ in original], s=45, marker="o",
                  facecolors="none", edgecolors="0.3", linewidths=1.2, zorder=3, label="original project (reported)")
-    for kind, (accuracy, rate) in zip(results.ORIGINAL_POINTS.values(), original):
-        axis.annotate(f"{kind} {100 * accuracy:.2f}%", (rate, 100 * accuracy), textcoords="offset points",
-                      xytext=(6, -3), fontsize=7, color="0.3")
     rates += [rate for _, rate in original]
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     axis.set_xscale("log")
     low, high = min(rates) / 1.15, max(rates) * 1.25
+    middle = math.sqrt(low * high)  # the middle of the log axis
+    for kind, (accuracy, rate) in zip(results.ORIGINAL_POINTS.values(), original):
+        # Labels in the right half go left of their point: rightwards they would run under the legend.
+        right = rate <= middle
+        axis.annotate(f"{kind} {100 * accuracy:.2f}%", (rate, 100 * accuracy), textcoords="offset points",
+                      xytext=(6 if right else -6, -3), ha="left" if right else "right", fontsize=7, color="0.3")
     axis.set_xlim(low, high)
     ticks = [t for t in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500) if low <= t <= high]
     if len(ticks) > 9:  # a wide range: fewer ticks, so no two labels touch

@@ -307,3 +307,36 @@ def test_a_pruning_run_without_finished_iterations_draws_no_line(tmp_path):
     assert list(line_data(figure.axes[0])) == ["pruned_taylor: Taylor iterations (fine-tuned)"]
     assert [row[0] for row in results.results_rows(str(root), None)] == [
         "base", "pruned_taylor, iteration 1", "pruned_taylor, iteration 2"]
+
+
+def test_four_students_at_one_rate_stay_apart_and_every_label_stays_inside_the_axes(tmp_path):
+    """The strong run's end: four students at ~13x beside the original's points at 12.82x, the
+    compression axis ending just past them. Each student is drawn within a few percent of its rate
+    and apart from the others, and no label of the original's points runs out of the axes (under the
+    legend beside them)."""
+    root = tmp_path / "model"
+    write_pruning_run(root, "pruned_taylor", "taylor", [(1.5, 0.91), (3.0, 0.90)])
+    variants = {"student_alone": {"no_teacher": True}, "backbone": {"lambda1": 0.7},
+                "backbone_intermediate": {"lambda1": 0.7, "lambda2": 0.3},
+                "all_three": {"lambda1": 0.7, "lambda2": 0.3, "lambda3": 0.2}}
+    for index, (folder, arguments) in enumerate(variants.items()):
+        (root / "kd_model" / folder).mkdir(parents=True)
+        (root / "kd_model" / folder / "config.json").write_text(json.dumps(
+            {"arguments": arguments, "complete": True, "results": {"test_acc": 0.75 + index / 100, "parameters": 76_923}}))
+    students = results.load_students(str(root))
+    figure = figures.plot_compression(results.load_pruning_runs(str(root)), students, str(tmp_path / "compression.png"))
+    axis = figure.axes[0]
+    rate = 1_000_000 / 76_923
+    shown = sorted(collection.get_offsets()[0][0] for collection in axis.collections if collection.get_label().startswith("student"))
+    assert len(shown) == 4
+    np.testing.assert_allclose(shown, rate, rtol=0.08)
+    assert min(b / a for a, b in zip(shown, shown[1:])) > 1.04  # apart: a marker's width on this axis
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    inside = axis.get_window_extent(renderer)
+    labels = [text for text in axis.texts if text.get_text().split(" ")[0] in ("base", "teacher", "best", "student")]
+    assert len(labels) == 4
+    for text in labels:
+        box = text.get_window_extent(renderer)
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1, text.get_text()
