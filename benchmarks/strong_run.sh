@@ -65,6 +65,12 @@ case "${1:-status}" in
     pids=$(run_pids); [ -z "$pids" ] || kill -STOP $pids
     mkdir -p model/cifar_stem
     tar -C "$WORKTREE/model/cifar_stem" --exclude='*.bkp' --exclude='.lock' --exclude='.tmp-*' -cf - . | tar -C model/cifar_stem -xf -
+    # Files the run has since removed (a finished fit's backup, an iteration's pruned.h5) go here too;
+    # the pin and the checkout's own table stay.
+    (cd model/cifar_stem && find . -type f ! -name RUN_COMMIT ! -name results.md) | while read -r file; do
+      [ -e "$WORKTREE/model/cifar_stem/$file" ] || rm -f "model/cifar_stem/$file"
+    done
+    find model/cifar_stem -mindepth 1 -type d -empty -delete
     cp "$LOG" model/cifar_stem/cifar10_strong.log
     [ -z "$pids" ] || kill -CONT $pids
     echo "copied into model/cifar_stem/: commit it" ;;
