@@ -264,9 +264,10 @@ def plot_compression(runs, students, out, teacher=None):
     middle = math.sqrt(low * high)  # the middle of the log axis
     for kind, (accuracy, rate) in zip(results.ORIGINAL_POINTS.values(), original):
         # Labels in the right half go left of their point: rightwards they would run under the legend.
-        right = rate <= middle
+        label_on_the_right = rate <= middle
         axis.annotate(f"{kind} {100 * accuracy:.2f}%", (rate, 100 * accuracy), textcoords="offset points",
-                      xytext=(6 if right else -6, -3), ha="left" if right else "right", fontsize=7, color="0.3")
+                      xytext=(6 if label_on_the_right else -6, -3), ha="left" if label_on_the_right else "right",
+                      fontsize=7, color="0.3")
     axis.set_xlim(low, high)
     ticks = [t for t in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500) if low <= t <= high]
     if len(ticks) > 9:  # a wide range: fewer ticks, so no two labels touch

@@ -335,7 +335,7 @@ def test_four_students_at_one_rate_stay_apart_and_every_label_stays_inside_the_a
 
     renderer = FigureCanvasAgg(figure).get_renderer()
     inside = axis.get_window_extent(renderer)
-    labels = [text for text in axis.texts if text.get_text().split(" ")[0] in ("base", "teacher", "best", "student")]
+    labels = [text for text in axis.texts if text.get_text().startswith(tuple(results.ORIGINAL_POINTS.values()))]
     assert len(labels) == 4
     for text in labels:
         box = text.get_window_extent(renderer)
