@@ -12,12 +12,15 @@ def setup():
     """Set TensorFlow up as every stage script does; call it once, before building models.
 
     Imports TensorFlow and Keras without their C++ start-up lines (oneDNN chosen first, see
-    `onednn`) and routes every keras.layers.BatchNormalization through TensorFlow's fused kernel
-    (`fused_batch_norm.install`: the same maths, faster, and what makes mixed_bfloat16 pay; saved
-    models stay plain Keras). Calling it again does nothing more.
+    `onednn`), routes every keras.layers.BatchNormalization through TensorFlow's fused kernel
+    (`fused_batch_norm.install`: the same maths, faster, and what makes mixed_bfloat16 pay), and
+    computes strided 1x1 convolutions around a oneDNN gradient fault (`strided_pointwise.install`).
+    Saved models stay plain Keras. Calling it again does nothing more.
     """
     from cnn_compression import cli
     from cnn_compression import fused_batch_norm
+    from cnn_compression import strided_pointwise
 
     cli.import_tensorflow()
     fused_batch_norm.install()
+    strided_pointwise.install()
