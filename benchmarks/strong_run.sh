@@ -46,6 +46,10 @@ case "${1:-status}" in
       # copy (the last save) replaces them whatever their times, and the committed log continues,
       # so `save` never replaces it with one session's part.
       cp -a model/cifar_stem/. "$WORKTREE/model/cifar_stem/"
+      # Files the pin commit tracks but the run has since removed (a finished iteration's backup):
+      # mirror this checkout's copy, so they neither come back into the run nor into the next save.
+      (cd "$WORKTREE/model/cifar_stem" && find . -type f | while read -r f; do
+        [ -e "$CHECKOUT/model/cifar_stem/$f" ] || rm -f "$f"; done)
       [ ! -f model/cifar_stem/cifar10_strong.log ] || cp model/cifar_stem/cifar10_strong.log "$LOG"
     else
       cp -a --update model/cifar_stem/. "$WORKTREE/model/cifar_stem/"   # the run's newer files stand
