@@ -44,7 +44,7 @@ def pointwise_convolution_op(self, inputs, kernel):
     """BaseConv.convolution_op, with strided 1x1 2-D convolutions through `strided_pointwise_convolution`."""
     strides = tuple(self.strides)
     if (self.rank != 2 or tuple(kernel.shape[:2]) != (1, 1) or strides == (1, 1)
-            or tuple(self.dilation_rate) != (1, 1) or self.data_format != "channels_last"):
+            or tuple(self.dilation_rate) != (1, 1) or self.data_format != "channels_last" or self.groups != 1):
         return _keras_convolution_op(self, inputs, kernel)
     return strided_pointwise_convolution(inputs, kernel, strides)
 

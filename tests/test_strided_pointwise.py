@@ -41,6 +41,19 @@ def test_strided_pointwise_convolution_matches_numpy(channels, size, padding):
     np.testing.assert_allclose(kernel_gradient[0, 0], expected_kernel_gradient, rtol=1e-4, atol=1e-3)
 
 
+def test_grouped_strided_pointwise_convolution_keeps_keras_path_and_its_gradient():
+    layer = keras.layers.Conv2D(4, 1, strides=2, groups=2)
+    inputs = tf.constant(RNG.normal(size=(4, 8, 8, 8)).astype("float32"))
+    layer.build(inputs.shape)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(inputs))
+    kernel_gradient = np.asarray(tape.gradient(loss, layer.kernel))
+    sampled = np.asarray(inputs)[:, ::2, ::2, :]
+    # each group of 2 filters sees its own 4 input channels: d loss / d w[c, o] = sum of channel c's samples
+    expected = np.stack([sampled[..., :4].sum((0, 1, 2))] * 2 + [sampled[..., 4:].sum((0, 1, 2))] * 2, axis=1)
+    np.testing.assert_allclose(kernel_gradient[0, 0], expected, rtol=1e-4, atol=1e-3)
+
+
 def test_only_strided_pointwise_convolutions_change_path_and_saved_layers_stay_keras(tmp_path):
     if not strided_pointwise.installed():
         pytest.skip("oneDNN is off here: Keras' own convolution runs")
