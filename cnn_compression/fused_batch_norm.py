@@ -76,11 +76,9 @@ def install():
     if keras.backend.backend() != "tensorflow" or layer_class.call is fused_call:
         return
     if _slow_odd_channels is None:
-        import tensorflow as tf
-
         from cnn_compression import onednn
 
-        _slow_odd_channels = onednn.enabled() and not tf.config.list_physical_devices("GPU")
+        _slow_odd_channels = onednn.computes_on_cpu()
     _keras_call = layer_class.call
     layer_class.call = fused_call
 

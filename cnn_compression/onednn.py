@@ -18,3 +18,12 @@ def enabled():
     except ImportError:
         return False
     return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def computes_on_cpu():
+    """Whether the model's kernels will be oneDNN's CPU kernels: oneDNN on and no GPU to take them."""
+    if not enabled():
+        return False
+    import tensorflow as tf
+
+    return not tf.config.list_physical_devices("GPU")

@@ -57,11 +57,9 @@ def install():
 
     if keras.backend.backend() != "tensorflow" or BaseConv.convolution_op is pointwise_convolution_op:
         return
-    import tensorflow as tf
-
     from cnn_compression import onednn
 
-    if not onednn.enabled() or tf.config.list_physical_devices("GPU"):
+    if not onednn.computes_on_cpu():
         return  # the fault is oneDNN's; other kernels keep Keras' own call
     _keras_convolution_op = BaseConv.convolution_op
     BaseConv.convolution_op = pointwise_convolution_op

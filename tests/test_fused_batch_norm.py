@@ -138,7 +138,7 @@ def test_odd_channel_counts_go_to_keras_path_only_where_the_fused_kernel_is_slow
     assert all(fused_batch_norm.fast_channel_count(c) for c in (8, 51, 205))
     # installed by cnn_compression.setup() (conftest): oneDNN on, no GPU here
     monkeypatch.undo()
-    assert fused_batch_norm._slow_odd_channels == (onednn.enabled() and not tf.config.list_physical_devices("GPU"))
+    assert fused_batch_norm._slow_odd_channels == onednn.computes_on_cpu()
 
 
 def traced_training_step_ops(network):

@@ -50,3 +50,18 @@ def test_cpu_facts_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatc
     assert cpu.native_bfloat16() and cpu.model_name() == "Intel(R) Xeon(R) Processor"
     monkeypatch.setattr(cpu, "CPUINFO", str(tmp_path / "missing"))
     assert cpu.flags() == set() and not cpu.native_bfloat16() and cpu.model_name()  # platform's answer instead
+
+
+def test_onednn_computes_on_the_cpu_only_without_a_gpu(monkeypatch):
+    """The workarounds for oneDNN's CPU kernels (fused_batch_norm, strided_pointwise) key on this:
+    with a GPU visible, cuDNN takes the convolutions and BatchNorms and they must stay Keras' own."""
+    import tensorflow as tf
+
+    from cnn_compression import onednn
+
+    assert onednn.computes_on_cpu()  # conftest's process: oneDNN on, no GPU
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    assert not onednn.computes_on_cpu()
+    monkeypatch.undo()
+    monkeypatch.setattr(onednn, "enabled", lambda: False)
+    assert not onednn.computes_on_cpu()
