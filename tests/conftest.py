@@ -238,6 +238,17 @@ def assert_same_steps(result, replicas):
         assert steps["weights"] < 1e-5 < steps["moved"] / 100, kind
 
 
+def folder_bytes(folder):
+    """{relative path: bytes} of every file under `folder`: equal before and after means untouched."""
+    contents = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                contents[os.path.relpath(path, folder)] = handle.read()
+    return contents
+
+
 def temporaries(folder):
     """Files of writes still in progress (files.write_atomically's temporaries) anywhere under `folder`."""
     return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names

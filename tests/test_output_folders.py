@@ -14,21 +14,10 @@ import pytest
 from cnn_compression import checkpoints
 from cnn_compression import files
 import model as resnet
-from conftest import REPO, assert_one_line_error, run_in_process, run_script
+from conftest import REPO, assert_one_line_error, folder_bytes, run_in_process, run_script
 
 SMALL = ["--width", "0.0625", "--stem", "cifar", "--dataset", "sample", "--train_size", "100", "--batch_size", "50",
          "--epoch_num", "1", "--warmup_epochs", "0", "--verbose", "0"]
-
-
-def snapshot(folder):
-    """{relative path: bytes} of every file under `folder`."""
-    result = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as handle:
-                result[os.path.relpath(path, folder)] = handle.read()
-    return result
 
 
 def keras3_weights(path, seed):
@@ -72,14 +61,14 @@ def test_keras3_weights_file_loads_by_class_and_position(finished, tmp_path):
 
 def test_overwrite_with_bad_input_leaves_the_finished_run_untouched(finished, tmp_path):
     _, folder, pretrained, _ = finished
-    before = snapshot(folder)
+    before = folder_bytes(folder)
     text = tmp_path / "notes.txt"
     text.write_text("not data")
     for flags in (["--data_dir", str(text), "--dataset", "cifar10"], ["--model_path", str(text)]):
         arguments = [*SMALL, "--model_path", pretrained, *flags, "--overwrite"]
         completed = run_in_process("train_base_model.py", "--save_folder", folder, *arguments)
         assert_one_line_error(completed)
-        assert snapshot(folder) == before, flags
+        assert folder_bytes(folder) == before, flags
 
 
 def test_inputs_are_compared_by_content_not_by_path(finished, tmp_path):
@@ -89,11 +78,11 @@ def test_inputs_are_compared_by_content_not_by_path(finished, tmp_path):
     again = run_script("train_base_model.py", "--save_folder", folder, "--model_path", moved, *SMALL,
                        "--data_dir", str(tmp_path))  # --dataset sample: where CIFAR-10 lies does not matter
     assert "nothing to do" in again.stdout
-    before = snapshot(folder)
+    before = folder_bytes(folder)
     keras3_weights(moved, seed=2)  # other weights at that path
     other = run_in_process("train_base_model.py", "--save_folder", folder, "--model_path", moved, *SMALL)
     assert "pretrained contents" in assert_one_line_error(other)
-    assert snapshot(folder) == before
+    assert folder_bytes(folder) == before
 
 
 def test_a_failed_start_creates_nothing_and_the_corrected_retry_runs(tmp_path):
@@ -140,7 +129,7 @@ def test_overwrite_sets_the_old_run_aside_until_the_new_one_has_an_epoch(finishe
     _, original, pretrained, _ = finished
     folder = str(tmp_path / "copy")
     shutil.copytree(original, folder)
-    before = snapshot(folder)
+    before = folder_bytes(folder)
     log = open(tmp_path / "log.txt", "w")
     process = subprocess.Popen([sys.executable, "train_base_model.py", "--save_folder", folder, *SMALL,
                                 "--epoch_num", "3", "--overwrite"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -150,7 +139,7 @@ def test_overwrite_sets_the_old_run_aside_until_the_new_one_has_an_epoch(finishe
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)  # the replacement dies before its first epoch
     process.wait()
-    assert snapshot(aside) == before  # the finished run, whole, recoverable
+    assert folder_bytes(aside) == before  # the finished run, whole, recoverable
     completed = run_script("train_base_model.py", "--save_folder", folder, *SMALL, "--epoch_num", "3", "--overwrite")
     assert "starting" in completed.stdout
     assert not os.path.exists(aside) and sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]
@@ -208,12 +197,12 @@ def test_the_original_commands_never_touch_the_committed_runs():
         ["knowledge_distillation.py", "--root_folder=./model/pruned_model/iter15", "--lambda1=0.7,", "--lambda2=0.3,",
          "--lambda3=0.2,", "--regressor_name=conv1x1"],
     ]
-    before = snapshot(os.path.join(REPO, "model"))
+    before = folder_bytes(os.path.join(REPO, "model"))
     for command in commands:
         completed = run_in_process(*command, "--dataset", "sample")
         line = assert_one_line_error(completed)
         assert "other arguments" in line or "holds other runs" in line, line
-    assert snapshot(os.path.join(REPO, "model")) == before
+    assert folder_bytes(os.path.join(REPO, "model")) == before
 
 
 def test_plot_typo_suggestion_answers_fast_near_the_root():

@@ -14,8 +14,8 @@ from cnn_compression import checkpoints
 import model as resnet
 import prune
 from cnn_compression import training
-from conftest import (REPO, assert_files_whole, assert_one_line_error, epoch_backed_up, kill_when, run_in_process, run_script,
-                      temporaries)
+from conftest import (REPO, assert_files_whole, assert_one_line_error, epoch_backed_up, folder_bytes, kill_when, run_in_process,
+                      run_script, temporaries)
 
 
 
@@ -273,17 +273,6 @@ def test_a_backup_half_written_by_a_kill_is_restored_or_dropped(tmp_path):
     assert training.repair_backup(str(tmp_path)) == "none"
 
 
-def folder_state(root):
-    """{relative path: bytes} of every file under root."""
-    state = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as handle:
-                state[os.path.relpath(path, root)] = handle.read()
-    return state
-
-
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory, base_path, data_flags):
     """Two iterations with --prune_residual, SIGKILLed three times: mid-pruning of iteration 1,
@@ -381,11 +370,11 @@ def test_finished_run_files_are_complete_and_consistent(interrupted_run):
 
 def test_rerun_of_a_finished_run_changes_nothing(interrupted_run):
     root, arguments, _, _ = interrupted_run
-    before = folder_state(root)
+    before = folder_bytes(root)
     again = run_script("prune_model.py", *arguments)
     assert "nothing to do" in again.stdout
     assert "--overwrite" in assert_one_line_error(run_in_process("prune_model.py", *arguments, "--std_k", 2))
     # a bad base model with --overwrite must not destroy the finished run either
     assert "no base model" in assert_one_line_error(
         run_in_process("prune_model.py", *arguments, "--overwrite", "--base_model_path", root / "missing.h5"))
-    assert folder_state(root) == before
+    assert folder_bytes(root) == before
