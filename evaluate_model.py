@@ -32,7 +32,7 @@ def parse_args(argv=None):
                              "ResNet50, has the model's stem, classes and input)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--latency_repeats", type=cli.non_negative_int, default=20,
-                        help="timed repeats per batch size after warm-up (0 skips latency)")
+                        help="timed repeats at batch 1 after warm-up, a quarter as many (at least 3) at batch 128; 0 skips latency")
     parser.add_argument("--export_tflite", action="store_true",
                         help="also write float32 and int8 TFLite models beside the model (export_model.py with its defaults)")
     cli.add_data_flags(parser)

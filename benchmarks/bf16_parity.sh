@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bfloat16 parity (issue 11's target: within 1 point of float32): the base stage in float32 and in
 # mixed_bfloat16, same seeds, data and recipe, then the test accuracies, their means over seeds and
-# the gap. One seed's short run differs from another's by points (the augmentation's draws are not
-# reproducible, docs/crash_safety.md), so the gap is read against the seeds' spread. Meaningful only
+# the gap. One seed's short run differs from another's by points (another seed draws other initial
+# weights, batches and crops; one seed's run repeats to the bit, docs/crash_safety.md), so the gap
+# is read against the seeds' spread. Meaningful only
 # where the CPU computes bfloat16 natively (AMX / AVX512-BF16); elsewhere it is emulated and slow.
 #
 # From scratch, a short run ends inside the chaotic first epochs, where a half-grey-level change of

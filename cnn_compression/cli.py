@@ -19,6 +19,21 @@ from cnn_compression.errors import UserError  # noqa: E402  (scripts raise it as
 # Flags
 
 
+class Arguments(argparse.Namespace):
+    """Parsed flags that also remember each flag's default and its value as parsed, outside vars()
+    (which config.json stores): a stage resuming a run made before a flag existed compares that
+    flag's value as given against its default (`stages.changed_arguments`)."""
+
+    __slots__ = ("flag_defaults", "as_parsed")
+
+
+def _default_value(action):
+    # argparse passes a string default through the flag's type, as if it had been given
+    if isinstance(action.default, str) and callable(action.type):
+        return action.type(action.default)
+    return action.default
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage dump) and exit 2."""
 
@@ -27,7 +42,11 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
     def parse_args(self, args=None, namespace=None):
-        parsed = super().parse_args(args, namespace)
+        parsed = super().parse_args(args, Arguments() if namespace is None else namespace)
+        if isinstance(parsed, Arguments):
+            parsed.flag_defaults = {action.dest: _default_value(action) for action in self._actions
+                                    if action.default is not argparse.SUPPRESS}
+            parsed.as_parsed = dict(vars(parsed))  # before a stage resolves any of them (e.g. --precision auto)
         # Only once the flags are good: a typo or --help answers at once, not after TensorFlow's import.
         import_tensorflow()
         return parsed

@@ -117,6 +117,11 @@ IGNORED_FOR_RESUME = ("verbose", "overwrite", "tensorboard", "data_dir", "model_
                       "root_folder", "save_folder", "teacher_path", "student_path")
 
 
+def _as_json(values):
+    """`values` as config.json holds them (tuples as lists, other objects as strings)."""
+    return json.loads(json.dumps(values, default=str))
+
+
 def _comparable(arguments, ignore=()):
     return {key: value for key, value in arguments.items() if key not in IGNORED_FOR_RESUME and key not in ignore}
 
@@ -124,11 +129,14 @@ def _comparable(arguments, ignore=()):
 def changed_arguments(previous, args, inputs=None, ignore=()):
     """Names of what differs between a stored config.json and this run: arguments that change the
     result, and the fingerprints of its input files (data, pretrained or base model)."""
-    arguments = json.loads(json.dumps(vars(args), default=str))
     before = _comparable(previous.get("arguments", {}), ignore)
-    now = _comparable(arguments, ignore)
-    # A flag the stored run does not know was added later: that run used its default.
+    now = _comparable(_as_json(vars(args)), ignore)
     changed = [key for key in before if before[key] != now.get(key)]
+    # A flag the stored run does not know was added later: that run had its default, so only a value
+    # given otherwise makes this another run (compared as parsed: a stage may resolve a default later).
+    defaults, as_parsed = _as_json(getattr(args, "flag_defaults", {})), _as_json(getattr(args, "as_parsed", {}))
+    changed += [key for key in now if key not in before and key in defaults and key in as_parsed
+                and as_parsed[key] != defaults[key]]
     stored_inputs = previous.get("inputs") or {}
     changed += [f"{name} contents" for name, value in (inputs or {}).items()
                 if name in stored_inputs and stored_inputs[name] != value]

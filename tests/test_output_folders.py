@@ -85,6 +85,29 @@ def test_inputs_are_compared_by_content_not_by_path(finished, tmp_path):
     assert folder_bytes(folder) == before
 
 
+def test_a_flag_newer_than_the_stored_run_counts_as_its_default():
+    """A run made before a flag existed had the flag's default: resuming it with the default is the
+    same run (also where the stage resolves the default later, as --precision auto), another value
+    makes another run. Flags the stored run knew are compared as ever."""
+    import json
+
+    import train_base_model
+    from cnn_compression import stages
+
+    def stored(args, *left_out):
+        arguments = json.loads(json.dumps(vars(args), default=str))
+        return {"arguments": {key: value for key, value in arguments.items() if key not in left_out}}
+
+    older_run = stored(train_base_model.parse_args([]), "label_smoothing", "precision")
+    resumed = train_base_model.parse_args([])
+    resumed.precision = "float32"  # start_stage's resolution of auto on a CPU without native bfloat16
+    assert stages.changed_arguments(older_run, resumed) == []
+    other = train_base_model.parse_args(["--label_smoothing", "0.1", "--precision", "mixed_bfloat16"])
+    assert stages.changed_arguments(older_run, other) == ["label_smoothing", "precision"]
+    assert stages.changed_arguments(stored(train_base_model.parse_args([])),
+                                    train_base_model.parse_args(["--epoch_num", "3"])) == ["epoch_num"]
+
+
 def test_a_failed_start_creates_nothing_and_the_corrected_retry_runs(tmp_path):
     folder = tmp_path / "base"
     for flags in (["--dataset", "cifar10", "--data_dir", str(tmp_path / "missing")], ["--model_path", str(tmp_path / "none.h5")]):
