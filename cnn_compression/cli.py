@@ -6,6 +6,7 @@ line on stderr and exit code 2. Nothing here imports TensorFlow until the flags 
 
 import argparse
 import contextlib
+import copy
 import math
 import os
 import sys
@@ -30,7 +31,10 @@ class Arguments(argparse.Namespace):
 def _default_value(action):
     # argparse passes a string default through the flag's type, as if it had been given
     if isinstance(action.default, str) and callable(action.type):
-        return action.type(action.default)
+        try:
+            return action.type(action.default)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            pass  # a type that only checks given values: keep the default as written
     return action.default
 
 
@@ -46,7 +50,7 @@ class Parser(argparse.ArgumentParser):
         if isinstance(parsed, Arguments):
             parsed.flag_defaults = {action.dest: _default_value(action) for action in self._actions
                                     if action.default is not argparse.SUPPRESS}
-            parsed.as_parsed = dict(vars(parsed))  # before a stage resolves any of them (e.g. --precision auto)
+            parsed.as_parsed = copy.deepcopy(vars(parsed))  # before a stage resolves any (e.g. --precision auto)
         # Only once the flags are good: a typo or --help answers at once, not after TensorFlow's import.
         import_tensorflow()
         return parsed
