@@ -53,6 +53,23 @@ def working_copy(model, strategy):
     return copy
 
 
+_FLOAT32_COPIES = weakref.WeakKeyDictionary()  # mixed-precision model -> its float32 clone, for saving
+
+
+def float32_copy(model):
+    """`model` itself when it computes in float32, else its float32 clone (`recast`) holding its
+    current weights. A stage saves the same model every improved epoch: the clone is built once
+    per model object (about a second for a ResNet50) and only its weights are refreshed."""
+    copy = _FLOAT32_COPIES.get(model)
+    if copy is None:
+        copy = recast(model, "float32")
+        if copy is not model:
+            _FLOAT32_COPIES[model] = copy
+        return copy
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 _H5_HOLDS = weakref.WeakKeyDictionary()  # model -> why .h5 cannot hold it ('' when it can), tried once per model
 _NOTED = set()  # (model name, why .h5 cannot hold it) already said: a run saves many such models
 
@@ -109,7 +126,7 @@ def save_model(model, path):
 
     (Keras 3 strips the optimizer from the compile config of the model it saves to .h5.)
     """
-    float32 = recast(model, "float32")
+    float32 = float32_copy(model)
     compile_config = getattr(float32, "_compile_config", None)
     saved = dict(compile_config.config) if compile_config is not None else None
     write_atomically(path, lambda temporary: float32.save(temporary, include_optimizer=False))

@@ -60,6 +60,17 @@ def test_a_mixed_precision_model_is_saved_as_float32(tmp_path, policy):
     assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
     for have, want in zip(loaded.get_weights(), network.get_weights()):
         np.testing.assert_array_equal(have, want)
+    # Saved again after training (weights changed): the file holds the new weights, through the
+    # float32 clone built at the first save (not rebuilt every epoch).
+    clone = checkpoints.float32_copy(network)
+    for variable in network.weights:
+        variable.assign(variable.numpy() + 0.5)
+    policy("mixed_bfloat16")
+    checkpoints.save_model(network, path)
+    assert checkpoints.float32_copy(network) is clone
+    policy("float32")
+    for have, want in zip(keras.models.load_model(path, compile=False).get_weights(), network.get_weights()):
+        np.testing.assert_array_equal(have, want)
     # ... and a loaded float32 model recast to the mixed policy computes in it, same weights.
     recast = checkpoints.recast(loaded, "mixed_bfloat16")
     assert recast.get_layer("conv1_conv").dtype_policy.name == "mixed_bfloat16"
