@@ -68,7 +68,9 @@ case "${1:-status}" in
     # change together).
     pids=$(run_pids); [ -z "$pids" ] || kill -STOP $pids
     mkdir -p model/cifar_stem
-    tar -C "$WORKTREE/model/cifar_stem" --exclude='*.bkp' --exclude='.lock' --exclude='.tmp-*' -cf - . | tar -C model/cifar_stem -xf -
+    # results.md is the checkout's (make figures-strong): the worktree holds only the copy `start` gave it.
+    tar -C "$WORKTREE/model/cifar_stem" --exclude='*.bkp' --exclude='.lock' --exclude='.tmp-*' --exclude='./results.md' \
+        -cf - . | tar -C model/cifar_stem -xf -
     # Files the run has since removed (a finished fit's backup, an iteration's pruned.h5) go here too;
     # the pin and the checkout's own table stay.
     (cd model/cifar_stem && find . -type f ! -name RUN_COMMIT ! -name results.md) | while read -r file; do
