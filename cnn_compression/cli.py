@@ -6,7 +6,6 @@ line on stderr and exit code 2. Nothing here imports TensorFlow until the flags 
 
 import argparse
 import contextlib
-import copy
 import math
 import os
 import sys
@@ -21,11 +20,11 @@ from cnn_compression.errors import UserError  # noqa: E402  (scripts raise it as
 
 
 class Arguments(argparse.Namespace):
-    """Parsed flags that also remember each flag's default and its value as parsed, outside vars()
-    (which config.json stores): a stage resuming a run made before a flag existed compares that
-    flag's value as given against its default (`stages.changed_arguments`)."""
+    """Parsed flags that also name, outside vars() (which config.json stores), the flags given a value
+    other than their default: a run made before a flag existed had its default, so only those make
+    a resume another run (`stages.changed_arguments`)."""
 
-    __slots__ = ("flag_defaults", "as_parsed")
+    __slots__ = ("off_default",)
 
 
 def _default_value(action):
@@ -48,9 +47,9 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, Arguments() if namespace is None else namespace)
         if isinstance(parsed, Arguments):
-            parsed.flag_defaults = {action.dest: _default_value(action) for action in self._actions
-                                    if action.default is not argparse.SUPPRESS}
-            parsed.as_parsed = copy.deepcopy(vars(parsed))  # before a stage resolves any (e.g. --precision auto)
+            # Taken as parsed, before a stage resolves any value (e.g. --precision auto).
+            parsed.off_default = frozenset(action.dest for action in self._actions if action.default is not argparse.SUPPRESS
+                                           and getattr(parsed, action.dest) != _default_value(action))
         # Only once the flags are good: a typo or --help answers at once, not after TensorFlow's import.
         import_tensorflow()
         return parsed

@@ -133,10 +133,8 @@ def changed_arguments(previous, args, inputs=None, ignore=()):
     now = _comparable(_as_json(vars(args)), ignore)
     changed = [key for key in before if before[key] != now.get(key)]
     # A flag the stored run does not know was added later: that run had its default, so only a value
-    # given otherwise makes this another run (compared as parsed: a stage may resolve a default later).
-    defaults, as_parsed = _as_json(getattr(args, "flag_defaults", {})), _as_json(getattr(args, "as_parsed", {}))
-    changed += [key for key in now if key not in before and key in defaults and key in as_parsed
-                and as_parsed[key] != defaults[key]]
+    # given otherwise makes this another run (cli.Arguments).
+    changed += [key for key in now if key not in before and key in getattr(args, "off_default", ())]
     stored_inputs = previous.get("inputs") or {}
     changed += [f"{name} contents" for name, value in (inputs or {}).items()
                 if name in stored_inputs and stored_inputs[name] != value]

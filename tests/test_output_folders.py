@@ -89,13 +89,11 @@ def test_a_flag_newer_than_the_stored_run_counts_as_its_default():
     """A run made before a flag existed had the flag's default: resuming it with the default is the
     same run (also where the stage resolves the default later, as --precision auto), another value
     makes another run. Flags the stored run knew are compared as ever."""
-    import json
-
     import train_base_model
     from cnn_compression import stages
 
-    def stored(args, *left_out):
-        arguments = json.loads(json.dumps(vars(args), default=str))
+    def stored(args, *left_out):  # config.json's "arguments", without the flags `left_out`
+        arguments = stages._as_json(vars(args))
         return {"arguments": {key: value for key, value in arguments.items() if key not in left_out}}
 
     older_run = stored(train_base_model.parse_args([]), "label_smoothing", "precision")
