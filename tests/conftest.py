@@ -20,15 +20,17 @@ cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stage
 
 
 # Seconds of each file's non-slow tests under make test (two workers, junit times summed per file;
-# AMD EPYC Zen 4, 2 cores, 2026-12-02: 277 passed in 581 s). The two xdist workers take whole files
-# in this order, longest first, so that no long file starts last and runs alone at the end (make
-# test passes --no-loadscope-reorder, which keeps this order). A new file: estimate it, then measure.
+# AMD EPYC Zen 3, 2 cores, 2026-12-02, a slow day: 277 passed in 889 s). The two xdist workers take
+# whole files in this order, longest first, so that no long file starts last and runs alone at the
+# end (make test passes --no-loadscope-reorder, which keeps this order). A new file: estimate it,
+# then measure.
 FILE_SECONDS = {
-    "test_prune.py": 168, "test_base_stage.py": 127, "test_crash_safety.py": 118, "test_distillation.py": 102,
-    "test_output_folders.py": 91, "test_prune_any_model.py": 68, "test_prune_distill.py": 65, "test_distribute.py": 63,
-    "test_any_model.py": 48, "test_export.py": 47, "test_importance.py": 38, "test_plots.py": 36, "test_model.py": 30,
-    "test_precision.py": 28, "test_multi_worker.py": 27, "test_distill_any_model.py": 18, "test_onednn.py": 17,
-    "test_fused_batch_norm.py": 15, "test_data.py": 7, "test_strided_pointwise.py": 2, "test_layout.py": 2,
+    "test_prune.py": 214, "test_crash_safety.py": 179, "test_distillation.py": 164, "test_base_stage.py": 155,
+    "test_output_folders.py": 126, "test_distribute.py": 122, "test_prune_distill.py": 120,
+    "test_prune_any_model.py": 98, "test_any_model.py": 91, "test_export.py": 86, "test_model.py": 58,
+    "test_precision.py": 55, "test_importance.py": 54, "test_multi_worker.py": 49, "test_fused_batch_norm.py": 39,
+    "test_plots.py": 34, "test_distill_any_model.py": 33, "test_onednn.py": 25, "test_data.py": 14,
+    "test_strided_pointwise.py": 2, "test_layout.py": 1,
 }
 
 
@@ -139,7 +141,10 @@ def base_path(tmp_path_factory):
 
 
 def run_script(script, *arguments, timeout=600, check=True):
-    """Run one of the repository's scripts in a fresh process; returns the CompletedProcess."""
+    """Run one of the repository's scripts in a new process; returns the CompletedProcess. For what
+    only a new process shows: its start-up (TensorFlow's own messages, the time to answer), flags
+    TensorFlow reads once at start (--cpu_devices), a run another process must kill or race. Else
+    `run_in_process`, which saves the 7-10 s of imports a new process pays."""
     completed = subprocess.run(
         [sys.executable, os.path.join(REPO, script), *map(str, arguments)],
         cwd=REPO, capture_output=True, text=True, timeout=timeout,
@@ -149,9 +154,9 @@ def run_script(script, *arguments, timeout=600, check=True):
     return completed
 
 
-def run_in_process(script, *arguments):
+def run_in_process(script, *arguments, check=True):
     """Run a script's `main` through `cli.run` in this process, as `run_script` would in a new one
-    (no TensorFlow start: for answers to bad input); returns a CompletedProcess."""
+    (its stdout and stderr captured, exit code 2 on bad input); returns a CompletedProcess."""
     import contextlib
     import importlib
     import io
@@ -171,7 +176,10 @@ def run_in_process(script, *arguments):
         sys.argv = saved_argv
         os.chdir(saved_cwd)
         files.release_folder_locks()
-    return subprocess.CompletedProcess([script, *argv], code, stdout.getvalue(), stderr.getvalue())
+    completed = subprocess.CompletedProcess([script, *argv], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{script} exited {code}\nstdout:\n{completed.stdout[-3000:]}\nstderr:\n{completed.stderr[-3000:]}")
+    return completed
 
 
 def assert_one_line_error(completed):

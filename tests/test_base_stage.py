@@ -14,7 +14,7 @@ from conftest import assert_one_line_error, run_in_process, run_script
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, data_flags):
     folder = str(tmp_path_factory.mktemp("base") / "base_model")
-    completed = run_script(
+    completed = run_in_process(
         "train_base_model.py", "--save_folder", folder, "--stem", "cifar", "--width", "0.125", "--train_size", "600",
         "--epoch_num", "6", "--batch_size", "64", "--learning_rate", "0.05", "--warmup_epochs", "0", "--verbose", "0",
         *data_flags,
@@ -45,13 +45,13 @@ def test_training_writes_a_plain_keras_model_and_history(base_run):
 def test_rerun_skips_a_finished_run_and_refuses_other_arguments(base_run, data_flags):
     folder, _ = base_run
     before = os.path.getmtime(os.path.join(folder, "model.h5"))
-    again = run_script("train_base_model.py", "--save_folder", folder, "--stem", "cifar", "--width", "0.125", "--train_size", "600",
+    again = run_in_process("train_base_model.py", "--save_folder", folder, "--stem", "cifar", "--width", "0.125", "--train_size", "600",
                        "--epoch_num", "6", "--batch_size", "64", "--learning_rate", "0.05", "--warmup_epochs", "0",
                        "--verbose", "0", *data_flags)
     assert "nothing to do" in again.stdout
     other = run_in_process("train_base_model.py", "--save_folder", folder, "--stem", "cifar", "--width", "0.25",
                            "--train_size", "600", "--epoch_num", "6", "--batch_size", "64", "--learning_rate", "0.05",
-                           "--warmup_epochs", "0", "--verbose", "0", *data_flags)
+                           "--warmup_epochs", "0", "--verbose", "0", *data_flags, check=False)
     assert "width" in assert_one_line_error(other)
     assert os.path.getmtime(os.path.join(folder, "model.h5")) == before
 
@@ -100,7 +100,7 @@ def test_original_pretrained_command_trains_from_scratch_when_the_file_is_absent
     # The original README's command, with a small budget: no ./model/pretrained_resnet50.h5 here.
     # The one stage run on the full CIFAR-10 in CI: 5,000 validation and 10,000 test images.
     folder = str(tmp_path / "base_model")
-    completed = run_script("train_base_model.py", f"--save_folder={folder}", "--model_path=./model/pretrained_resnet50.h5",
+    completed = run_in_process("train_base_model.py", f"--save_folder={folder}", "--model_path=./model/pretrained_resnet50.h5",
                            "--width", "0.0625", "--train_size", "100", "--epoch_num", "1", "--verbose", "0", *full_data_flags)
     assert "training from scratch" in completed.stderr
     assert os.path.exists(os.path.join(folder, "model.h5"))
@@ -140,7 +140,7 @@ def test_evaluate_rejects_bad_models_in_one_line(tmp_path):
     for case, path in bad_h5_files(tmp_path).items():
         # one case in a new process (TensorFlow's start says nothing on stderr), the others in this one
         run = run_script if case == "missing" else run_in_process
-        completed = run("evaluate_model.py", "--model_path", path, "--dataset", "sample", **({"check": False} if case == "missing" else {}))
+        completed = run("evaluate_model.py", "--model_path", path, "--dataset", "sample", check=False)
         line = assert_one_line_error(completed)
         assert path in line or case == "missing" and "no model" in line, (case, line)
 
@@ -154,7 +154,7 @@ def test_evaluate_rejects_bad_models_in_one_line(tmp_path):
     (["--data_dir", "/no/such/folder"], "--data_dir"),
 ])
 def test_train_rejects_bad_flags_in_one_line(tmp_path, flags, expected):
-    completed = run_in_process("train_base_model.py", "--save_folder", str(tmp_path / "out"), "--epoch_num", "1", *flags)
+    completed = run_in_process("train_base_model.py", "--save_folder", str(tmp_path / "out"), "--epoch_num", "1", *flags, check=False)
     assert expected in assert_one_line_error(completed)
     assert not os.path.exists(tmp_path / "out" / "model.h5")
 
@@ -162,7 +162,7 @@ def test_train_rejects_bad_flags_in_one_line(tmp_path, flags, expected):
 def test_train_rejects_an_empty_data_folder(tmp_path):
     empty = tmp_path / "cifar-10-batches-py"
     empty.mkdir()
-    completed = run_in_process("train_base_model.py", "--save_folder", str(tmp_path / "out"), "--data_dir", str(empty))
+    completed = run_in_process("train_base_model.py", "--save_folder", str(tmp_path / "out"), "--data_dir", str(empty), check=False)
     assert "holds neither" in assert_one_line_error(completed)
     assert not os.path.exists(tmp_path / "out" / "model.h5")
 

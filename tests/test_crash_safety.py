@@ -11,7 +11,7 @@ import pytest
 from cnn_compression import checkpoints
 from cnn_compression import files
 from cnn_compression import training
-from conftest import assert_files_whole, kill_when, run_script, temporaries
+from conftest import assert_files_whole, kill_when, run_in_process, temporaries
 
 
 def epochs_recorded(folder):
@@ -54,7 +54,7 @@ def assert_trained_as_uninterrupted(arguments, folder, uninterrupted):
     resumed run in `folder` trained exactly as it did (same batches, same crops), so the same
     numbers to the bit; its epoch 1 was trained by a fresh process too. The history holds every
     epoch's losses (the last val_loss measures the final weights); model.h5 is the best epoch's."""
-    run_script(*[uninterrupted if argument == folder else argument for argument in arguments])
+    run_in_process(*[uninterrupted if argument == folder else argument for argument in arguments])
     assert open(os.path.join(uninterrupted, "history.json"), "rb").read() == open(os.path.join(folder, "history.json"), "rb").read()
     expected, resumed = (model_arrays(os.path.join(f, "model.h5")) for f in (uninterrupted, folder))
     assert expected.keys() == resumed.keys() and all(np.array_equal(expected[name], resumed[name]) for name in expected)
@@ -65,18 +65,18 @@ def assert_trained_as_uninterrupted(arguments, folder, uninterrupted):
 def test_base_training_resumes_after_sigkill_at_every_phase_with_whole_files(tmp_path, data_flags):
     folder = str(tmp_path / "base_model")
     arguments = ["train_base_model.py", "--save_folder", folder, "--width", "0.0625", "--train_size", "256",
-                 "--epoch_num", "4", "--batch_size", "64", "--warmup_epochs", "0", "--verbose", "0", *data_flags]
-    fitted = kill_at_every_phase(arguments, folder, epochs=4)
-    completed = run_script(*arguments)
+                 "--epoch_num", "3", "--batch_size", "64", "--warmup_epochs", "0", "--verbose", "0", *data_flags]
+    fitted = kill_at_every_phase(arguments, folder, epochs=3)
+    completed = run_in_process(*arguments)
     assert "resuming" in completed.stdout
     # Killed after the fit: the rerun only evaluated and closed, it did not train again.
     assert read_files(folder, ["model.h5", "history.json"]) == fitted
     assert_trained_as_uninterrupted(arguments, folder, str(tmp_path / "uninterrupted"))
     history = json.load(open(os.path.join(folder, "history.json")))
-    assert all(len(history[key]) == 4 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"))
-    # The schedule continued across the kills: cosine decay per step over 4 epochs of 4 steps.
-    schedule = keras.optimizers.schedules.CosineDecay(0.01, decay_steps=16)
-    expected = [float(schedule(4 * (epoch + 1))) for epoch in range(4)]
+    assert all(len(history[key]) == 3 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"))
+    # The schedule continued across the kills: cosine decay per step over 3 epochs of 4 steps.
+    schedule = keras.optimizers.schedules.CosineDecay(0.01, decay_steps=12)
+    expected = [float(schedule(4 * (epoch + 1))) for epoch in range(3)]
     assert history["lr"] == pytest.approx(expected, abs=1e-7)
     assert sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]  # no backup, no temporaries
     config = json.load(open(os.path.join(folder, "config.json")))
@@ -223,7 +223,7 @@ def test_distillation_resumes_after_sigkill_at_every_phase_with_whole_files(tmp_
                  "--student_stage_widths", "4,4,8,8", "--train_size", "256", "--epoch_num", "3", "--batch_size", "64",
                  "--verbose", "0", *data_flags]
     fitted = kill_at_every_phase(arguments, folder, epochs=3)
-    completed = run_script(*arguments)
+    completed = run_in_process(*arguments)
     assert "resuming" in completed.stdout
     assert read_files(folder, ["model.h5", "history.json"]) == fitted
     history = json.load(open(os.path.join(folder, "history.json")))

@@ -174,7 +174,7 @@ def test_bad_model_is_one_line_and_writes_nothing(case, tmp_path):
     before = sorted(os.listdir(tmp_path))
     # one case in a new process (TensorFlow's start says nothing on stderr), the other in this one
     run = run_script if case == "missing" else run_in_process
-    completed = run("export_model.py", "--model_path", model_path, "--dataset", "sample", **({"check": False} if case == "missing" else {}))
+    completed = run("export_model.py", "--model_path", model_path, "--dataset", "sample", check=False)
     line = assert_one_line_error(completed)
     assert {"missing": "no model at", "not_hdf5": "not an HDF5"}[case] in line
     assert sorted(os.listdir(tmp_path)) == before

@@ -33,7 +33,7 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     pretrained = keras3_weights(str(root / "pretrained.weights.h5"), seed=1)
     folder = str(root / "base")
-    completed = run_script("train_base_model.py", "--save_folder", folder, "--model_path", pretrained, *SMALL,
+    completed = run_in_process("train_base_model.py", "--save_folder", folder, "--model_path", pretrained, *SMALL,
                            "--tensorboard", str(root / "logs"))
     return root, folder, pretrained, completed
 
@@ -66,7 +66,7 @@ def test_overwrite_with_bad_input_leaves_the_finished_run_untouched(finished, tm
     text.write_text("not data")
     for flags in (["--data_dir", str(text), "--dataset", "cifar10"], ["--model_path", str(text)]):
         arguments = [*SMALL, "--model_path", pretrained, *flags, "--overwrite"]
-        completed = run_in_process("train_base_model.py", "--save_folder", folder, *arguments)
+        completed = run_in_process("train_base_model.py", "--save_folder", folder, *arguments, check=False)
         assert_one_line_error(completed)
         assert folder_bytes(folder) == before, flags
 
@@ -75,12 +75,12 @@ def test_inputs_are_compared_by_content_not_by_path(finished, tmp_path):
     _, folder, pretrained, _ = finished
     moved = str(tmp_path / "elsewhere.weights.h5")
     shutil.copyfile(pretrained, moved)
-    again = run_script("train_base_model.py", "--save_folder", folder, "--model_path", moved, *SMALL,
+    again = run_in_process("train_base_model.py", "--save_folder", folder, "--model_path", moved, *SMALL,
                        "--data_dir", str(tmp_path))  # --dataset sample: where CIFAR-10 lies does not matter
     assert "nothing to do" in again.stdout
     before = folder_bytes(folder)
     keras3_weights(moved, seed=2)  # other weights at that path
-    other = run_in_process("train_base_model.py", "--save_folder", folder, "--model_path", moved, *SMALL)
+    other = run_in_process("train_base_model.py", "--save_folder", folder, "--model_path", moved, *SMALL, check=False)
     assert "pretrained contents" in assert_one_line_error(other)
     assert folder_bytes(folder) == before
 
@@ -109,12 +109,12 @@ def test_a_flag_newer_than_the_stored_run_counts_as_its_default():
 def test_a_failed_start_creates_nothing_and_the_corrected_retry_runs(tmp_path):
     folder = tmp_path / "base"
     for flags in (["--dataset", "cifar10", "--data_dir", str(tmp_path / "missing")], ["--model_path", str(tmp_path / "none.h5")]):
-        completed = run_in_process("train_base_model.py", "--save_folder", str(folder), *SMALL, *flags)
+        completed = run_in_process("train_base_model.py", "--save_folder", str(folder), *SMALL, *flags, check=False)
         assert_one_line_error(completed)
         assert not folder.exists(), flags
     folder.mkdir()
     completed = run_in_process("train_base_model.py", "--save_folder", str(folder), *SMALL, "--model_path",
-                               str(tmp_path / "none.h5"))
+                               str(tmp_path / "none.h5"), check=False)
     assert_one_line_error(completed)
     assert os.listdir(folder) == []
 
@@ -141,7 +141,7 @@ def test_a_folder_filled_by_another_run_during_start_up_is_refused_before_the_fi
         flags = ["--root_folder", folder, "--base_model_path", tmp_path / "base.h5", "--criterion", "fraction"]
     else:
         flags = ["--save_folder", folder, *SMALL]
-    line = assert_one_line_error(run_in_process(script, *flags, "--dataset", "sample"))
+    line = assert_one_line_error(run_in_process(script, *flags, "--dataset", "sample", check=False))
     assert "holds other runs in its subfolders (other)" in line
     assert os.listdir(folder) == ["other"]  # no lock, no config.json
 
@@ -161,7 +161,7 @@ def test_overwrite_sets_the_old_run_aside_until_the_new_one_has_an_epoch(finishe
     process.send_signal(signal.SIGKILL)  # the replacement dies before its first epoch
     process.wait()
     assert folder_bytes(aside) == before  # the finished run, whole, recoverable
-    completed = run_script("train_base_model.py", "--save_folder", folder, *SMALL, "--epoch_num", "3", "--overwrite")
+    completed = run_in_process("train_base_model.py", "--save_folder", folder, *SMALL, "--epoch_num", "3", "--overwrite")
     assert "starting" in completed.stdout
     assert not os.path.exists(aside) and sorted(os.listdir(folder)) == ["config.json", "history.json", "model.h5"]
 
@@ -220,7 +220,7 @@ def test_the_original_commands_never_touch_the_committed_runs():
     ]
     before = folder_bytes(os.path.join(REPO, "model"))
     for command in commands:
-        completed = run_in_process(*command, "--dataset", "sample")
+        completed = run_in_process(*command, "--dataset", "sample", check=False)
         line = assert_one_line_error(completed)
         assert "other arguments" in line or "holds other runs" in line, line
     assert folder_bytes(os.path.join(REPO, "model")) == before

@@ -15,7 +15,7 @@ import evaluate_model
 import prune
 import prune_model
 import pruning_iteration
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process
 
 RUN_FLAGS = ["--train_size", 200, "--epoch_num", 1, "--batch_size", 100, "--verbose", 0, "--precision", "float32"]
 
@@ -52,7 +52,7 @@ def test_prune_model_prunes_any_functional_classifier(classifier_path, tmp_path,
     root = tmp_path / "run"
     arguments = ["--base_model_path", classifier_path, "--root_folder", root, "--prune_iter", 2, "--criterion", "fraction",
                  "--prune_fraction", 0.25, *data_flags, *RUN_FLAGS]
-    run_script("prune_model.py", *arguments)
+    run_in_process("prune_model.py", *arguments)
     summary = json.loads((root / "summary.json").read_text())
     base = keras.models.load_model(str(classifier_path), compile=False)
     # groups named after their ReLU ('inner_relu'; 'wide' has its own; the residual stream after its first)
@@ -178,7 +178,7 @@ def test_apoz_without_relu_outputs_is_refused_in_one_line(tmp_path, data_flags):
     network = keras.Model(inputs, keras.layers.Dense(10, name="classes")(keras.layers.GlobalAveragePooling2D()(x)))
     path = tmp_path / "tanh.h5"
     network.save(str(path))
-    completed = run_script("prune_model.py", "--base_model_path", path, "--root_folder", tmp_path / "run",
+    completed = run_in_process("prune_model.py", "--base_model_path", path, "--root_folder", tmp_path / "run",
                            *data_flags, *RUN_FLAGS, check=False)
     assert "--importance apoz scores no channel group" in assert_one_line_error(completed)
     assert not (tmp_path / "run").exists()
@@ -322,13 +322,13 @@ def test_any_model_pruning_killed_mid_fine_tuning_resumes_to_the_uninterrupted_f
              *data_flags, *RUN_FLAGS[:3], 2, *RUN_FLAGS[4:]]  # two epochs
     assert RUN_FLAGS[2:4] == ["--epoch_num", 1]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run_script("prune_model.py", "--root_folder", whole, *flags)
+    run_in_process("prune_model.py", "--root_folder", whole, *flags)
     kill_when([os.path.join(REPO, "prune_model.py"), "--root_folder", killed, *flags], epoch_backed_up(killed / "iter1"))
     assert_files_whole(killed)
     assert json.loads((killed / "summary.json").read_text())["iterations"] == []
     at_kill = json.loads((killed / "iter1" / "history.json").read_text())
     assert {key: len(values) for key, values in at_kill.items()} == {key: 1 for key in at_kill}
-    rerun = run_script("prune_model.py", "--root_folder", killed, *flags[:-4], "--verbose", 2, *flags[-2:])
+    rerun = run_in_process("prune_model.py", "--root_folder", killed, *flags[:-4], "--verbose", 2, *flags[-2:])
     assert "resuming the fine-tuning" in rerun.stdout and "Epoch 2/2" in rerun.stdout and "Epoch 1/2" not in rerun.stdout
 
     # before the fine-tuning: the same scores, the same channels, the same pruned model's accuracies
