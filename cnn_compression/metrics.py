@@ -9,12 +9,24 @@ PROBABILITY_EPSILON = 1e-7
 
 def predict_probabilities(network, images, batch_size=128):
     """Class probabilities of `network` on raw 0-255 `images`, batch by batch (`predict`, not an
-    eager call, so memory stays that of one batch)."""
+    eager call, so memory stays that of one batch).
+
+    A short last batch is padded with black images, whose rows are dropped: Keras traces its
+    predict step once per batch shape, so every batch at full size saves a model's second trace
+    (about a second for a tiny ResNet50, more for a big one) for at most one batch of extra work.
+    Inference treats every image alone, so the padding changes no other row.
+    """
+    import keras
+
     from cnn_compression import data
 
-    labels = np.zeros(len(images), np.int64)
-    batches = data.make_dataset(images, labels, batch_size).map(lambda x, y: x)
-    return network.predict(batches, verbose=0)
+    images = np.asarray(images)
+    count = len(images)
+    padding = -count % batch_size
+    if padding:
+        images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), images.dtype)])
+    batches = data.make_dataset(images, np.zeros(len(images), np.int64), batch_size).map(lambda x, y: x)
+    return keras.tree.map_structure(lambda rows: rows[:count], network.predict(batches, verbose=0))
 
 
 def loss_and_accuracy(network, images, labels, batch_size=128):

@@ -42,14 +42,36 @@ def start_stage(args, folder):
     sets TensorFlow up, so before any other TensorFlow work); then this worker's output folder
     (`folder` itself, or on a multi-worker worker other than the chief a scratch copy: same
     decisions, no shared writes); then Keras' precision policy, with args.precision resolved from
-    auto so that config.json records what ran; then the output folder is checked (read only:
-    nothing is created or touched before every input has been checked).
+    auto so that config.json records what ran (`precision_to_resume`); then the output folder is
+    checked (read only: nothing is created or touched before every input has been checked).
     """
     strategy = training.distribution_strategy(args)
     folder = multi_worker.worker_folder(folder, strategy)
-    args.precision = training.set_precision(args.precision)
+    args.precision = training.set_precision(precision_to_resume(folder, args) or args.precision)
     check_output_folder(folder)
     return Start(strategy, folder)
+
+
+def precision_to_resume(folder, args):
+    """The precision `--precision auto` takes over from the run stored in `folder`: the one it
+    recorded, or float32 for a run made before the flag existed (it ran in float32). None for a
+    fresh run, --overwrite or an explicit --precision, where auto follows the hardware.
+
+    So a run resumes in the precision it started in, on whatever machine: the hardware would
+    otherwise switch an older run to bfloat16 mid-run, or refuse a bfloat16 run elsewhere as
+    other arguments. An unreadable config.json is left to `begin_stage` to report.
+    """
+    if args.precision != "auto" or getattr(args, "overwrite", False):
+        return None
+    try:
+        with open(os.path.join(folder, CONFIG_NAME)) as handle:
+            stored = json.load(handle).get("arguments")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(stored, dict):
+        return None
+    precision = stored.get("precision", "float32")
+    return precision if precision in ("float32", "mixed_bfloat16", "mixed_float16") else None
 
 
 def load_split(args):

@@ -159,3 +159,35 @@ def test_mixed_float16_distillation_scales_its_losses_and_unscales_its_gradients
     for path, want in changes32.items():
         if np.linalg.norm(want) > 1e-3:  # conv biases before a BatchNorm get no gradient (float noise only)
             assert 0.25 < np.linalg.norm(changes16[path]) / np.linalg.norm(want) < 4, path
+
+
+def test_auto_resumes_a_stored_run_in_the_precision_it_started_in(tmp_path, monkeypatch, policy):
+    """A stored run keeps its precision under --precision auto, whatever this machine's hardware:
+    a run older than the flag ran in float32 and a bfloat16 run resumes on a CPU without native
+    bfloat16. A fresh folder, --overwrite or an explicit value follow the flag as ever."""
+    import json
+
+    import train_base_model
+    from cnn_compression import stages
+
+    def start(folder, stored_arguments, *flags, native):
+        monkeypatch.setattr(training, "native_bfloat16", lambda: native)
+        if stored_arguments is not None:
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps({"arguments": stored_arguments, "complete": False}))
+        args = train_base_model.parse_args(["--save_folder", str(folder), *flags])
+        stages.start_stage(args, args.save_folder)
+        assert keras.mixed_precision.global_policy().name == args.precision
+        return args.precision
+
+    older = {"epoch_num": 3}  # config.json of a run made before --precision existed
+    assert start(tmp_path / "older", older, native=True) == "float32"
+    assert start(tmp_path / "bf16", {"precision": "mixed_bfloat16"}, native=False) == "mixed_bfloat16"
+    assert start(tmp_path / "fp32", {"precision": "float32"}, native=True) == "float32"
+    assert start(tmp_path / "fresh", None, native=True) == "mixed_bfloat16"
+    assert start(tmp_path / "overwritten", older, "--overwrite", native=True) == "mixed_bfloat16"
+    assert start(tmp_path / "explicit", older, "--precision", "mixed_bfloat16", native=True) == "mixed_bfloat16"
+    # what begin_stage will refuse as unreadable leaves auto to the hardware
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    assert start(tmp_path / "broken", None, native=False) == "float32"
