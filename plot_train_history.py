@@ -2,9 +2,11 @@
 
     python plot_train_history.py --history_path=./model/pruned_model/iter1/history.json
     python plot_train_history.py --figures            # every figure under images/ from model/
+    python plot_train_history.py --verify --model_root=./model/cifar_stem   # the table's rows, reproduced
 
 A history figure shows loss and accuracy (training and validation) per epoch; several
---history_path values overlay on one figure. The drawing is cnn_compression.figures', the
+--history_path values overlay on one figure. --verify reloads the saved model of every row of the
+results table with plain Keras and checks that it gives the row's test accuracy. The drawing is cnn_compression.figures', the
 records and the results table cnn_compression.results'.
 """
 
@@ -15,6 +17,7 @@ from cnn_compression import checkpoints
 from cnn_compression import cli
 from cnn_compression import figures
 from cnn_compression import files
+from cnn_compression import reproduction
 from cnn_compression import results
 
 
@@ -27,9 +30,17 @@ def parse_args(argv=None):
     parser.add_argument("--images_dir", default="./images")
     parser.add_argument("--table", default=None, metavar="PATH",
                         help="with --figures: also write the results table (Markdown) to PATH")
+    parser.add_argument("--verify", action="store_true",
+                        help="reload each results-table row's saved model (under --model_root) with plain Keras and "
+                             "check its test accuracy against the row; exit code 2 if one differs")
+    parser.add_argument("--data_dir", default=None,
+                        help="for --verify: a cifar-10-batches-py folder or cifar-10-python.tar.gz (else $CIFAR10_DIR, "
+                             "the Keras cache)")
     args = parser.parse_args(argv)
-    if not args.history_path and not args.figures:
-        parser.error("give --history_path (one or more) or --figures")
+    if not args.history_path and not args.figures and not args.verify:
+        parser.error("give --history_path (one or more), --figures or --verify")
+    if args.table and not args.figures:
+        parser.error("--table goes with --figures")
     return args
 
 
@@ -48,13 +59,18 @@ def main(argv=None):
         out = args.out or os.path.join(os.path.dirname(args.history_path[0]) or ".", "history.png")
         figures.plot_histories(args.history_path, out)
         print(f"wrote {out}")
+    rows = results.results_rows(args.model_root, student_macs) if args.figures or args.verify else []
+    if args.verify and not rows:
+        raise cli.UserError(f"no results under {args.model_root}: no pruning run (summary.json) or finished student")
     if args.figures:
         for path in figures.draw_figures(args.model_root, args.images_dir):
             print(f"wrote {path}")
-        table = results.format_table(results.results_rows(args.model_root, student_macs))
+        table = results.format_table(rows)
         print(table)
         if args.table:
             files.write_text(args.table, table + "\n")
+    if args.verify:
+        reproduction.check_rows(rows, args.data_dir)
 
 
 if __name__ == "__main__":

@@ -147,29 +147,17 @@ def plot(runs, measure, out):
 def verify(root, data_dir):
     """Each saved iteration model.h5 under `root`, loaded with plain Keras, against its summary's test
     accuracy; returns the lines printed. Raises UserError on a mismatch."""
-    import keras
+    from cnn_compression import reproduction
 
-    from cnn_compression import data
-    from cnn_compression import metrics
-
-    try:
-        _, _, x_test, y_test, _ = data.load_cifar10(data_dir)  # the test set alone: no split needed
-    except data.DataError as error:
-        raise cli.UserError(str(error)) from None
-    lines = []
+    claims = []
     for folder, summary in run_folders(root):
         for record in summary.get("iterations", []):
             model_path = os.path.join(folder, f"iter{record['iteration']}", "model.h5")
-            if not os.path.isfile(model_path):
-                continue
-            network = keras.models.load_model(model_path, compile=False)
-            accuracy = metrics.accuracy(network, x_test, y_test, batch_size=500)
-            line = f"{model_path}: plain Keras test accuracy {accuracy:.4f}, summary {record['test_acc']:.4f}"
-            print(line)
-            lines.append(line)
-            if abs(accuracy - record["test_acc"]) > 1e-4:
-                raise cli.UserError(f"{model_path} gives {accuracy:.4f} on the test set, its summary says {record['test_acc']:.4f}")
-    return lines
+            if os.path.isfile(model_path):
+                claims.append(reproduction.Claim(f"{os.path.basename(folder)}, iteration {record['iteration']}",
+                                                 model_path, record["test_acc"], summary.get("base", {}).get("test_images")))
+    x_test, y_test = reproduction.test_set("cifar10", data_dir)
+    return reproduction.check_claims(claims, x_test, y_test)
 
 
 def main(argv=None):

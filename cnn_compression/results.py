@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import glob
 import os
+import typing
 
 from cnn_compression import files
 from cnn_compression.errors import UserError
@@ -183,10 +184,41 @@ def load_students(model_root):
     return students
 
 
+class Row(typing.NamedTuple):
+    """One model of the results table. `original`: what the original project reported for that kind
+    of model, where it reported one, as (test accuracy, compression). `model_path`: the saved model
+    that gives `test_acc`, where it is at hand (None where the run kept no file for it); `dataset`
+    and `test_images`: the test set it was measured on."""
+
+    name: str
+    test_acc: float
+    val_acc: float
+    parameters: int
+    compression: float
+    macs: float
+    original: tuple = None
+    model_path: str = None
+    dataset: str = "cifar10"
+    test_images: int = None
+
+
+def base_model_file(run, model_root):
+    """The base model a pruning run started from, where that very file is at hand: the path its
+    summary recorded (relative to where the run was started, usually the repository) or
+    model_root/base_model/model.h5, if its fingerprint is the one the run's config.json recorded."""
+    recorded = None
+    config_path = os.path.join(run.folder, "config.json") if run.folder else None
+    if config_path and os.path.isfile(config_path):
+        recorded = (files.read_json(config_path, "config").get("inputs") or {}).get("base_model")
+    for path in (run.summary["base"].get("model_path"), os.path.join(model_root, "base_model", "model.h5")):
+        if path and os.path.isfile(path) and (recorded is None or files.fingerprint_file(path) == recorded):
+            return path
+    return None
+
+
 def results_rows(model_root, student_macs):
-    """Rows (name, test acc, val acc, parameters, compression, MACs, original) for the base, every
-    iteration of every pruning run and every finished student found under model_root; `original` is
-    what the original project reported for that kind of model, where it reported one.
+    """A Row for the base, every iteration of every pruning run and every finished student found
+    under model_root.
 
     `student_macs(folder)`: the MACs of the student saved in `folder` (its model.h5). The pruning
     summary records its models' MACs; a distillation run does not, and how to count them is the
@@ -198,21 +230,32 @@ def results_rows(model_root, student_macs):
     teacher = teacher_of(students, runs)
     base = runs[0].summary["base"] if runs else None
     if base is not None:
-        rows.append(("base", base.get("test_acc"), base.get("val_acc"), base["parameters"], 1.0, base["macs"],
-                     ORIGINAL["base"]))
+        rows.append(Row("base", base.get("test_acc"), base.get("val_acc"), base["parameters"], 1.0, base["macs"],
+                        ORIGINAL["base"], base_model_file(runs[0], model_root), **measured_on(runs[0].summary)))
     for run in runs:
         label = "pruned" if len(runs) == 1 else run.name
         for entry in run.summary["iterations"]:
             is_teacher = teacher == (run.name, entry["iteration"])
-            rows.append((f"{label}, iteration {entry['iteration']}" + (", the teacher" if is_teacher else ""),
-                         entry["test_acc"], entry["val_acc"], entry["parameters"], entry["compression_rate"],
-                         entry["macs"], ORIGINAL["teacher"] if is_teacher else None))
+            model_path = os.path.join(run.folder, f"iter{entry['iteration']}", "model.h5") if run.folder else None
+            rows.append(Row(f"{label}, iteration {entry['iteration']}" + (", the teacher" if is_teacher else ""),
+                            entry["test_acc"], entry["val_acc"], entry["parameters"], entry["compression_rate"],
+                            entry["macs"], ORIGINAL["teacher"] if is_teacher else None,
+                            model_path if model_path and os.path.isfile(model_path) else None, **measured_on(run.summary)))
     for name in ordered_variants(students):
-        results = students[name]["results"]
+        config = students[name]
+        results = config["results"]
         rate = base["parameters"] / results["parameters"] if base else None
-        rows.append((f"student, {name}", results["test_acc"], results.get("best_val_acc"), results["parameters"],
-                     rate, student_macs(students[name]["folder"]), ORIGINAL.get(name)))
+        model_path = os.path.join(config["folder"], "model.h5")
+        rows.append(Row(f"student, {name}", results["test_acc"], results.get("best_val_acc"), results["parameters"],
+                        rate, student_macs(config["folder"]), ORIGINAL.get(name),
+                        model_path if os.path.isfile(model_path) else None,
+                        config.get("arguments", {}).get("dataset") or "cifar10", results.get("test_images")))
     return rows
+
+
+def measured_on(summary):
+    """{dataset, test_images} a pruning summary's accuracies were measured on."""
+    return {"dataset": summary.get("arguments", {}).get("dataset") or "cifar10", "test_images": summary_test_images(summary)}
 
 
 def format_table(rows):
@@ -221,7 +264,7 @@ def format_table(rows):
 
     lines = ["| model | test accuracy | validation accuracy | parameters | compression | MACs | original project (reported) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, test, val, parameters, rate, macs, original in rows:
+    for name, test, val, parameters, rate, macs, original, *_ in rows:
         reported = "" if original is None else f"{percent(original[0])} at {original[1]:g}x"
         lines.append(f"| {name} | {percent(test)} | {percent(val)} | {parameters:,} | "
                      f"{'' if rate is None else f'{rate:.2f}x'} | {macs / 1e6:.2f} M | {reported} |")

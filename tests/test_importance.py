@@ -414,9 +414,9 @@ def test_ablation_verify_reloads_the_saved_models_with_plain_keras(tmp_path, cif
     summary = json.loads(summary_path.read_text())
     summary["iterations"][0]["test_acc"] = accuracy + 0.01  # a checkpoint that does not give its table row
     summary_path.write_text(json.dumps(summary))
-    with pytest.raises(cli.UserError, match="summary says"):
+    with pytest.raises(cli.UserError, match=r"1 of 1 saved models do not give their recorded test accuracy: random, iteration 1"):
         ablation.verify(str(root), cifar10_dir)
     summary["iterations"][0]["test_acc"] = accuracy
     summary_path.write_text(json.dumps(summary))
     [line] = ablation.verify(str(root), cifar10_dir)
-    assert line.endswith(f"plain Keras test accuracy {accuracy:.4f}, summary {accuracy:.4f}")
+    assert line.endswith(f"gives {100 * accuracy:.2f}% with plain Keras, recorded {100 * accuracy:.2f}%")
