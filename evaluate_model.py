@@ -16,6 +16,7 @@ import time
 
 import cnn_compression
 from cnn_compression import checkpoints
+from cnn_compression import classifiers
 from cnn_compression import cli
 from cnn_compression import metrics
 from cnn_compression import files
@@ -53,11 +54,12 @@ def base_mismatch(network, base):
     return None
 
 
-def choose_base(network, base_model_path=None):
-    """The base to compare `network` with: --base_model_path (checked to open), else DEFAULT_BASE
-    when it exists and `base_mismatch` has no objection (a note on stderr when it has), else None."""
+def choose_base(network, base_model_path=None, check=None):
+    """The base to compare `network` with: --base_model_path (checked to open, and by `check`), else
+    DEFAULT_BASE when it exists and `base_mismatch` has no objection (a note on stderr when it has),
+    else None."""
     if base_model_path:
-        checkpoints.load_model(base_model_path, "base model")
+        checkpoints.load_model(base_model_path, "base model", check)
         return base_model_path
     if not os.path.exists(DEFAULT_BASE):
         return None
@@ -122,10 +124,16 @@ def main(argv=None):
     cnn_compression.setup()
     from cnn_compression import data
 
-    network = checkpoints.load_model(args.model_path)  # reject bad files before loading the data set
-    base_path = choose_base(network, args.base_model_path)
-    if args.json and os.path.isdir(args.json):
-        raise cli.UserError(f"--json {args.json} is a folder")
+    def classifier(model):
+        classifiers.check_any_model(model, len(data.CLASS_NAMES), "evaluation")
+
+    network = checkpoints.load_model(args.model_path, check=classifier)  # bad files before the data set
+    base_path = choose_base(network, args.base_model_path, classifier)
+    if args.json:
+        files.check_output_path(args.json, "--json")
+        for flag, path in (("--model_path", args.model_path), ("--base_model_path", base_path)):
+            if path and os.path.exists(args.json) and os.path.samefile(args.json, path):
+                raise cli.UserError(f"--json {args.json} is the {flag} file; name a .json file of its own")
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     result = measure(args.model_path, split, args.batch_size, args.latency_repeats)
     if base_path and os.path.abspath(base_path) != os.path.abspath(args.model_path):

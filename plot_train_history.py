@@ -44,6 +44,23 @@ def parse_args(argv=None):
     return args
 
 
+IMAGE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def check_outputs(args):
+    """Every output path, before anything is drawn: a figure's format from its suffix, no folder
+    where a file goes, nothing under a file."""
+    if args.out:
+        suffix = os.path.splitext(args.out)[1].lstrip(".").lower()
+        if suffix not in IMAGE_FORMATS:
+            raise cli.UserError(f"--out {args.out}: name a .{', .'.join(IMAGE_FORMATS)} file")
+        files.check_output_path(args.out, "--out")
+    if args.figures:
+        files.check_output_path(args.images_dir, "--images_dir", folder=True)
+    if args.table:
+        files.check_output_path(args.table, "--table")
+
+
 def student_macs(folder):
     """MACs of the distilled student in `folder` (any model: `prune.model_size`, which counts our
     ResNet50 as model.count_macs does)."""
@@ -54,6 +71,7 @@ def student_macs(folder):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_outputs(args)
     cnn_compression.setup()
     if args.history_path:
         out = args.out or os.path.join(os.path.dirname(args.history_path[0]) or ".", "history.png")

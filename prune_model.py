@@ -190,9 +190,9 @@ def main(argv=None):
     if teacher is not None:
         input_files["teacher"] = pruning_iteration.teacher_path(args)
     inputs = stages.input_fingerprints(split, input_files)
-    stages.lock_output_folder(root)
+    stages.lock_output_folder(root, args.overwrite)
     if args.overwrite and os.listdir(root) not in ([], [files.LOCK_NAME]):
-        files.set_aside(root)  # removed once iteration 1 has fine-tuned an epoch
+        stages.set_aside_for_overwrite(root, args)  # removed once iteration 1 has fine-tuned an epoch
     if summary is not None and files.read_json(summary_path, "summary") != summary:
         raise cli.UserError(f"{root} changed while this run was starting (another run just finished there); rerun the command")
     state = stages.begin_stage(root, args, ignore=("prune_iter",), inputs=inputs)

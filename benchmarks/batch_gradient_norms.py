@@ -35,8 +35,8 @@ def main(argv=None):
 
     from cnn_compression import checkpoints, data
 
+    network = checkpoints.load_model(args.model_path, "--model_path")  # a bad file before the data set
     split = data.load_split("cifar10", args.data_dir)
-    network = checkpoints.load_model(args.model_path, "--model_path")
     loss_function = keras.losses.CategoricalCrossentropy()
 
     @tf.function(reduce_retracing=True)

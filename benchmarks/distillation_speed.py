@@ -14,17 +14,18 @@ import time
 
 from cnn_compression import checkpoints  # noqa: E402
 import cnn_compression  # noqa: E402
+from cnn_compression import cli  # noqa: E402
 from cnn_compression import training  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher_path", default=None)
-    parser.add_argument("--width", type=float, default=0.25, help="width of the random teacher without --teacher_path")
-    parser.add_argument("--student_divisor", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--width", type=cli.positive_float, default=0.25, help="width of the random teacher without --teacher_path")
+    parser.add_argument("--student_divisor", type=cli.positive_int, default=32)
+    parser.add_argument("--batch_size", type=cli.positive_int, default=128)
+    parser.add_argument("--steps", type=cli.positive_int, default=20)
+    parser.add_argument("--warmup", type=cli.non_negative_int, default=3)
     parser.add_argument("--regressor_name", default="conv1x1")
     args = parser.parse_args(argv)
     cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
@@ -83,4 +84,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -7,7 +7,6 @@ Only the architecture matters here (weights are fresh); the base and all models 
 alternating rounds. See README, "Speed, measured".
 """
 
-import argparse
 import math
 import os
 import statistics
@@ -15,6 +14,7 @@ import statistics
 
 from cnn_compression import checkpoints  # noqa: E402
 import cnn_compression  # noqa: E402
+from cnn_compression import cli  # noqa: E402
 
 MODELS = ("./model/pruned_model/iter15", "./model/pruned_residual/iter6", "./model/kd_model/all_three")
 
@@ -27,10 +27,10 @@ def rounded_spec(spec, multiple):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--base_model_path", default="./model/base_model/model.h5")
     parser.add_argument("--models", nargs="*", default=list(MODELS), help="folders holding compressed model.h5 files")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=cli.positive_int, default=3)
     args = parser.parse_args()
     cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
     from cnn_compression import tflite
@@ -59,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -12,13 +12,13 @@
    machine load hits both alike.
 """
 
-import argparse
 import os
 import statistics
 
 
 from cnn_compression import checkpoints  # noqa: E402
 import cnn_compression  # noqa: E402
+from cnn_compression import cli  # noqa: E402
 
 COMPRESSED = ("./model/pruned_model/iter5", "./model/pruned_model/iter10", "./model/pruned_model/iter15",
               "./model/pruned_residual/iter3", "./model/pruned_residual/iter6", "./model/kd_model/all_three")
@@ -43,11 +43,11 @@ def alternating_latency(first, second, batch_size, rounds, runtime="tensorflow")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--base_model_path", default="./model/base_model/model.h5")
     parser.add_argument("--models", nargs="*", default=list(COMPRESSED), help="folders holding compressed model.h5 files")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=cli.positive_int, default=5)
     parser.add_argument("--skip", nargs="*", default=[], choices=("apoz", "distillation", "latency"))
     args = parser.parse_args()
     cnn_compression.setup()  # TensorFlow quietly, and the fused BatchNorm the stages run
@@ -104,4 +104,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -128,7 +128,7 @@ def add_training_flags(parser, epoch_num=200, learning_rate=0.01, patience=None,
     group = parser.add_argument_group("training")
     group.add_argument("--epoch_num", type=positive_int, default=epoch_num, help="epoch ceiling")
     group.add_argument(learning_rate_flag, type=positive_float, default=learning_rate, help="peak learning rate of SGD")
-    group.add_argument("--momentum", type=number, default=0.9)
+    group.add_argument("--momentum", type=lambda text: number(text, minimum=0, maximum=1), default=0.9)
     group.add_argument("--weight_decay", type=non_negative_float, default=5e-4,
                        help="decoupled weight decay of conv and dense kernels (the original used none)")
     group.add_argument("--label_smoothing", type=fraction_or_zero, default=0.0)
@@ -160,6 +160,8 @@ def tensorboard_folder(text):
 
     if importlib.util.find_spec("tensorboard") is None:
         raise argparse.ArgumentTypeError("needs the tensorboard package (pip install tensorboard)")
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
     return text
 
 

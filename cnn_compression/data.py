@@ -60,8 +60,8 @@ def _decode_batch(raw):
     try:
         images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (KeyError, ValueError) as error:
-        raise DataError(f"not a CIFAR-10 batch file ({error})") from None
+    except (KeyError, ValueError, TypeError, IndexError) as error:  # TypeError, IndexError: pickled, but no dict
+        raise DataError(f"not a CIFAR-10 batch file ({type(error).__name__}: {error})") from None
     if len(images) != len(labels):
         raise DataError("a CIFAR-10 batch has different numbers of images and labels")
     return images, labels

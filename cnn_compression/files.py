@@ -22,17 +22,37 @@ def write_atomically(path, write):
     """Call `write(temporary_path)`, then rename the result onto `path`: readers see the old file or
     the whole new one, never a partial write."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     suffix = os.path.splitext(path)[1]
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=suffix)
+    try:  # a path the user gave that cannot be written is bad input, not a crash
+        os.makedirs(folder, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=suffix)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     os.close(handle)
     try:
         write(temporary)
         os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes owner-only files
-        os.replace(temporary, path)
+        try:
+            os.replace(temporary, path)
+        except OSError as error:
+            raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def check_output_path(path, what, folder=False):
+    """Refuse, before any work is done, an output path that cannot be written: a folder where a
+    file goes (or a file where a folder goes), or a path under a file."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path} exists and is not a folder")
+    if not folder and os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"{what} {path} lies under {ancestor}, which is a file")
 
 
 def write_json(path, payload):

@@ -22,6 +22,7 @@ def predict_probabilities(network, images, batch_size=128):
 
     images = np.asarray(images)
     count = len(images)
+    batch_size = max(1, min(batch_size, count))  # padding is for the last batch, never beyond the data
     padding = -count % batch_size
     if padding:
         images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), images.dtype)])

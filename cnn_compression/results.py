@@ -38,13 +38,16 @@ def nearest_history(path):
         if visited > SUGGESTION_FOLDERS or time.monotonic() > deadline:
             break
         if "history.json" in names:
-            candidates.append(os.path.relpath(os.path.join(root, "history.json")))
+            candidates.append(os.path.relpath(os.path.join(root, "history.json"), folder))
         if root.rstrip(os.sep).count(os.sep) - base_depth >= SUGGESTION_DEPTH:
             folders[:] = []
         else:
             folders[:] = sorted(name for name in folders if not name.startswith("."))
-    matches = difflib.get_close_matches(os.path.relpath(os.path.abspath(path)), candidates, n=1, cutoff=0.0)
-    return matches[0] if matches else None
+    # Compared below the folder searched, where they differ: a typo (`prued_model`) is close, a
+    # history elsewhere is no suggestion (their shared prefix would make any two paths look alike).
+    wanted = os.path.relpath(os.path.abspath(path), folder)
+    matches = difflib.get_close_matches(wanted, candidates, n=1, cutoff=0.6)
+    return os.path.relpath(os.path.join(folder, matches[0])) if matches else None
 
 
 def read_history(path):
@@ -55,6 +58,10 @@ def read_history(path):
     history = files.read_json(path, "history")
     if not isinstance(history, dict) or not any(isinstance(history.get(key), list) for key in ("train_loss", "val_loss")):
         raise UserError(f"{path} is not a training history (no train_loss or val_loss lists)")
+    for key, values in history.items():
+        if (key == "lr" or key.startswith(("train_", "val_"))) and not (
+                isinstance(values, list) and all(value is None or isinstance(value, (int, float)) for value in values)):
+            raise UserError(f"{path} is not a training history: {key} is not a list of numbers")
     return history
 
 

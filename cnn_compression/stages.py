@@ -21,7 +21,7 @@ from cnn_compression import multi_worker
 from cnn_compression import training
 from cnn_compression.checkpoints import load_model
 from cnn_compression.cli import UserError
-from cnn_compression.files import (fingerprint_file, lock_folder, read_json, remove_temporaries,
+from cnn_compression.files import (check_output_path, fingerprint_file, lock_folder, read_json, remove_temporaries,
                                    set_aside, versions, write_json)
 from cnn_compression.metrics import loss_and_accuracy
 
@@ -48,7 +48,7 @@ def start_stage(args, folder):
     strategy = training.distribution_strategy(args)
     folder = multi_worker.worker_folder(folder, strategy)
     args.precision = training.set_precision(precision_to_resume(folder, args) or args.precision)
-    check_output_folder(folder)
+    check_output_folder(folder, getattr(args, "overwrite", False))
     return Start(strategy, folder)
 
 
@@ -75,10 +75,16 @@ def precision_to_resume(folder, args):
 
 
 def load_split(args):
-    """The data of --dataset, --data_dir, --train_size and --seed (`data.load_split`)."""
+    """The data of --dataset, --data_dir, --train_size and --seed (`data.load_split`); a --class_num
+    the labels do not fit is refused here, before training, not by the test measurement after it."""
     from cnn_compression import data
 
-    return data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
+    split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
+    class_num = getattr(args, "class_num", None)
+    labels = max(int(split.y_train.max()), int(split.y_test.max())) + 1
+    if class_num is not None and class_num < labels:
+        raise UserError(f"--class_num {class_num} is below the data's {labels} classes")
+    return split
 
 
 def input_fingerprints(split, input_files=None, **values):
@@ -96,14 +102,14 @@ def enter_stage(folder, args, inputs, ignore=()):
     """Lock `folder` (held until the process ends) and open the stage in it: "fresh" or
     "resume", or None, after saying so, when it already holds this run finished. Call it once
     every input has been checked; `inputs` from `input_fingerprints`, `ignore` as `begin_stage`'s."""
-    lock_output_folder(folder)
+    lock_output_folder(folder, getattr(args, "overwrite", False))
     return open_stage(folder, args, inputs, ignore)
 
 
-def lock_output_folder(folder):
+def lock_output_folder(folder, overwrite=False):
     """A stage's first write: check `folder` again (another run may have filled it while the
     inputs were loaded; `start_stage` checked it first), then create it and hold its lock."""
-    check_output_folder(folder)
+    check_output_folder(folder, overwrite)
     lock_folder(folder)
 
 
@@ -111,11 +117,32 @@ def lock_output_folder(folder):
 # The output folder
 
 
-def check_output_folder(folder):
-    """Refuse an output path that is a file, or a folder that holds other runs in its subfolders
-    (such as the committed model/kd_model/, whose students each have a folder of their own)."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"output folder {folder} exists and is not a folder")
+# What a stage writes beside its config.json: found without one, they are results of something
+# else (a pruning iteration's folder, a copy), which only --overwrite may replace.
+STAGE_OUTPUTS = ("model.h5", "model.keras", "history.json", "summary.json", "backup")
+
+
+def results_without_config(folder):
+    """The stage outputs in `folder` when it has no config.json (else none)."""
+    if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, CONFIG_NAME)):
+        return []
+    return [name for name in STAGE_OUTPUTS if os.path.exists(os.path.join(folder, name))]
+
+
+def check_output_folder(folder, overwrite=False):
+    """Refuse an output path that is a file, a folder that holds other runs in its subfolders
+    (such as the committed model/kd_model/, whose students each have a folder of their own), or,
+    without --overwrite, one that holds results but no config.json."""
+    check_output_path(folder, "output folder", folder=True)
+    found = results_without_config(folder)
+    if found and not overwrite:
+        raise UserError(f"{folder} holds results without config.json ({', '.join(found)}), not a run of this "
+                        "stage; pass --overwrite to replace them or choose another folder")
+    refuse_folder_of_runs(folder)
+
+
+def refuse_folder_of_runs(folder):
+    """Refuse a folder without a config.json of its own whose subfolders hold runs."""
     if os.path.isdir(folder) and not os.path.exists(os.path.join(folder, CONFIG_NAME)):
         nested = sorted(name for name in os.listdir(folder)  # .replaced/ is this folder's own old run
                         if not name.startswith(".") and os.path.isfile(os.path.join(folder, name, CONFIG_NAME)))
@@ -176,8 +203,8 @@ def begin_stage(folder, args, ignore=(), inputs=None):
     remove_temporaries(folder)
     config_path = os.path.join(folder, CONFIG_NAME)
     previous = read_json(config_path, "config") if os.path.exists(config_path) else None
-    if previous is not None and getattr(args, "overwrite", False):
-        set_aside(folder)
+    if getattr(args, "overwrite", False) and (previous is not None or results_without_config(folder)):
+        set_aside_for_overwrite(folder, args)
         previous = None
     if previous is not None:
         changed = changed_arguments(previous, args, inputs, ignore)
@@ -192,6 +219,22 @@ def begin_stage(folder, args, ignore=(), inputs=None):
         return "resume"
     write_config(folder, args, complete=False, inputs=inputs or {})
     return "fresh"
+
+
+# The flags that name a stage's input files (distill_from may also be the word "base").
+INPUT_PATH_FLAGS = ("model_path", "base_model_path", "teacher_path", "student_path", "distill_from")
+
+
+def set_aside_for_overwrite(folder, args):
+    """--overwrite: the old run in `folder` moves aside, to be removed once the new run has an epoch
+    (`files.set_aside`); refused when one of this run's own input files lies in it."""
+    inside = os.path.realpath(folder) + os.sep
+    for flag in INPUT_PATH_FLAGS:
+        path = getattr(args, flag, None)
+        if isinstance(path, str) and os.path.exists(path) and os.path.realpath(path).startswith(inside):
+            raise UserError(f"--{flag} {path} lies in the output folder {folder}, whose old run --overwrite would "
+                            "remove; move it out or choose another folder")
+    set_aside(folder)
 
 
 def end_stage(folder, args, **results):

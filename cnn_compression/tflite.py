@@ -268,7 +268,8 @@ def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_i
     if network is None:  # any Keras classifier: what evaluate_model.py and the pruning stage accept
         network = checkpoints.load_model(model_path)
     out_dir = out_dir or os.path.dirname(os.path.abspath(model_path))
-    stages.check_output_folder(out_dir)
+    files.check_output_path(out_dir, "output folder", folder=True)
+    stages.refuse_folder_of_runs(out_dir)  # beside a model, never among the runs of model/kd_model/
     files.remove_temporaries(out_dir)  # of a killed earlier export
     if keras_test_acc is None:
         from cnn_compression import metrics

@@ -29,7 +29,7 @@ FILE_SECONDS = {
     "test_output_folders.py": 126, "test_distribute.py": 122, "test_prune_distill.py": 120,
     "test_prune_any_model.py": 98, "test_any_model.py": 91, "test_export.py": 86, "test_model.py": 58,
     "test_precision.py": 55, "test_importance.py": 54, "test_multi_worker.py": 49, "test_fused_batch_norm.py": 39,
-    "test_plots.py": 34, "test_distill_any_model.py": 33, "test_reproduction.py": 25, "test_onednn.py": 25, "test_data.py": 14,
+    "test_plots.py": 34, "test_distill_any_model.py": 33, "test_reproduction.py": 35, "test_bad_input.py": 20, "test_onednn.py": 25, "test_data.py": 14,
     "test_strided_pointwise.py": 2, "test_metrics.py": 2, "test_layout.py": 1,
 }
 
