@@ -108,7 +108,8 @@ def from_logits(network):
 
 def check_selection(network, groups, args):
     """Refuse up front a rule that would empty a layer of `network` whatever the scores (fraction
-    rule, --min_channels 0). Global ranking never empties one (its floor is at least a channel)."""
+    rule, --min_channels 0), or one whose floor leaves nothing to remove. Global ranking never
+    empties one (its floor is at least a channel)."""
     import numpy as np
 
     if not groups:
@@ -122,6 +123,10 @@ def check_selection(network, groups, args):
                                 f"{what}; choose l1, bn_scale or random")
     if args.ranking == "global":
         return
+    widest = max(group["width"] for group in groups)
+    if args.min_channels >= widest:  # every iteration would remove nothing, after scoring and fine-tuning
+        raise cli.UserError(f"--min_channels {args.min_channels} is at least the width of every channel group "
+                            f"(the widest has {widest}): nothing to prune")
     for group in groups:
         try:
             channel_selection.select_channels(np.zeros(group["width"]), name=group["name"], **selection_options(args))

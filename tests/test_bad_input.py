@@ -85,6 +85,14 @@ def test_training_flags_the_run_would_crash_on_are_refused_first(tmp_path, flags
     assert not folder.exists()
 
 
+def test_pruning_refuses_a_floor_that_leaves_nothing_to_prune(tmp_path, base_path):
+    """--min_channels above every width: the run scored, pruned nothing and fine-tuned a whole iteration."""
+    completed = run_in_process("prune_model.py", "--root_folder", tmp_path / "pruned", "--base_model_path", base_path,
+                               "--dataset", "sample", "--prune_iter", "1", "--min_channels", "100000", check=False)
+    assert "--min_channels 100000 is at least the width of every channel group" in assert_one_line_error(completed)
+    assert not (tmp_path / "pruned").exists()
+
+
 def test_evaluate_refuses_a_json_path_it_cannot_or_must_not_write(tmp_path, base_path):
     model = tmp_path / "model.h5"
     model.write_bytes(base_path.read_bytes())
