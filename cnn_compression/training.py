@@ -28,6 +28,9 @@ def distribution_strategy(args):
     """
     import tensorflow as tf
 
+    if args.cpu_devices > 1 and args.distribute != "mirrored":  # it would be silently ignored
+        raise UserError(f"--cpu_devices {args.cpu_devices} splits the CPU for --distribute mirrored, which this run "
+                        f"does not use (--distribute {args.distribute}); add it or leave --cpu_devices out")
     if args.cpu_devices > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         try:

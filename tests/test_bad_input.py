@@ -74,6 +74,7 @@ def test_overwrite_never_removes_the_runs_own_input(tmp_path, base_path):
     (["--class_num", "5"], "--class_num 5 is below the data's 10 classes"),
     (["--momentum", "5"], "--momentum: '5' must be at most 1"),
     (["--tensorboard", "{file}"], "exists and is not a folder"),
+    (["--cpu_devices", "2"], "--cpu_devices 2 splits the CPU for --distribute mirrored"),
 ])
 def test_training_flags_the_run_would_crash_on_are_refused_first(tmp_path, flags, expected):
     existing = tmp_path / "a_file"
