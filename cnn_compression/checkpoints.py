@@ -174,12 +174,26 @@ def load_model(path, what="model", check=None):
             raise UserError(f"cannot open {path} as a Keras model: {reason[:200]}") from None
         # A model .h5 cannot hold: save_model wrote the native archive beside it.
         return load_model(beside, what, check)
+    damaged = non_finite_weight(loaded)
+    if damaged:  # a diverged or damaged file: every measurement of it would be chance
+        raise UserError(f"{path} holds non-finite weights (NaN or infinity) in {damaged}: not a usable {what}")
     if check is not None:
         try:
             check(loaded)
         except UserError as error:
             raise UserError(f"{path}: {error}") from None
     return loaded
+
+
+def non_finite_weight(model):
+    """The path of the first of `model`'s weights holding a NaN or an infinity, or None."""
+    import keras
+    import numpy as np
+
+    for weight in model.weights:
+        if not np.isfinite(keras.ops.convert_to_numpy(weight)).all():
+            return weight.path
+    return None
 
 
 def _keras2_layer_weights(archive):

@@ -116,6 +116,18 @@ def test_evaluate_and_export_refuse_a_model_that_is_not_a_cifar10_classifier(tmp
         assert "needs one (None, 10) row of class scores" in assert_one_line_error(completed), script
 
 
+def test_a_model_with_nan_weights_is_refused_not_measured(tmp_path):
+    """It evaluated to chance (10%) with exit code 0."""
+    network = resnet.build_resnet50(resnet.width_spec(TINY_WIDTH), "cifar", 10)
+    kernel = network.get_layer("conv1_conv").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    path = tmp_path / "nan.h5"
+    checkpoints.save_model(network, str(path))
+    completed = run_in_process("evaluate_model.py", "--model_path", path, "--dataset", "sample", "--latency_repeats", "0",
+                               check=False)
+    assert "holds non-finite weights (NaN or infinity) in conv1_conv/kernel" in assert_one_line_error(completed)
+
+
 def test_export_refuses_an_output_folder_under_a_file_or_among_runs(tmp_path, base_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "kd_model" / "backbone").mkdir(parents=True)
