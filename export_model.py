@@ -13,8 +13,6 @@ import cnn_compression
 from cnn_compression import checkpoints
 from cnn_compression import cli
 from cnn_compression import classifiers
-from cnn_compression import files
-from cnn_compression import stages
 from cnn_compression import tflite
 
 
@@ -47,9 +45,7 @@ def main(argv=None):
     network = checkpoints.load_model(args.model_path, check=lambda model: classifiers.check_any_model(
         model, len(data.CLASS_NAMES), "export"))
     if args.out_dir:
-        files.check_output_path(args.out_dir, "--out_dir", folder=True)
-        stages.refuse_folder_of_runs(args.out_dir)
-        files.create_output_folder(args.out_dir)
+        tflite.prepare_output_folder(args.out_dir)
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     result = tflite.export_tflite(args.model_path, split, args.out_dir, args.batch_size, args.calibration_images,
                                   args.calibration_percentile, args.seed, network=network)

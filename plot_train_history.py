@@ -6,8 +6,9 @@
 
 A history figure shows loss and accuracy (training and validation) per epoch; several
 --history_path values overlay on one figure. --verify reloads the saved model of every row of the
-results table with plain Keras and checks that it gives the row's test accuracy. The drawing is cnn_compression.figures', the
-records and the results table cnn_compression.results'.
+results table with plain Keras and checks that it gives the row's test accuracy. The drawing is
+cnn_compression.figures', the records and the results table cnn_compression.results', the check
+cnn_compression.reproduction's.
 """
 
 import os

@@ -65,14 +65,12 @@ def check_rows(rows, data_dir=None, report=print):
     """The results table's rows (results.Row) whose model is at hand, each against its recorded test
     accuracy on the test set it was measured on; the rows without a saved model are reported as such.
     Returns the lines reported; raises UserError as check_claims does."""
-    lines = []
-    for row in rows:
-        if row.model_path is None and row.test_acc is not None:
-            lines.append(f"{row.name}: no saved model at hand, not checked")
-            report(lines[-1])
-    for dataset in sorted({row.dataset for row in rows if row.model_path is not None}):
-        claims = [Claim(row.name, row.model_path, row.test_acc, row.test_images) for row in rows
-                  if row.model_path is not None and row.dataset == dataset and row.test_acc is not None]
-        x_test, y_test = test_set(dataset, data_dir)
-        lines += check_claims(claims, x_test, y_test, report=report)
+    measured = [row for row in rows if row.test_acc is not None]
+    lines = [f"{row.name}: no saved model at hand, not checked" for row in measured if row.model_path is None]
+    for line in lines:
+        report(line)
+    checkable = [row for row in measured if row.model_path is not None]
+    for dataset in sorted({row.dataset for row in checkable}):
+        claims = [Claim(row.name, row.model_path, row.test_acc, row.test_images) for row in checkable if row.dataset == dataset]
+        lines += check_claims(claims, *test_set(dataset, data_dir), report=report)
     return lines

@@ -209,6 +209,11 @@ class Row(typing.NamedTuple):
     test_images: int = None
 
 
+def saved_file(path):
+    """`path` where that file exists, else None."""
+    return path if path and os.path.isfile(path) else None
+
+
 def base_model_file(run, model_root):
     """The base model a pruning run started from, where that very file is at hand: the path its
     summary recorded (relative to where the run was started, usually the repository) or
@@ -218,7 +223,7 @@ def base_model_file(run, model_root):
     if config_path and os.path.isfile(config_path):
         recorded = (files.read_json(config_path, "config").get("inputs") or {}).get("base_model")
     for path in (run.summary["base"].get("model_path"), os.path.join(model_root, "base_model", "model.h5")):
-        if path and os.path.isfile(path) and (recorded is None or files.fingerprint_file(path) == recorded):
+        if saved_file(path) and (recorded is None or files.fingerprint_file(path) == recorded):
             return path
     return None
 
@@ -243,19 +248,18 @@ def results_rows(model_root, student_macs):
         label = "pruned" if len(runs) == 1 else run.name
         for entry in run.summary["iterations"]:
             is_teacher = teacher == (run.name, entry["iteration"])
-            model_path = os.path.join(run.folder, f"iter{entry['iteration']}", "model.h5") if run.folder else None
+            model_path = saved_file(run.folder and os.path.join(run.folder, f"iter{entry['iteration']}", "model.h5"))
             rows.append(Row(f"{label}, iteration {entry['iteration']}" + (", the teacher" if is_teacher else ""),
                             entry["test_acc"], entry["val_acc"], entry["parameters"], entry["compression_rate"],
                             entry["macs"], ORIGINAL["teacher"] if is_teacher else None,
-                            model_path if model_path and os.path.isfile(model_path) else None, **measured_on(run.summary)))
+                            model_path, **measured_on(run.summary)))
     for name in ordered_variants(students):
         config = students[name]
         results = config["results"]
         rate = base["parameters"] / results["parameters"] if base else None
-        model_path = os.path.join(config["folder"], "model.h5")
         rows.append(Row(f"student, {name}", results["test_acc"], results.get("best_val_acc"), results["parameters"],
                         rate, student_macs(config["folder"]), ORIGINAL.get(name),
-                        model_path if os.path.isfile(model_path) else None,
+                        saved_file(os.path.join(config["folder"], "model.h5")),
                         config.get("arguments", {}).get("dataset") or "cifar10", results.get("test_images")))
     return rows
 

@@ -81,9 +81,10 @@ def load_split(args):
 
     split = data.load_split(args.dataset, args.data_dir, args.train_size, args.seed)
     class_num = getattr(args, "class_num", None)
-    labels = max(int(split.y_train.max()), int(split.y_test.max())) + 1
-    if class_num is not None and class_num < labels:
-        raise UserError(f"--class_num {class_num} is below the data's {labels} classes")
+    if class_num is not None:
+        labels = max(int(split.y_train.max()), int(split.y_test.max())) + 1
+        if class_num < labels:
+            raise UserError(f"--class_num {class_num} is below the data's {labels} classes")
     return split
 
 

@@ -257,6 +257,14 @@ def convert_int8(float_model, split, calibration_images, fixed_percentile, seed,
     return best_model, details
 
 
+def prepare_output_folder(out_dir):
+    """Check and create the export's folder before any conversion: not a file, not under one, not a
+    folder of runs (beside a model, never among the runs of model/kd_model/)."""
+    files.check_output_path(out_dir, "output folder", folder=True)
+    stages.refuse_folder_of_runs(out_dir)
+    files.create_output_folder(out_dir)
+
+
 def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_images=DEFAULT_CALIBRATION_IMAGES,
                   calibration_percentile=None, seed=0, keras_test_acc=None, network=None):
     """Write float32 and int8 .tflite files and export.json into `out_dir` (default: the model's folder).
@@ -268,8 +276,7 @@ def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_i
     if network is None:  # any Keras classifier: what evaluate_model.py and the pruning stage accept
         network = checkpoints.load_model(model_path)
     out_dir = out_dir or os.path.dirname(os.path.abspath(model_path))
-    files.check_output_path(out_dir, "output folder", folder=True)
-    stages.refuse_folder_of_runs(out_dir)  # beside a model, never among the runs of model/kd_model/
+    prepare_output_folder(out_dir)
     files.remove_temporaries(out_dir)  # of a killed earlier export
     if keras_test_acc is None:
         from cnn_compression import metrics
