@@ -336,6 +336,10 @@ def main(argv=None):
         hints = distillation.hint_pairs(teacher, student, args.hint_layers) if args.lambda2 and not args.no_teacher else []
     except ValueError as error:
         raise cli.UserError(f"{error}{'' if args.hint_layers else ' (--hint_layers T:S,...; or --lambda2 0)'}") from None
+    if resnet.count_parameters(student) >= resnet.count_parameters(teacher):
+        # Not refused: a student as large as its teacher (born-again networks) is a research use of its own.
+        notes.append(f"the student ({resnet.count_parameters(student):,} parameters) is not smaller than its teacher "
+                     f"({resnet.count_parameters(teacher):,}): this run compresses nothing")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 

@@ -171,6 +171,20 @@ def test_the_script_distils_any_teacher_into_its_narrowed_student(classifiers, t
     assert all(np.isfinite(history[f"train_{name}"]).all() for name in distillation.LOSS_TERMS)
 
 
+def test_a_student_as_large_as_its_teacher_is_trained_with_a_note(classifiers, tmp_path, data_flags):
+    """Born-again distillation (a student the teacher's size) is a use of its own, so it runs; the
+    note says it compresses nothing, where the log would otherwise read "1.00x smaller"."""
+    save = tmp_path / "kd"
+    completed = run_in_process("knowledge_distillation.py", "--teacher_path", classifiers / "teacher.keras",
+                               "--student_path", classifiers / "student.h5", "--lambda2", 0, "--save_folder", save,
+                               *data_flags, "--train_size", 100, "--batch_size", 50, "--epoch_num", 1, "--verbose", 0,
+                               "--precision", "float32")
+    parameters = keras.models.load_model(str(classifiers / "student.h5")).count_params()
+    assert (f"note: the student ({parameters:,} parameters) is not smaller than its teacher ({parameters:,}): "
+            "this run compresses nothing") in completed.stderr
+    assert json.loads((save / "config.json").read_text())["results"]["compression_vs_teacher"] == 1.0
+
+
 @pytest.mark.parametrize("case, flags, expected", [
     ("five classes", ["--teacher_path", "five.h5", "--student_compression", 2], "outputs (None, 5): the distillation stage needs"),
     ("hint sizes", ["--teacher_path", "teacher.keras", "--student_path", "student.h5", "--hint_layers", "stem_relu:wide"],
