@@ -19,7 +19,7 @@ from cnn_compression import files
 import model as resnet
 import prune
 import prune_model
-from conftest import REPO, assert_one_line_error, run_in_process, run_script
+from conftest import REPO, assert_one_line_error, pixel_classifier, run_in_process, run_script
 
 IMAGES = 24
 STEM = ["conv1_conv"]  # prune_model.py's default --ignored_layers
@@ -405,7 +405,7 @@ def test_ablation_verify_reloads_the_saved_models_with_plain_keras(tmp_path, cif
     ablation = ablation_module()
     root = tmp_path / "ablation"
     write_summary(root / "random", "random", [1.5], [0.0])
-    network = resnet.build_resnet50(resnet.width_spec(0.0625))
+    network = pixel_classifier()
     checkpoints.save_model(network, str(root / "random" / "iter1" / "model.h5"))
     _, _, x_test, y_test, _ = data.load_cifar10(cifar10_dir)
     predicted = network.predict(x_test.astype("float32"), batch_size=500, verbose=0).argmax(-1)

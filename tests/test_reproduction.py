@@ -11,8 +11,7 @@ from cnn_compression import checkpoints
 from cnn_compression import data
 from cnn_compression import files
 from cnn_compression import training
-import model as resnet
-from conftest import TINY_WIDTH, assert_one_line_error, run_in_process
+from conftest import assert_one_line_error, pixel_classifier, run_in_process
 
 
 def reference_accuracy(network, x_test, y_test):
@@ -32,7 +31,7 @@ def model_root(tmp_path_factory):
              "student, L_b": root / "kd_model" / "backbone" / "model.h5"}
     for seed, (name, path) in enumerate(paths.items()):
         training.set_seed(seed)  # different weights, so a swapped file would show
-        network = resnet.build_resnet50(resnet.width_spec(TINY_WIDTH), "imagenet", 10)
+        network = pixel_classifier()
         checkpoints.save_model(network, str(path))
         accuracies[name] = reference_accuracy(network, x_test, y_test)
     (root / "pruned_model" / "iter2").mkdir()
@@ -47,6 +46,7 @@ def model_root(tmp_path_factory):
     student = {"arguments": {"dataset": "sample", "lambda1": 0.7}, "complete": True,
                "results": {"test_acc": accuracies["student, L_b"], "best_val_acc": 0.5, "parameters": 500, "test_images": 500}}
     (root / "kd_model" / "backbone" / "config.json").write_text(json.dumps(student))
+    assert len(set(accuracies.values())) == len(accuracies)  # distinct, or a swapped file would pass
     return root, accuracies
 
 
