@@ -336,10 +336,12 @@ def main(argv=None):
         hints = distillation.hint_pairs(teacher, student, args.hint_layers) if args.lambda2 and not args.no_teacher else []
     except ValueError as error:
         raise cli.UserError(f"{error}{'' if args.hint_layers else ' (--hint_layers T:S,...; or --lambda2 0)'}") from None
-    if resnet.count_parameters(student) >= resnet.count_parameters(teacher):
+    teacher_parameters = resnet.count_parameters(teacher)
+    student_parameters = resnet.count_parameters(student)
+    if student_parameters >= teacher_parameters:
         # Not refused: a student as large as its teacher (born-again networks) is a research use of its own.
-        notes.append(f"the student ({resnet.count_parameters(student):,} parameters) is not smaller than its teacher "
-                     f"({resnet.count_parameters(teacher):,}): this run compresses nothing")
+        notes.append(f"the student ({student_parameters:,} parameters) is not smaller than its teacher "
+                     f"({teacher_parameters:,}): this run compresses nothing")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
@@ -360,8 +362,6 @@ def main(argv=None):
             optimizer=training.make_optimizer(args, train_data.steps_per_epoch, args.student_learning_rate),
             discriminator_optimizer=training.scaled_for_precision(keras.optimizers.Adam(args.discriminator_learning_rate)),
         )
-    teacher_parameters = resnet.count_parameters(teacher)
-    student_parameters = resnet.count_parameters(student)
     print(f"data: {split.sizes()} from {split.source}; teacher {teacher_parameters:,} parameters, student "
           f"{student_parameters:,} ({teacher_parameters / student_parameters:.2f}x smaller), {student_line}; "
           f"{loss_line(distiller)}{'; hints ' + ', '.join(f'{t}:{s}' for t, s in hints) if hints else ''}; "
