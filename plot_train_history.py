@@ -3,6 +3,7 @@
     python plot_train_history.py --history_path=./model/pruned_model/iter1/history.json
     python plot_train_history.py --figures            # every figure under images/ from model/
     python plot_train_history.py --verify --model_root=./model/cifar_stem   # the table's rows, reproduced
+    python plot_train_history.py --compare=./model/cifar_stem/kd_tuning      # a sweep's runs side by side
 
 A history figure shows loss and accuracy (training and validation) per epoch; several
 --history_path values overlay on one figure. --verify reloads the saved model of every row of the
@@ -29,8 +30,11 @@ def parse_args(argv=None):
     parser.add_argument("--figures", action="store_true", help="draw the result figures from --model_root into --images_dir")
     parser.add_argument("--model_root", default="./model", help="where the stages wrote their folders")
     parser.add_argument("--images_dir", default="./images")
+    parser.add_argument("--compare", default=None, metavar="FOLDER",
+                        help="print a table of the finished training runs under FOLDER (base training or distillation), "
+                             "one row each, with the arguments in which they differ")
     parser.add_argument("--table", default=None, metavar="PATH",
-                        help="with --figures: also write the results table (Markdown) to PATH")
+                        help="with --figures or --compare: also write that table (Markdown) to PATH")
     parser.add_argument("--verify", action="store_true",
                         help="reload each results-table row's saved model (under --model_root) with plain Keras and "
                              "check its test accuracy against the row; exit code 2 if one differs")
@@ -38,10 +42,10 @@ def parse_args(argv=None):
                         help="for --verify: a cifar-10-batches-py folder or cifar-10-python.tar.gz (else $CIFAR10_DIR, "
                              "the Keras cache)")
     args = parser.parse_args(argv)
-    if not args.history_path and not args.figures and not args.verify:
-        parser.error("give --history_path (one or more), --figures or --verify")
-    if args.table and not args.figures:
-        parser.error("--table goes with --figures")
+    if not args.history_path and not args.figures and not args.verify and not args.compare:
+        parser.error("give --history_path (one or more), --figures, --verify or --compare")
+    if args.table and args.figures == bool(args.compare):
+        parser.error("--table goes with one of --figures or --compare")
     return args
 
 
@@ -85,6 +89,11 @@ def main(argv=None):
         for path in figures.draw_figures(args.model_root, args.images_dir):
             print(f"wrote {path}")
         table = results.format_table(rows)
+        print(table)
+        if args.table:
+            files.write_text(args.table, table + "\n")
+    if args.compare:
+        table = results.format_comparison(results.compare_runs(args.compare))
         print(table)
         if args.table:
             files.write_text(args.table, table + "\n")

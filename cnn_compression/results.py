@@ -280,3 +280,66 @@ def format_table(rows):
         lines.append(f"| {name} | {percent(test)} | {percent(val)} | {parameters:,} | "
                      f"{'' if rate is None else f'{rate:.2f}x'} | {macs / 1e6:.2f} M | {reported} |")
     return "\n".join(lines)
+
+
+# Arguments that differ between any two runs without making them different experiments.
+NOT_A_SETTING = ("save_folder", "overwrite", "verbose", "tensorboard")
+
+
+class ComparedRun(typing.NamedTuple):
+    """One finished run of a sweep: its folder (relative to the folder compared), the settings in
+    which the sweep's runs differ, and its results."""
+
+    name: str
+    settings: dict
+    best_val_acc: float
+    best_epoch: int
+    test_acc: float
+    parameters: int
+
+
+def compare_runs(folder):
+    """The finished training runs under `folder` (a base-training or distillation run each: a
+    config.json marked complete, with a best validation accuracy), one ComparedRun each, in folder
+    order. Their settings are the arguments in which the runs differ, so a sweep's table shows what
+    was varied and nothing else."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--compare {folder}: no such folder")
+    configs = []
+    for path in sorted(glob.glob(os.path.join(folder, "**", "config.json"), recursive=True)):
+        config = files.read_json(path, "config")
+        if isinstance(config, dict) and config.get("complete") and "best_val_acc" in (config.get("results") or {}):
+            configs.append((os.path.relpath(os.path.dirname(path), folder), config))
+    if not configs:
+        raise UserError(f"--compare {folder}: no finished run under it (a config.json marked complete, with a best "
+                        "validation accuracy)")
+    arguments = [config.get("arguments") or {} for _, config in configs]
+    keys = sorted({key for run in arguments for key in run} - set(NOT_A_SETTING))
+    varied = [key for key in keys if len({repr(run.get(key)) for run in arguments}) > 1]
+    return [ComparedRun(name, {key: run.get(key) for key in varied}, config["results"]["best_val_acc"],
+                        config["results"].get("best_epoch"), config["results"].get("test_acc"),
+                        config["results"].get("parameters"))
+            for (name, config), run in zip(configs, arguments)]
+
+
+def format_comparison(runs):
+    """A Markdown table of compare_runs' runs; the best validation accuracy (the one a sweep
+    chooses by) in bold."""
+    def value(setting):
+        return f"{setting:g}" if isinstance(setting, float) else "" if setting is None else str(setting)
+
+    def percent(accuracy):
+        return "" if accuracy is None else f"{100 * accuracy:.2f}%"
+
+    settings = list(runs[0].settings)
+    best = max(run.best_val_acc for run in runs)
+    lines = ["| " + " | ".join(["run", *settings, "best validation accuracy (epoch)", "test accuracy", "parameters"]) + " |",
+             "|---" * (1 + len(settings)) + "|---:|---:|---:|"]
+    for run in runs:
+        accuracy = percent(run.best_val_acc) + ("" if run.best_epoch is None else f" ({run.best_epoch})")
+        if run.best_val_acc == best:
+            accuracy = f"**{accuracy}**"
+        parameters = "" if run.parameters is None else f"{run.parameters:,}"
+        lines.append("| " + " | ".join([run.name, *(value(run.settings[key]) for key in settings), accuracy,
+                                         percent(run.test_acc), parameters]) + " |")
+    return "\n".join(lines)

@@ -340,3 +340,35 @@ def test_four_students_at_one_rate_stay_apart_and_every_label_stays_inside_the_a
     for text in labels:
         box = text.get_window_extent(renderer)
         assert inside.x0 <= box.x0 and box.x1 <= inside.x1, text.get_text()
+
+
+def test_compare_tables_a_sweep_by_the_arguments_it_varied(tmp_path):
+    sweep = tmp_path / "kd_tuning"
+    common = {"root_folder": "model/pruned/iter3", "temperature": 4.0, "kd_beta": 0.9, "epoch_num": 10, "verbose": 2}
+    for name, changes, best, epoch, test, complete in (
+            ("t4", {}, 0.698, 10, 0.6775, True),
+            ("t8", {"temperature": 8.0, "verbose": 1}, 0.6782, 9, 0.6643, True),  # verbosity is no setting
+            ("beta1", {"kd_beta": 1.0}, 0.6604, 10, 0.6638, True),
+            ("t2", {"temperature": 2.0, "epoch_num": 30}, 0.9, 1, 0.9, False)):  # unfinished: left out
+        (sweep / name).mkdir(parents=True)
+        arguments = {**common, **changes, "save_folder": str(sweep / name)}
+        config = {"arguments": arguments, "complete": complete,
+                  "results": {"best_val_acc": best, "best_epoch": epoch, "test_acc": test, "parameters": 115657}}
+        (sweep / name / "config.json").write_text(json.dumps(config))
+    (sweep / "notes").mkdir()
+    (sweep / "notes" / "config.json").write_text(json.dumps({"complete": True}))  # no results: not a run
+    table = tmp_path / "tuning.md"
+    completed = run_in_process("plot_train_history.py", "--compare", sweep, "--table", table)
+    expected = ["| run | kd_beta | temperature | best validation accuracy (epoch) | test accuracy | parameters |",
+                "|---|---|---|---:|---:|---:|",
+                "| beta1 | 1 | 4 | 66.04% (10) | 66.38% | 115,657 |",
+                "| t4 | 0.9 | 4 | **69.80% (10)** | 67.75% | 115,657 |",
+                "| t8 | 0.9 | 8 | 67.82% (9) | 66.43% | 115,657 |"]
+    assert table.read_text().splitlines() == expected
+    assert completed.stdout.splitlines()[-5:] == expected
+    # a folder with no finished run, and one that does not exist: one line, nothing written
+    for folder in (sweep / "notes", tmp_path / "missing"):
+        error = assert_one_line_error(run_in_process("plot_train_history.py", "--compare", folder, "--table",
+                                                     tmp_path / "other.md", check=False))
+        assert f"--compare {folder}" in error
+    assert not (tmp_path / "other.md").exists()

@@ -99,7 +99,7 @@ def test_bad_input_is_one_line(model_root, tmp_path):
     assert "no results under" in error
     error = assert_one_line_error(run_in_process("plot_train_history.py", "--verify", "--table", tmp_path / "t.md",
                                                  "--model_root", root, check=False))
-    assert "--table goes with --figures" in error
+    assert "--table goes with one of --figures or --compare" in error
     assert not (tmp_path / "t.md").exists()
 
 
