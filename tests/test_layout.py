@@ -106,3 +106,36 @@ def test_every_stage_script_sets_the_library_up():
         main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
         calls = {ast.unparse(node.func) for node in ast.walk(main) if isinstance(node, ast.Call)}
         assert "cnn_compression.setup" in calls, f"{name}: main() never calls cnn_compression.setup()"
+
+
+def test_an_install_elsewhere_carries_every_module_and_the_tested_dependencies():
+    """`pip install <repository>` installs what pyproject.toml lists: every top-level module (a
+    module left out installs cleanly and fails at its first import), the package, and the runtime
+    dependencies requirements.txt pins, each at the tested version as its floor."""
+    import re
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as handle:
+        project = tomllib.load(handle)
+    setup = project["tool"]["setuptools"]
+    top_level = {name[:-3] for name in os.listdir(REPO) if name.endswith(".py")}
+    assert set(setup["py-modules"]) == top_level
+    assert setup["packages"] == [PACKAGE]  # no subpackage that the list would leave out
+    assert not [name for name in os.listdir(os.path.join(REPO, PACKAGE))
+                if os.path.isfile(os.path.join(REPO, PACKAGE, name, "__init__.py"))]
+
+    def requirements(lines):
+        """{name: version} of requirement lines (`name==1.2.0` or `name>=1.2`; comments dropped)."""
+        found = {}
+        for line in lines:
+            match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*(==|>=)\s*([0-9.]+)\s*(#.*)?", line)
+            if match:
+                found[match.group(1).lower()] = match.group(3)
+        return found
+
+    with open(os.path.join(REPO, "requirements.txt")) as handle:
+        pinned = requirements(handle.read().splitlines())
+    declared = requirements(project["project"]["dependencies"] + project["project"]["optional-dependencies"]["tensorboard"])
+    assert set(declared) == set(pinned)
+    for name, version in pinned.items():  # tensorflow==2.21.0 is declared >= 2.21
+        assert version.startswith(declared[name]), name
