@@ -207,6 +207,10 @@ def parse_args(argv=None):
                          help="ResNet50 teacher: widths with base parameters / student parameters = R (within 3%%; e.g. "
                               "12.82, the original's), stage widths first, inner widths if needed. Any other teacher: "
                               "its channel groups narrowed by one factor to teacher parameters / student parameters = R")
+    student.add_argument("--student_round_to", type=cli.positive_int, default=1, metavar="N",
+                         help="with --student_compression: every student width a multiple of N where the teacher's "
+                              "allows (8 on CPUs: oneDNN runs whole vector blocks, ~2x faster training at the same "
+                              "parameters), filled back up to R")
     student.add_argument("--base_model_path", default=None,
                          help=f"ResNet50 teacher: the unpruned base model whose stage widths are divided (default {DEFAULT_BASE} when it fits the teacher)")
     cli.add_data_flags(parser)
@@ -245,7 +249,8 @@ def resnet_student(teacher, args):
         base, base_source, _ = find_base_model(teacher, root_folder, args.base_model_path, DEFAULT_BASE)
         if base is None:
             raise ValueError("--student_compression counts against the base model, which is not found: pass --base_model_path")
-        return students.spec_for_compression(spec, base[0], stem, class_num, args.student_compression), base_widths, base_source, notes
+        return students.spec_for_compression(spec, base[0], stem, class_num, args.student_compression,
+                                             round_to=args.student_round_to), base_widths, base_source, notes
     return students.student_spec(spec, base_widths, args.student_divisor, args.student_stage_widths), base_widths, base_source, notes
 
 
@@ -285,7 +290,8 @@ def make_student(teacher, args, class_num, strategy):
         raise ValueError(f"{teacher.name} is not our ResNet50: pass --student_compression R (its own graph narrowed) "
                          "or --student_path")
     with strategy.scope():
-        student, widths, achieved = students.narrowed_student(teacher, args.student_compression)
+        student, widths, achieved = students.narrowed_student(teacher, args.student_compression,
+                                                              round_to=args.student_round_to)
     return student, {"student_widths": widths}, f"{teacher.name}'s channel groups narrowed {achieved:.2f}x", []
 
 
@@ -315,6 +321,8 @@ def main(argv=None):
     if args.hint_layers and not args.lambda2:
         raise cli.UserError("--hint_layers names the pairs of the intermediate term, which --lambda2 0 switches off: "
                             "give --lambda2 a weight or drop --hint_layers")
+    if args.student_round_to > 1 and not args.student_compression:
+        raise cli.UserError("--student_round_to rounds the widths --student_compression chooses: pass --student_compression R")
     teacher_path = args.teacher_path or os.path.join(args.root_folder, "model.h5")
     if not os.path.exists(teacher_path) and "prued_model" in teacher_path:
         raise cli.UserError(f"no teacher model at {teacher_path} (the original README's typo: pruned_model?)")

@@ -185,6 +185,21 @@ def test_a_student_as_large_as_its_teacher_is_trained_with_a_note(classifiers, t
     assert json.loads((save / "config.json").read_text())["results"]["compression_vs_teacher"] == 1.0
 
 
+def test_a_narrowed_student_rounded_to_8_has_every_width_a_multiple_of_8_where_the_teacher_allows():
+    """MobileNetV2's groups narrowed 4x with --student_round_to 8: each width a multiple of 8 (or the
+    teacher's own width where that is below 8), the compression still within 3% past the target,
+    and the same groups as the unrounded student."""
+    teacher = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
+    groups = prune.any_model_groups(teacher, residual=True)
+    plain, _ = students.narrowed_widths(teacher, groups, 4.0)
+    rounded, achieved = students.narrowed_widths(teacher, groups, 4.0, round_to=8)
+    assert set(rounded) == set(plain) and rounded != plain
+    teacher_widths = {group["name"]: group["width"] for group in groups}
+    assert all(width % 8 == 0 or width == teacher_widths[name] < 8 for name, width in rounded.items()), rounded
+    assert all(width <= teacher_widths[name] for name, width in rounded.items())
+    assert 4.0 <= achieved <= 4.0 / (1 - students.COMPRESSION_TOLERANCE)
+
+
 @pytest.mark.parametrize("case, flags, expected", [
     ("five classes", ["--teacher_path", "five.h5", "--student_compression", 2], "outputs (None, 5): the distillation stage needs"),
     ("hint sizes", ["--teacher_path", "teacher.keras", "--student_path", "student.h5", "--hint_layers", "stem_relu:wide"],
@@ -197,6 +212,8 @@ def test_a_student_as_large_as_its_teacher_is_trained_with_a_note(classifiers, t
     ("hints off", ["--teacher_path", "teacher.keras", "--student_compression", 2, "--hint_layers", "block_out:block_out",
                    "--lambda2", 0], "--lambda2 0 switches off"),
     ("archive named .h5", ["--teacher_path", "archive.h5", "--student_compression", 2], "name it with the .keras suffix"),
+    ("rounding nothing", ["--teacher_path", "teacher.keras", "--student_path", "student.h5", "--student_round_to", 8],
+     "--student_round_to rounds the widths --student_compression chooses"),
 ])
 def test_bad_teachers_students_and_pairs_are_refused_in_one_line_before_anything_is_written(case, flags, expected,
                                                                                          classifiers, tmp_path):

@@ -305,5 +305,14 @@ def test_student_compression_reaches_the_target_and_goes_at_most_three_percent_p
     assert built.count_params() == resnet.parameter_count(students.spec_for_compression(teacher, base, "cifar", 10, 12.82), "cifar")
     with pytest.raises(ValueError, match="no student width spec reaches"):
         students.spec_for_compression(teacher, base, "cifar", 10, 1e7)
+    # --student_round_to 8: every width a multiple of 8 (a teacher's inner width below 8 stays as it
+    # is), no wider than the teacher inside the blocks, and the same compression band
+    for target in (3.02, 12.82):
+        spec = students.spec_for_compression(teacher, base, "cifar", 10, target, round_to=8)
+        achieved = base_parameters / resnet.parameter_count(spec, "cifar")
+        assert target <= achieved <= target / (1 - students.COMPRESSION_TOLERANCE), (target, achieved)
+        assert all(width % 8 == 0 for width in spec["stages"]), spec["stages"]
+        for pair_s, pair_t in zip(spec["blocks"], teacher["blocks"]):
+            assert all((s % 8 == 0 or s == t < 8) and s <= t for s, t in zip(pair_s, pair_t)), (pair_s, pair_t)
     with pytest.raises(ValueError, match="above 1"):
         students.spec_for_compression(teacher, base, "cifar", 10, 0.5)
