@@ -104,8 +104,8 @@ def spec_for_compression(teacher_spec, base_spec, stem, class_num, target, toler
 
     `round_to` > 1 makes every width a multiple of it (`rounded_width`; the teacher's inner widths
     rounded down to one), then fills the widths back up to the target (`fill_to_goal`): oneDNN's
-    kernels run whole vector blocks, and a student of odd widths trains at about half the speed of
-    one with the same parameters in multiples of 8 (docs/speed.md).
+    kernels run whole vector blocks, and a student of odd widths trains 1.3-1.4x slower than one
+    with the same parameters in multiples of 8 (docs/distillation.md).
     """
     check_compression(target)
     goal = resnet.parameter_count(base_spec, stem, class_num) / target

@@ -2,14 +2,10 @@
 inference in TensorFlow (oneDNN)? The base, a pruned model as pruned (its odd-width BatchNorms on
 Keras' ops, cnn_compression.fused_batch_norm), the same with every BatchNorm on the fused kernel
 (as before that rule), and the same architecture with every width rounded up to 8 and to 16 (what
-`prune_model.py --round_to` keeps). With --student_compression R, --model_path is a teacher and the
-variants are the students `knowledge_distillation.py --student_compression R` builds from it, with
---student_round_to 1 (as the widths fall), 8 and 16: the same parameters, other widths.
+`prune_model.py --round_to` keeps).
 
     python benchmarks/width_train_speed.py --base_model_path model/cifar_stem/base_model/model.h5 \\
         --model_path model/cifar_stem/pruned_taylor/iter1/model.h5 --rounds 2
-    python benchmarks/width_train_speed.py --model_path model/cifar_stem/pruned_apoz/iter3/model.h5 \\
-        --student_compression 12.82 --rounds 3 --steps 20
 
 Each variant runs in a fresh process, as a stage does (one model per process: several models in one
 process share oneDNN's primitive cache and slow each other), in alternating rounds. Measured: a
@@ -27,24 +23,15 @@ import subprocess
 import sys
 
 VARIANTS = ("base", "as pruned", "as pruned, every BatchNorm fused", "widths rounded up to 8", "widths rounded up to 16")
-STUDENT_VARIANTS = ("base", "student, round_to 1", "student, round_to 8", "student, round_to 16")
 
 
-def build_variant(variant, base_model_path, model_path, student_compression=None):
+def build_variant(variant, base_model_path, model_path):
     from cnn_compression import checkpoints
     import model as resnet
 
     if variant == "base":
         return checkpoints.load_model(base_model_path, "base model")
     network = checkpoints.load_model(model_path)
-    if variant.startswith("student"):  # as knowledge_distillation.py --student_compression builds it
-        import students
-
-        spec, stem, class_num, input_shape = resnet.describe_model(network)
-        base_spec = resnet.describe_model(checkpoints.load_model(base_model_path, "base model"))[0]
-        student_spec = students.spec_for_compression(spec, base_spec, stem, class_num, student_compression,
-                                                     round_to=int(variant.rsplit(" ", 1)[1]))
-        return resnet.build_resnet50(student_spec, stem, class_num, input_shape, name="student")
     if variant.startswith("as pruned"):
         return network
     multiple = int(variant.rsplit(" ", 1)[1])
@@ -52,7 +39,7 @@ def build_variant(variant, base_model_path, model_path, student_compression=None
     return resnet.rebuild_like(network, resnet.map_widths(spec, lambda width: int(math.ceil(width / multiple) * multiple)))
 
 
-def one_run(variant, base_model_path, model_path, steps, student_compression=None):
+def one_run(variant, base_model_path, model_path, steps):
     """In this process: the variant's training and inference speed; prints a JSON line."""
     import time
 
@@ -71,7 +58,7 @@ def one_run(variant, base_model_path, model_path, steps, student_compression=Non
     from cnn_compression import training
 
     training.set_precision("float32")
-    network = checkpoints.working_copy(build_variant(variant, base_model_path, model_path, student_compression), tf.distribute.get_strategy())
+    network = checkpoints.working_copy(build_variant(variant, base_model_path, model_path), tf.distribute.get_strategy())
     schedule = argparse.Namespace(epoch_num=1, learning_rate=0.01, momentum=0.9, weight_decay=5e-3, label_smoothing=0.1,
                                   lr_schedule="cosine", warmup_epochs=0, step_epochs=60)
     training.compile_classifier(network, schedule, steps)
@@ -94,25 +81,20 @@ def one_run(variant, base_model_path, model_path, steps, student_compression=Non
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base_model_path", default="./model/cifar_stem/base_model/model.h5")
-    parser.add_argument("--model_path", required=True,
-                        help="a pruned model (our ResNet50) to compare; with --student_compression, the teacher")
-    parser.add_argument("--student_compression", type=float, default=None,
-                        help="compare the students of this compression against the base instead, by --student_round_to")
+    parser.add_argument("--model_path", required=True, help="a pruned model (our ResNet50) to compare")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="batches of 128 per timed fit")
-    parser.add_argument("--one_run", choices=VARIANTS + STUDENT_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--one_run", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_run:
-        one_run(args.one_run, args.base_model_path, args.model_path, args.steps, args.student_compression)
+        one_run(args.one_run, args.base_model_path, args.model_path, args.steps)
         return
-    variants = STUDENT_VARIANTS if args.student_compression else VARIANTS
-    student_flags = ["--student_compression", str(args.student_compression)] if args.student_compression else []
-    results = {variant: [] for variant in variants}
+    results = {variant: [] for variant in VARIANTS}
     for _ in range(args.rounds):
-        for variant in variants:
+        for variant in VARIANTS:
             completed = subprocess.run([sys.executable, os.path.abspath(__file__), "--one_run", variant,
                                         "--base_model_path", args.base_model_path, "--model_path", args.model_path,
-                                        "--steps", str(args.steps), *student_flags], capture_output=True, text=True, check=True)
+                                        "--steps", str(args.steps)], capture_output=True, text=True, check=True)
             results[variant].append(json.loads(completed.stdout.strip().splitlines()[-1]))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{args.model_path} against {args.base_model_path}; {cpu}; {args.rounds} fresh processes per variant, alternating; "

@@ -1,0 +1,79 @@
+"""What do odd student widths cost a distillation run? The stage's own epoch, timed: for each
+--student_round_to, `knowledge_distillation.py --student_compression R` trains the student alone
+(--no_teacher) and with L_b from the teacher for two epochs on --train_size images, in fresh
+processes, the variants alternating; the second epoch's seconds (the first traces) are read off the
+stage's own log line (`50/50 - 21s - ...`), validation on the 5,000 validation images included.
+
+    python benchmarks/student_width_epochs.py --root_folder model/cifar_stem/pruned_apoz/iter3 \\
+        --base_model_path model/cifar_stem/base_model/model.h5 --student_compression 12.82 \\
+        --round_to 1 8 --rounds 2 --data_dir ../shared/data/cifar-10-batches-py
+
+Printed: per variant the median epoch seconds and training images per second of that epoch, with
+each round's seconds, and the ratio to --student_round_to 1.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCH_LINE = re.compile(r"^\d+/\d+ - (\d+)s - ")
+MODES = {"student alone": ["--no_teacher"], "L_b": ["--lambda1=0.7", "--lambda2=0", "--lambda3=0"]}
+
+
+def epoch_seconds(arguments, folder):
+    """(seconds of the stage's second epoch, student parameters) of one run into `folder`."""
+    completed = subprocess.run([sys.executable, os.path.join(REPOSITORY, "knowledge_distillation.py"), *arguments,
+                                "--save_folder", folder, "--epoch_num", "2", "--verbose", "2"],
+                               capture_output=True, text=True, cwd=REPOSITORY)
+    if completed.returncode != 0:
+        sys.exit(f"knowledge_distillation.py failed: {completed.stderr.strip().splitlines()[-1:]}")
+    seconds = [int(match.group(1)) for match in map(EPOCH_LINE.match, completed.stdout.splitlines()) if match]
+    with open(os.path.join(folder, "config.json")) as handle:
+        parameters = json.load(handle)["results"]["parameters"]
+    return seconds[1], parameters
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root_folder", required=True, help="the teacher's folder (its model.h5)")
+    parser.add_argument("--base_model_path", required=True)
+    parser.add_argument("--student_compression", type=float, default=12.82)
+    parser.add_argument("--round_to", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--train_size", type=int, default=6400, help="training images per epoch (batches of 128)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data_dir", default=None)
+    args = parser.parse_args()
+    common = ["--root_folder", args.root_folder, "--base_model_path", args.base_model_path,
+              "--student_compression", str(args.student_compression), "--train_size", str(args.train_size),
+              "--batch_size", "128", "--precision", "float32", "--student_learning_rate", "0.05", "--weight_decay", "5e-3"]
+    if args.data_dir:
+        common += ["--data_dir", args.data_dir]
+    variants = [(mode, multiple) for mode in MODES for multiple in args.round_to]
+    seconds, parameters = {variant: [] for variant in variants}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_index in range(args.rounds):
+            for mode, multiple in variants:
+                folder = os.path.join(scratch, f"{round_index}_{mode.replace(' ', '_')}_{multiple}")
+                taken, parameters[multiple] = epoch_seconds(common + MODES[mode] + ["--student_round_to", str(multiple)], folder)
+                seconds[mode, multiple].append(taken)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"students at {args.student_compression:g}x of {args.base_model_path} from {args.root_folder}; {cpu}; "
+          f"{args.rounds} fresh runs per variant, alternating; the second epoch of {args.train_size} training images "
+          "(and the 5,000 validation images), float32")
+    print("| variant | --student_round_to | parameters | epoch seconds (rounds) | training img/s | speed-up |")
+    print("|---|---:|---:|---|---:|---:|")
+    for mode, multiple in variants:
+        median = statistics.median(seconds[mode, multiple])
+        reference = statistics.median(seconds[mode, args.round_to[0]])
+        print(f"| {mode} | {multiple} | {parameters[multiple]:,} | {median:g} ({', '.join(map(str, seconds[mode, multiple]))}) | "
+              f"{args.train_size / median:.0f} | {reference / median:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
