@@ -85,15 +85,14 @@ def main(argv=None):
     rows = results.results_rows(args.model_root, student_macs) if args.figures or args.verify else []
     if args.verify and not rows:
         raise cli.UserError(f"no results under {args.model_root}: no pruning run (summary.json) or finished student")
+    tables = []  # --figures' results table, --compare's; --table writes the one asked for (parse_args)
     if args.figures:
         for path in figures.draw_figures(args.model_root, args.images_dir):
             print(f"wrote {path}")
-        table = results.format_table(rows)
-        print(table)
-        if args.table:
-            files.write_text(args.table, table + "\n")
+        tables.append(results.format_table(rows))
     if args.compare:
-        table = results.format_comparison(results.compare_runs(args.compare))
+        tables.append(results.format_comparison(results.compare_runs(args.compare)))
+    for table in tables:
         print(table)
         if args.table:
             files.write_text(args.table, table + "\n")

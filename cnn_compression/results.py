@@ -269,10 +269,12 @@ def measured_on(summary):
     return {"dataset": summary.get("arguments", {}).get("dataset") or "cifar10", "test_images": summary_test_images(summary)}
 
 
-def format_table(rows):
-    def percent(value):
-        return "" if value is None else f"{100 * value:.2f}%"
+def percent(value):
+    """An accuracy as the tables print it ("" where there is none)."""
+    return "" if value is None else f"{100 * value:.2f}%"
 
+
+def format_table(rows):
     lines = ["| model | test accuracy | validation accuracy | parameters | compression | MACs | original project (reported) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, test, val, parameters, rate, macs, original, *_ in rows:
@@ -327,9 +329,6 @@ def format_comparison(runs):
     chooses by) in bold."""
     def value(setting):
         return f"{setting:g}" if isinstance(setting, float) else "" if setting is None else str(setting)
-
-    def percent(accuracy):
-        return "" if accuracy is None else f"{100 * accuracy:.2f}%"
 
     settings = list(runs[0].settings)
     best = max(run.best_val_acc for run in runs)
