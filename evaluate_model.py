@@ -95,11 +95,13 @@ def measure(path, split, batch_size, repeats):
 
     network = checkpoints.load_model(path)
     parameters, macs = prune.model_size(network)
+    measured = metrics.accuracies(network, {"test": (split.x_test, split.y_test), "val": (split.x_val, split.y_val)},
+                                  batch_size)
     result = {
         "model_path": path,
-        "test_acc": metrics.accuracy(network, split.x_test, split.y_test, batch_size),
+        "test_acc": measured["test"],
         "test_images": len(split.y_test),
-        "val_acc": metrics.accuracy(network, split.x_val, split.y_val, batch_size),
+        "val_acc": measured["val"],
         "parameters": parameters,
         "macs": macs,
         "file_mb": os.path.getsize(path) / 1e6,

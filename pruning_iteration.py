@@ -190,16 +190,18 @@ def describe(network, split, args, path=None):
     """Parameters, MACs, {group: width} of every prunable group, validation / test accuracy of
     `network`, and for our ResNet50 its width spec too (model.describe_model), as its records have
     always had: metadata, nothing in the stage reads it back."""
-    from cnn_compression.metrics import accuracy
+    from cnn_compression.metrics import accuracies
     import prune
 
     parameters, macs = size_of(network)
+    measured = accuracies(network, {"val": (split.x_val, split.y_val), "test": (split.x_test, split.y_test)},
+                          args.batch_size)
     result = {"model_path": path} if path else {}
     result.update({
         "parameters": parameters,
         "macs": macs,
-        "val_acc": accuracy(network, split.x_val, split.y_val, args.batch_size),
-        "test_acc": accuracy(network, split.x_test, split.y_test, args.batch_size),
+        "val_acc": measured["val"],
+        "test_acc": measured["test"],
         "test_images": len(split.y_test),
         "group_widths": {group["name"]: group["width"] for group in prune.any_model_groups(network, residual=True)},
     })

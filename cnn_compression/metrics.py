@@ -51,3 +51,21 @@ def loss_and_accuracy_of(probabilities, labels):
 def accuracy(network, images, labels, batch_size=128):
     """Top-1 accuracy of `network` on `images` (None when there are none)."""
     return loss_and_accuracy(network, images, labels, batch_size)[1]
+
+
+def accuracies(network, splits, batch_size=128):
+    """{name: top-1 accuracy (None when empty)} of `network` on `splits` ({name: (images, labels)}),
+    all in one `predict` pass: splits smaller than a batch (a small run's validation and test
+    images) would each trace the model at their own batch shape."""
+    names = list(splits)
+    counts = [len(splits[name][1]) for name in names]
+    if not sum(counts):
+        return {name: None for name in names}
+    images = np.concatenate([np.asarray(splits[name][0]) for name in names if len(splits[name][1])])
+    predicted = np.argmax(predict_probabilities(network, images, batch_size), axis=1)
+    result, start = {}, 0
+    for name, count in zip(names, counts):
+        labels = np.asarray(splits[name][1])
+        result[name] = float(np.mean(predicted[start:start + count] == labels)) if count else None
+        start += count
+    return result

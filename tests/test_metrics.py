@@ -56,3 +56,23 @@ def test_a_short_last_batch_costs_no_second_trace():
     metrics.accuracy(network, images, np.zeros(200, np.int64), batch_size=128)
     metrics.accuracy(network, images[:130], np.zeros(130, np.int64), batch_size=128)
     assert len(traces) - before == 1
+
+
+def test_accuracies_of_several_splits_take_one_trace_and_match_each_split_alone():
+    """A small run's validation (200) and test (500) images at batch 256 measured one by one trace
+    the model at two batch shapes (200, then 256); together, at one."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    traces = []
+    network = small_classifier(keras, traces)
+    rng = np.random.default_rng(2)
+    splits = {name: (rng.integers(0, 256, (count, 32, 32, 3)).astype(np.uint8), rng.integers(0, 10, count))
+              for name, count in (("val", 200), ("test", 500), ("none", 0))}
+    before = len(traces)
+    measured = metrics.accuracies(network, splits, batch_size=256)
+    assert len(traces) - before == 1
+    expected = {name: np.mean(np.argmax(keras.ops.convert_to_numpy(network(images.astype(np.float32))), axis=1) == labels)
+                for name, (images, labels) in splits.items() if len(labels)}
+    assert measured == {"val": expected["val"], "test": expected["test"], "none": None}
+    assert metrics.accuracies(network, {"val": splits["none"]}) == {"val": None}
