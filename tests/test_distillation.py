@@ -216,14 +216,18 @@ def test_base_widths_come_from_a_base_that_fits_the_teacher(teacher_files, tmp_p
     assert widths == [16, 32, 64, 128] and source.startswith("teacher") and "ignoring" in notes[0]
 
 
-def test_original_command_runs_end_to_end(teacher_files, tmp_path, data_flags):
+def test_original_command_runs_end_to_end_with_the_teachers_stage_outputs_as_default_hints(teacher_files, tmp_path,
+                                                                                            data_flags, capsys):
     root, teacher = teacher_files
     save = tmp_path / "kd_model"
     # in process: no second TensorFlow start (the script as a program: test_crash_safety.py's distillation runs)
     knowledge_distillation.main([str(argument) for argument in [
         f"--root_folder={root / 'iter15'}", "--lambda1=0.7,", "--lambda2=0.3,", "--lambda3=0.2,", "--regressor_name=conv1x1",
         "--save_folder", save, "--base_model_path", root / "base.h5", *data_flags,
-        "--train_size", 256, "--batch_size", 64, "--epoch_num", 1, "--verbose", 0]])
+        "--train_size", 64, "--batch_size", 64, "--epoch_num", 1, "--verbose", 0]])
+    hints = ", ".join(f"{name}:{name}" for name in resnet.stage_output_names())
+    assert (f"; loss 0.7 * backbone_loss + 0.3 * intermediate_loss + 0.2 * adversarial_loss (its discriminator "
+            f"trained alongside); hints {hints}; starting in" in capsys.readouterr().out)
     student = keras.models.load_model(str(save / "model.h5"))  # plain Keras, no custom objects
     spec, stem, class_num, _ = resnet.describe_model(student)
     teacher_spec = resnet.describe_model(teacher)[0]
@@ -234,34 +238,12 @@ def test_original_command_runs_end_to_end(teacher_files, tmp_path, data_flags):
                                               ("cross_entropy", "backbone_loss", "intermediate_loss",
                                                "adversarial_loss", "discriminator_loss")}
     assert set(history) == expected and all(len(values) == 1 for values in history.values())
+    assert np.isfinite(history["train_intermediate_loss"][0]) and history["train_intermediate_loss"][0] > 0
     config = json.loads((save / "config.json").read_text())
     assert config["complete"] and config["arguments"]["lambda1"] == 0.7
     assert 0 <= config["results"]["test_acc"] <= 1 and config["results"]["parameters"] == student.count_params()
+    assert config["results"]["base_stage_widths_from"] == str(root / "base.h5")
     assert not (save / "backup").exists()
-
-
-def test_our_resnet50_teaches_through_teacher_path_with_its_stage_outputs_as_default_hints(teacher_files, tmp_path,
-                                                                                          data_flags, capsys):
-    root, teacher = teacher_files
-    teacher_path = tmp_path / "elsewhere" / "teacher.keras"  # no pruning run's records beside it
-    teacher_path.parent.mkdir()
-    teacher.save(str(teacher_path))
-    save = tmp_path / "kd"
-    knowledge_distillation.main([str(argument) for argument in [
-        "--teacher_path", teacher_path, "--base_model_path", root / "base.h5", "--lambda3", 0, "--save_folder", save,
-        *data_flags, "--train_size", 64, "--batch_size", 64, "--epoch_num", 1, "--verbose", 0, "--precision", "float32"]])
-    hints = ", ".join(f"{name}:{name}" for name in resnet.stage_output_names())
-    # only the terms with a weight: no adversarial term, no discriminator
-    assert f"; loss 0.7 * backbone_loss + 0.3 * intermediate_loss; hints {hints}; starting in" in capsys.readouterr().out
-    student = keras.models.load_model(str(save / "model.h5"))  # plain Keras
-    spec = resnet.describe_model(student)[0]
-    assert spec["blocks"] == resnet.describe_model(teacher)[0]["blocks"] and spec["stages"] == [1, 1, 2, 4]
-    history = json.loads((save / "history.json").read_text())
-    assert set(history) == set(training.HISTORY_KEYS) | {"train_cross_entropy", "train_backbone_loss",
-                                                         "train_intermediate_loss"}
-    assert np.isfinite(history["train_intermediate_loss"][0]) and history["train_intermediate_loss"][0] > 0
-    config = json.loads((save / "config.json").read_text())
-    assert config["complete"] and config["results"]["base_stage_widths_from"] == str(root / "base.h5")
 
 
 def test_bad_input_is_one_line_and_overwrites_nothing(teacher_files, tmp_path, capsys):

@@ -35,11 +35,10 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(tiny_model):
-    """One real export, by default beside the model."""
+    """One real export, by default beside the model (in process: the script's new-process start is
+    test_bad_model_is_one_line_and_writes_nothing's "missing" case)."""
     _, path = tiny_model
-    started = time.monotonic()
-    completed = run_script("export_model.py", "--model_path", path, "--dataset", "sample", "--batch_size", "64")
-    completed.seconds = time.monotonic() - started  # the kill test aims at moments of such a run
+    completed = run_in_process("export_model.py", "--model_path", path, "--dataset", "sample", "--batch_size", "64")
     return os.path.dirname(path), completed
 
 
@@ -184,9 +183,11 @@ def test_bad_model_is_one_line_and_writes_nothing(case, tmp_path):
 def test_export_killed_at_any_moment_keeps_whole_files_and_reruns_clean(exported, tiny_model):
     """SIGKILL re-exports late in their run (conversion, testing or the writes); every file stays
     whole (the last good export, or the new one), and a rerun leaves no temporaries."""
-    out_dir, first = exported
+    out_dir, _ = exported
     arguments = ["export_model.py", "--model_path", tiny_model[1], "--dataset", "sample", "--batch_size", "64"]
-    duration = first.seconds
+    started = time.monotonic()
+    run_script(*arguments)  # the kills aim at moments of such a run in a new process
+    duration = time.monotonic() - started
     killed = []
     for fraction in (0.6, 0.85):  # of the first run's duration: late, yet before the end under varying load
         begun = time.monotonic()

@@ -180,7 +180,8 @@ def test_a_second_run_into_a_busy_folder_names_the_holder_and_a_killed_holder_fr
     os.makedirs(folder)
     holder = hold_lock(folder)
     try:
-        completed = run_script("train_base_model.py", "--save_folder", folder, *SMALL, check=False)
+        # in process: the holder is another process all the same
+        completed = run_in_process("train_base_model.py", "--save_folder", folder, *SMALL, check=False)
         line = assert_one_line_error(completed)
         assert f"PID {holder.pid}" in line and "in use" in line
         assert os.listdir(folder) == [files.LOCK_NAME]  # nothing else written
