@@ -11,7 +11,7 @@ import pytest
 from cnn_compression import checkpoints
 from cnn_compression import files
 from cnn_compression import training
-from conftest import assert_files_whole, kill_when, run_in_process, temporaries
+from conftest import assert_files_whole, kill_when, model_arrays, run_in_process, temporaries
 
 
 def epochs_recorded(folder):
@@ -20,16 +20,6 @@ def epochs_recorded(folder):
 
 def read_files(folder, names):
     return {name: open(os.path.join(folder, name), "rb").read() for name in names}
-
-
-def model_arrays(path):
-    """Every array of a saved model (weights and optimizer-free), by its name in the file."""
-    import h5py
-
-    arrays = {}
-    with h5py.File(path, "r") as archive:
-        archive.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
-    return arrays
 
 
 def kill_at_every_phase(arguments, folder, epochs):
@@ -69,9 +59,11 @@ def test_base_training_resumes_after_sigkill_at_every_phase_with_whole_files(tmp
     fitted = kill_at_every_phase(arguments, folder, epochs=3)
     completed = run_in_process(*arguments)
     assert "resuming" in completed.stdout
-    # Killed after the fit: the rerun only evaluated and closed, it did not train again.
+    # Killed after the fit: the rerun only evaluated and closed, it did not train again. (That the
+    # resumed epochs train as uninterrupted ones, to the bit, after a real SIGKILL: prune_model.py's
+    # fine-tuning, the same fit_stage and pipeline, in test_prune_any_model.py; the distillation
+    # stage's below, under make test-all.)
     assert read_files(folder, ["model.h5", "history.json"]) == fitted
-    assert_trained_as_uninterrupted(arguments, folder, str(tmp_path / "uninterrupted"))
     history = json.load(open(os.path.join(folder, "history.json")))
     assert all(len(history[key]) == 3 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"))
     # The schedule continued across the kills: cosine decay per step over 3 epochs of 4 steps.

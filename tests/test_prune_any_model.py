@@ -316,7 +316,7 @@ def test_any_model_pruning_killed_mid_fine_tuning_resumes_to_the_uninterrupted_f
     the uninterrupted run's batches and crops (the pipeline is a function of the seed and epoch)."""
     import os
 
-    from conftest import REPO, assert_files_whole, epoch_backed_up, kill_when
+    from conftest import REPO, assert_files_whole, epoch_backed_up, kill_when, model_arrays
 
     flags = ["--base_model_path", classifier_path, "--prune_iter", 1, "--criterion", "fraction", "--prune_fraction", 0.25,
              *data_flags, *RUN_FLAGS[:3], 2, *RUN_FLAGS[4:]]  # two epochs
@@ -344,3 +344,5 @@ def test_any_model_pruning_killed_mid_fine_tuning_resumes_to_the_uninterrupted_f
     assert record.pop("seconds") > 0 and whole_record.pop("seconds") > 0 and record == whole_record
     assert json.loads((killed / "config.json").read_text())["complete"] is True
     assert sorted(os.listdir(killed / "iter1")) == sorted(os.listdir(whole / "iter1"))  # no backup left
+    expected, resumed = (model_arrays(str(root / "iter1" / "model.h5")) for root in (whole, killed))
+    assert expected.keys() == resumed.keys() and all(np.array_equal(expected[name], resumed[name]) for name in expected)
