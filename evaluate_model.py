@@ -19,6 +19,7 @@ from cnn_compression import checkpoints
 from cnn_compression import classifiers
 from cnn_compression import cli
 from cnn_compression import metrics
+from cnn_compression import results
 from cnn_compression import files
 from cnn_compression import tflite
 
@@ -157,13 +158,10 @@ def main(argv=None):
 
 
 def format_report(result):
-    def percent(value):
-        return "n/a" if value is None else f"{100 * value:.2f}%"
-
     lines = [
         f"model            {result['model_path']}",
-        f"test accuracy    {percent(result['test_acc'])}",
-        f"val accuracy     {percent(result['val_acc'])}",
+        f"test accuracy    {results.percent(result['test_acc'], 'n/a')}",
+        f"val accuracy     {results.percent(result['val_acc'], 'n/a')}",
         f"parameters       {result['parameters']:,}",
         f"MACs             {result['macs'] / 1e6:,.2f} M",
         f"file size        {result['file_mb']:.2f} MB",

@@ -269,9 +269,10 @@ def measured_on(summary):
     return {"dataset": summary.get("arguments", {}).get("dataset") or "cifar10", "test_images": summary_test_images(summary)}
 
 
-def percent(value):
-    """An accuracy as the tables print it ("" where there is none)."""
-    return "" if value is None else f"{100 * value:.2f}%"
+def percent(value, missing=""):
+    """An accuracy as the tables and reports print it (`missing` where there is none: an empty table
+    cell, a report line's "n/a")."""
+    return missing if value is None else f"{100 * value:.2f}%"
 
 
 def format_table(rows):

@@ -17,6 +17,7 @@ import warnings
 
 from cnn_compression import checkpoints
 from cnn_compression import files
+from cnn_compression import results
 from cnn_compression import stages
 from cnn_compression.cli import silenced_stderr
 from cnn_compression.errors import UserError
@@ -315,12 +316,9 @@ def export_tflite(model_path, split, out_dir=None, batch_size=128, calibration_i
 
 
 def format_report(result):
-    def percent(value):
-        return "n/a" if value is None else f"{100 * value:.2f}%"
-
     lines = [f"{'':16} {'size':>9}  {'test accuracy':>13}"]
     for label, key in (("Keras .h5", "keras"), ("TFLite float32", "float32"), ("TFLite int8", "int8")):
-        lines.append(f"{label:16} {result[key]['file_mb']:6.2f} MB  {percent(result[key]['test_acc']):>13}")
+        lines.append(f"{label:16} {result[key]['file_mb']:6.2f} MB  {results.percent(result[key]['test_acc'], 'n/a'):>13}")
     int8 = result["int8"]
     summary = f"int8: {result['float32']['file_mb'] / int8['file_mb']:.1f}x smaller than float32"
     if "int8_minus_float32_points" in result:
