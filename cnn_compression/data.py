@@ -182,7 +182,13 @@ def load_sample():
             arrays = np.load(io.BytesIO(handle.read()))
             return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
     except (OSError, KeyError, ValueError) as error:
-        raise DataError(f"cannot read the bundled sample {SAMPLE_PATH}: {error}; rebuild it with sample/make_sample.py") from None
+        folder = os.path.dirname(SAMPLE_PATH)
+        if not os.path.exists(SAMPLE_PATH) and not os.path.exists(os.path.join(folder, "make_sample.py")):
+            # An installed copy (pip install): the sample stays in the repository's checkout.
+            raise DataError("--dataset sample needs the sample bundled with the repository's checkout, which this "
+                            "installed copy has not; pass --data_dir with a cifar-10-batches-py folder") from None
+        raise DataError(f"cannot read the bundled sample {SAMPLE_PATH}: {error}; rebuild it with "
+                        f"{os.path.join(folder, 'make_sample.py')}") from None
 
 
 def file_md5(path):

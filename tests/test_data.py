@@ -105,6 +105,21 @@ def test_bundled_sample_matches_its_recorded_md5():
     assert np.bincount(split.y_val).tolist() == [20] * 10
 
 
+def test_an_unreadable_sample_says_how_to_rebuild_it_and_an_installed_copy_says_what_to_pass(tmp_path, monkeypatch):
+    """In a checkout (make_sample.py beside the file) the error names the script that rebuilds the
+    sample; an installed copy has no sample folder, so it names --data_dir instead."""
+    checkout = tmp_path / "checkout" / "sample"
+    checkout.mkdir(parents=True)
+    (checkout / "make_sample.py").write_text("")
+    (checkout / "cifar10_sample.npz.gz").write_bytes(b"not gzip")
+    monkeypatch.setattr(data, "SAMPLE_PATH", str(checkout / "cifar10_sample.npz.gz"))
+    with pytest.raises(data.DataError, match="rebuild it with .*checkout/sample/make_sample.py$"):
+        data.load_sample()
+    monkeypatch.setattr(data, "SAMPLE_PATH", str(tmp_path / "site-packages" / "sample" / "cifar10_sample.npz.gz"))
+    with pytest.raises(data.DataError, match="installed copy has not; pass --data_dir"):
+        data.load_sample()
+
+
 def test_pipeline_augments_training_only():
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(16) % 10
