@@ -42,8 +42,9 @@ figures-strong: install
 	$(PY) plot_train_history.py --figures --model_root model/cifar_stem --images_dir images/cifar_stem --table model/cifar_stem/results.md
 
 # The suite CI runs; test-all adds the slow multi-process repeats. Whole files per worker, longest
-# first (tests/conftest.py orders them).
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+# first (tests/conftest.py orders them); the ten slowest tests listed, so every CI log shows where
+# the suite's time goes.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 test: install
 	$(PYTEST) -m "not slow"
 
