@@ -194,6 +194,10 @@ def parse_args(argv=None):
     loss.add_argument("--discriminator_learning_rate", type=cli.positive_float, default=1e-4, help="Adam's rate for the discriminator")
     loss.add_argument("--no_teacher", action="store_true",
                       help="train the same student on labels alone (cross-entropy): the baseline")
+    loss.add_argument("--teacher_batch_norm", type=cli.choice_text, choices=("keep", "fold"), default="keep",
+                      help="keep: run the frozen teacher as loaded; fold: its BatchNorms merged into the convolutions "
+                           "before them (the same outputs up to float rounding; the speed-up is still being measured, "
+                           "docs/distillation.md)")
     student = parser.add_argument_group("student")
     student.add_argument("--student_path", default=None,
                          help="the student model file (.h5 or .keras): any functional classifier, trained from its weights")
@@ -305,6 +309,24 @@ def loss_line(distiller):
     return f"loss {terms}{' (its discriminator trained alongside)' if distiller.discriminator is not None else ''}"
 
 
+def inference_teacher(teacher, folder, args, state, hints):
+    """(the teacher the Distiller runs, how many of its BatchNorms were folded): with
+    --teacher_batch_norm fold, a copy with every foldable BatchNorm merged into its convolution
+    (batch_norm_folding), the hinted layers kept. A resumed run keeps what it began with (its backup
+    holds the teacher's variables; a run begun before the flag existed ran the teacher as loaded)."""
+    from cnn_compression import batch_norm_folding
+
+    if args.no_teacher:
+        return None, 0
+    mode = args.teacher_batch_norm
+    if state == "resume":
+        stored = files.read_json(os.path.join(folder, stages.CONFIG_NAME), "config").get("arguments", {})
+        mode = stored.get("teacher_batch_norm", "keep")
+    if mode == "keep":
+        return teacher, 0
+    return batch_norm_folding.fold_batch_norms(teacher, keep={pair[0] for pair in hints})
+
+
 def main(argv=None):
     args = parse_args(argv)
     cnn_compression.setup()
@@ -362,8 +384,9 @@ def main(argv=None):
         return
     train_data = data.TrainingData(split.x_train, split.y_train, args.batch_size, args.seed, class_num)
     with strategy.scope():
+        running_teacher, folded = inference_teacher(teacher, folder, args, state, hints)
         distiller = distillation.Distiller(
-            student, None if args.no_teacher else teacher, lambdas, args.regressor_name,
+            student, running_teacher, lambdas, args.regressor_name,
             args.temperature, args.kd_beta, args.label_smoothing, hint_layers=hints or None,
         )
         distiller.compile(
@@ -372,7 +395,8 @@ def main(argv=None):
         )
     print(f"data: {split.sizes()} from {split.source}; teacher {teacher_parameters:,} parameters, student "
           f"{student_parameters:,} ({teacher_parameters / student_parameters:.2f}x smaller), {student_line}; "
-          f"{loss_line(distiller)}{'; hints ' + ', '.join(f'{t}:{s}' for t, s in hints) if hints else ''}; "
+          f"{loss_line(distiller)}{'; hints ' + ', '.join(f'{t}:{s}' for t, s in hints) if hints else ''}"
+          f"{f'; {folded} teacher BatchNorms folded' if folded else ''}; "
           f"{'resuming' if state == 'resume' else 'starting'} in {folder}")
     val_data = data.make_dataset(split.x_val, split.y_val, args.batch_size, class_num=class_num)
     history = training.fit_stage(distiller, train_data, val_data, folder, args, model_to_save=student)

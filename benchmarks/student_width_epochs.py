@@ -39,21 +39,31 @@ def epoch_seconds(arguments, folder):
     return seconds[1], parameters
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def stage_parser(description):
+    """The flags of a benchmark that times this stage's epochs (this one's and its siblings')."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--root_folder", required=True, help="the teacher's folder (its model.h5)")
     parser.add_argument("--base_model_path", required=True)
     parser.add_argument("--student_compression", type=float, default=12.82)
-    parser.add_argument("--round_to", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--train_size", type=int, default=6400, help="training images per epoch (batches of 128)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--data_dir", default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def common_flags(args):
+    """knowledge_distillation.py's flags every timed run shares: the strong run's recipe, float32."""
     common = ["--root_folder", args.root_folder, "--base_model_path", args.base_model_path,
               "--student_compression", str(args.student_compression), "--train_size", str(args.train_size),
               "--batch_size", "128", "--precision", "float32", "--student_learning_rate", "0.05", "--weight_decay", "5e-3"]
-    if args.data_dir:
-        common += ["--data_dir", args.data_dir]
+    return common + (["--data_dir", args.data_dir] if args.data_dir else [])
+
+
+def main():
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--round_to", type=int, nargs="+", default=[1, 8])
+    args = parser.parse_args()
+    common = common_flags(args)
     variants = [(mode, multiple) for mode in MODES for multiple in args.round_to]
     seconds, parameters = {variant: [] for variant in variants}, {}
     with tempfile.TemporaryDirectory() as scratch:

@@ -29,7 +29,7 @@ FILE_SECONDS = {
     "test_distribute.py": 67, "test_prune_distill.py": 59, "test_distillation.py": 59,
     "test_any_model.py": 46, "test_prune_any_model.py": 43, "test_export.py": 36, "test_multi_worker.py": 28,
     "test_model.py": 25, "test_fused_batch_norm.py": 23, "test_importance.py": 22,
-    "test_distill_any_model.py": 19, "test_bad_input.py": 19, "test_plots.py": 18, "test_onednn.py": 15,
+    "test_distill_any_model.py": 19, "test_batch_norm_folding.py": 12, "test_bad_input.py": 19, "test_plots.py": 18, "test_onednn.py": 15,
     "test_precision.py": 9, "test_data.py": 5, "test_reproduction.py": 3, "test_metrics.py": 2,
     "test_strided_pointwise.py": 1, "test_layout.py": 1,
 }

@@ -174,18 +174,20 @@ def test_the_script_distils_any_teacher_into_its_narrowed_student(classifiers, t
 def test_a_student_as_large_as_its_teacher_is_trained_with_a_note(classifiers, tmp_path, data_flags):
     """Born-again distillation (a student the teacher's size) is a use of its own, so it runs; the
     note says it compresses nothing, where the log would otherwise read "1.00x smaller". With
-    --lambda2 0 --lambda3 0 the run has only the backbone term."""
+    --lambda2 0 --lambda3 0 the run has only the backbone term; --teacher_batch_norm fold folds
+    the teacher's BatchNorms."""
     save = tmp_path / "kd"
     completed = run_in_process("knowledge_distillation.py", "--teacher_path", classifiers / "teacher.keras",
                                "--student_path", classifiers / "student.h5", "--lambda2", 0, "--lambda3", 0,
-                               "--save_folder", save, *data_flags, "--train_size", 100, "--batch_size", 50,
-                               "--epoch_num", 1, "--verbose", 0, "--precision", "float32")
+                               "--teacher_batch_norm", "fold", "--save_folder", save, *data_flags, "--train_size", 100,
+                               "--batch_size", 50, "--epoch_num", 1, "--verbose", 0, "--precision", "float32")
     parameters = keras.models.load_model(str(classifiers / "student.h5")).count_params()
     assert (f"note: the student ({parameters:,} parameters) is not smaller than its teacher ({parameters:,}): "
             "this run compresses nothing") in completed.stderr
     assert json.loads((save / "config.json").read_text())["results"]["compression_vs_teacher"] == 1.0
     # Only the terms with a weight are computed, logged and recorded: no hints, no discriminator.
-    assert "; loss 0.7 * backbone_loss; starting in" in completed.stdout
+    # its three convolution + BatchNorm pairs folded for the run (batch_norm_folding)
+    assert "; loss 0.7 * backbone_loss; 3 teacher BatchNorms folded; starting in" in completed.stdout
     assert set(json.loads((save / "history.json").read_text())) == set(training.HISTORY_KEYS) | {
         "train_cross_entropy", "train_backbone_loss"}
 
