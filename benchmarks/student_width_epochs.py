@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 
+from cnn_compression import cpu
+
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCH_LINE = re.compile(r"^\d+/\d+ - (\d+)s - ")
 MODES = {"student alone": ["--no_teacher"], "L_b": ["--lambda1=0.7", "--lambda2=0", "--lambda3=0"]}
@@ -59,21 +61,30 @@ def common_flags(args):
     return common + (["--data_dir", args.data_dir] if args.data_dir else [])
 
 
+def time_variants(common, variants, flags_of, rounds):
+    """({variant: [second-epoch seconds, one per round]}, {variant: student parameters}): every
+    variant run once per round in a fresh process, the variants alternating; `flags_of(variant)`
+    gives the run's flags after `common`."""
+    seconds, parameters = {variant: [] for variant in variants}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_index in range(rounds):
+            for index, variant in enumerate(variants):
+                folder = os.path.join(scratch, f"{round_index}_{index}")
+                taken, parameters[variant] = epoch_seconds(common + flags_of(variant), folder)
+                seconds[variant].append(taken)
+    return seconds, parameters
+
+
 def main():
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--round_to", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     common = common_flags(args)
     variants = [(mode, multiple) for mode in MODES for multiple in args.round_to]
-    seconds, parameters = {variant: [] for variant in variants}, {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for round_index in range(args.rounds):
-            for mode, multiple in variants:
-                folder = os.path.join(scratch, f"{round_index}_{mode.replace(' ', '_')}_{multiple}")
-                taken, parameters[multiple] = epoch_seconds(common + MODES[mode] + ["--student_round_to", str(multiple)], folder)
-                seconds[mode, multiple].append(taken)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"students at {args.student_compression:g}x of {args.base_model_path} from {args.root_folder}; {cpu}; "
+    seconds, parameters = time_variants(common, variants,
+                                        lambda variant: MODES[variant[0]] + ["--student_round_to", str(variant[1])],
+                                        args.rounds)
+    print(f"students at {args.student_compression:g}x of {args.base_model_path} from {args.root_folder}; {cpu.model_name()}; "
           f"{args.rounds} fresh runs per variant, alternating; the second epoch of {args.train_size} training images "
           "(and the 5,000 validation images), float32")
     print("| variant | --student_round_to | parameters | epoch seconds (rounds) | training img/s | speed-up |")
@@ -81,7 +92,7 @@ def main():
     for mode, multiple in variants:
         median = statistics.median(seconds[mode, multiple])
         reference = statistics.median(seconds[mode, args.round_to[0]])
-        print(f"| {mode} | {multiple} | {parameters[multiple]:,} | {median:g} ({', '.join(map(str, seconds[mode, multiple]))}) | "
+        print(f"| {mode} | {multiple} | {parameters[mode, multiple]:,} | {median:g} ({', '.join(map(str, seconds[mode, multiple]))}) | "
               f"{args.train_size / median:.0f} | {reference / median:.2f}x |")
 
 

@@ -11,11 +11,10 @@ Printed: per variant the median epoch seconds and training images per second, ea
 seconds, and the ratio of keep's median to fold's.
 """
 
-import os
 import statistics
-import tempfile
 
-from student_width_epochs import common_flags, epoch_seconds, stage_parser
+from cnn_compression import cpu
+from student_width_epochs import common_flags, stage_parser, time_variants
 
 MODES = {"L_b": ["--lambda1=0.7", "--lambda2=0", "--lambda3=0"],
          "L_b + L_inter (vid)": ["--lambda1=0.7", "--lambda2=0.3", "--lambda3=0", "--regressor_name", "vid"]}
@@ -25,15 +24,9 @@ def main():
     args = stage_parser(__doc__.splitlines()[0]).parse_args()
     common = common_flags(args)
     variants = [(mode, choice) for mode in MODES for choice in ("keep", "fold")]
-    seconds = {variant: [] for variant in variants}
-    with tempfile.TemporaryDirectory() as scratch:
-        for round_index in range(args.rounds):
-            for mode, choice in variants:
-                folder = os.path.join(scratch, f"{round_index}_{list(MODES).index(mode)}_{choice}")
-                taken, _ = epoch_seconds(common + MODES[mode] + ["--teacher_batch_norm", choice], folder)
-                seconds[mode, choice].append(taken)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"students at {args.student_compression:g}x from {args.root_folder}; {cpu}; {args.rounds} fresh runs per "
+    seconds, _ = time_variants(common, variants, lambda variant: MODES[variant[0]] + ["--teacher_batch_norm", variant[1]],
+                               args.rounds)
+    print(f"students at {args.student_compression:g}x from {args.root_folder}; {cpu.model_name()}; {args.rounds} fresh runs per "
           f"variant, alternating; the second epoch of {args.train_size} training images (and the 5,000 validation "
           "images), float32")
     print("| loss | --teacher_batch_norm | epoch seconds (rounds) | training img/s | speed-up |")
