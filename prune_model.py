@@ -12,7 +12,8 @@ until validation accuracy stops improving (--patience, ceiling --epoch_num) and 
 cannot hold), history.json and apoz.json, then appends the iteration to
 <root_folder>/summary.json. With --target_compression or --target_macs the iterations go on
 until the target is reached (at most --prune_iter of them), the last one removing only what
-reaches it. Rerunning the same command resumes: it continues after the last iteration
+reaches it. --start_model_path prunes on from a model an earlier run pruned from the same base
+(compression still counted against the base). Rerunning the same command resumes: it continues after the last iteration
 summary.json lists (a run that met its target is complete), and an interrupted fine-tuning
 resumes from its last finished epoch (the pruned architecture is saved first, as
 iter{k}/pruned.h5). With --distill_from (a teacher .h5 or .keras, or 'base': --base_model_path)
@@ -52,6 +53,11 @@ def parse_args(argv=None):
                                     "importance and fine-tune it.")
     parser.add_argument("--root_folder", default="./model/pruned_model")
     parser.add_argument("--base_model_path", default="./model/base_model/model.h5")
+    parser.add_argument("--start_model_path", default=None, metavar="PATH",
+                        help="prune this model instead of the base: one pruned from --base_model_path (its layers, "
+                             "fewer channels), say an earlier run's last iteration, to go on past that run's target; "
+                             "compression, the targets, global ranking's floors and --distill_from base still count "
+                             "against --base_model_path")
     parser.add_argument("--prune_iter", type=cli.positive_int, default=15,
                         help="pruning iterations (a finished run can be extended by rerunning with more)")
     parser.add_argument("--overwrite", action="store_true", help="replace a different or finished run in --root_folder")
@@ -139,6 +145,10 @@ def format_table(summary):
     base = summary["base"]
     lines = [f"{'iter':>4} {'parameters':>12} {'compr.':>7} {'MACs':>8} {'val pruned':>10} {'val tuned':>9} {'test tuned':>10} {'epochs':>6}",
              f"{'base':>4} {base['parameters']:>12,} {1:>6.2f}x {base['macs'] / 1e6:>7.1f}M {'':>10} {base['val_acc']:>9.4f} {base['test_acc']:>10.4f} {'':>6}"]
+    start = summary.get("start")
+    if start:  # --start_model_path: the model iteration 1 pruned
+        lines.append(f"{'start':>5}{start['parameters']:>12,} {start['compression_rate']:>6.2f}x {start['macs'] / 1e6:>7.1f}M "
+                     f"{'':>10} {start['val_acc']:>9.4f} {start['test_acc']:>10.4f} {'':>6}")
     for record in summary["iterations"]:
         lines.append(f"{record['iteration']:>4} {record['parameters']:>12,} {record['compression_rate']:>6.2f}x "
                      f"{record['macs'] / 1e6:>7.1f}M {record['val_acc_pruned']:>10.4f} {record['val_acc']:>9.4f} "
@@ -162,6 +172,10 @@ def main(argv=None):
     missing = sorted(set(pruning_iteration.ignored_layers(args, base_network)) - layer_names)
     if missing:
         raise cli.UserError(f"--ignored_layers names {', '.join(missing)}, which {args.base_model_path} lacks")
+    start_network = None
+    if args.start_model_path:
+        start_network = checkpoints.load_model(args.start_model_path, "start model (--start_model_path)")
+        pruning_iteration.check_pruned_from(start_network, base_network, args)
     teacher = pruning_iteration.load_teacher(args, base_network, strategy)
     has_config = os.path.exists(os.path.join(root, "config.json"))
     summary = None
@@ -172,7 +186,7 @@ def main(argv=None):
         if has_config and os.path.exists(summary_path):
             summary = files.read_json(summary_path, "summary")
     done = completed_iterations(summary) if summary else []
-    network = base_network
+    network = start_network or base_network
     if done:
         last_folder = pruning_iteration.iteration_folder(root, len(done))
         network = checkpoints.load_model(os.path.join(last_folder, "model.h5"), f"iteration {len(done)} model")
@@ -187,6 +201,8 @@ def main(argv=None):
     if args.apoz_samples and args.apoz_samples > len(split.y_val):
         raise cli.UserError(f"--apoz_samples {args.apoz_samples} exceeds the {len(split.y_val)} validation images")
     input_files = {"base_model": args.base_model_path}
+    if start_network is not None:
+        input_files["start_model"] = args.start_model_path
     if teacher is not None:
         input_files["teacher"] = pruning_iteration.teacher_path(args)
     inputs = stages.input_fingerprints(split, input_files)
@@ -218,6 +234,12 @@ def main(argv=None):
         print(f"measuring the base model {args.base_model_path}")
         base = pruning_iteration.describe(base_network, split, args, path=args.base_model_path)
         summary = {"base": base, "iterations": [], "arguments": vars(args)}
+        if start_network is not None:
+            print(f"measuring the start model {args.start_model_path}")
+            start = pruning_iteration.describe(start_network, split, args, path=args.start_model_path)
+            start["compression_rate"] = base["parameters"] / start["parameters"]
+            start["mac_ratio"] = base["macs"] / start["macs"]
+            summary["start"] = start
     # the target, and the iteration that met it (None until then); a summary written before
     # targets existed gains the key on resume
     target_record = dict(target, met_at_iteration=met) if target else None

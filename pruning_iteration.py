@@ -98,6 +98,27 @@ def channel_groups(network, args):
     return prune.any_model_groups(network, args.prune_residual, ignored_layers(args, network))
 
 
+def check_pruned_from(start_network, base_network, args):
+    """Refuse a --start_model_path that is not a pruned copy of the base: its layers must be the
+    base's (names and kinds, in order) and each group this run prunes no wider than in the base,
+    since compression and global ranking's floors are counted against the base's groups."""
+    from cnn_compression.classifiers import check_any_model
+
+    check_any_model(start_network, int(base_network.output_shape[-1]))
+    layers = [(layer.name, type(layer).__name__) for layer in start_network.layers]
+    if layers != [(layer.name, type(layer).__name__) for layer in base_network.layers]:
+        raise cli.UserError(f"--start_model_path {args.start_model_path} was not pruned from --base_model_path "
+                            f"{args.base_model_path}: their layers differ")
+    base_widths = base_group_widths(base_network, args)
+    groups = channel_groups(start_network, args)
+    keys = channel_selection.stable_keys(groups)
+    wider = [group["name"] for group in groups
+             if keys[group["name"]] not in base_widths or group["width"] > base_widths[keys[group["name"]]]]
+    if wider:
+        raise cli.UserError(f"--start_model_path {args.start_model_path} was not pruned from --base_model_path "
+                            f"{args.base_model_path}: channel group(s) {', '.join(wider[:3])} are not the base's or wider")
+
+
 def from_logits(network):
     """True unless the model ends in a softmax (our ResNet50 does): its output is then logits.
     Any spelling of the softmax (see channel_importance.classifier_head)."""

@@ -15,7 +15,9 @@
 # (--student_compression reaches its target; the pruning path unchanged) and after epoch 5 to
 # 0f56b9c (odd-width BatchNorms on Keras' ops: the same maths, 1.4x faster pruned training;
 # docs/speed.md). Issue 22's note lists both. A third move, after epoch 11 of that iteration, to
-# a636f40 (the student tuning below, which no stage had reached; the pruning path unchanged).
+# a636f40 (the student tuning below, which no stage had reached; the pruning path unchanged). A
+# fourth, after the four students and before the pruning on to 12.82x at the end, to the commit that
+# added that stage (prune_model.py --start_model_path).
 # Afterwards, in the checkout: `bash benchmarks/strong_run.sh save; make figures-strong`.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -96,8 +98,22 @@ $PY knowledge_distillation.py --save_folder="$ROOT/kd_model/backbone_intermediat
 $PY knowledge_distillation.py --save_folder="$ROOT/kd_model/all_three" --lambda1=0.7 --lambda2=0.3 --lambda3=0.2 \
     --regressor_name=vid "${KD[@]}"
 # Against this run's base (evaluate_model.py's default, ./model/base_model, is another stem).
-for model in "$ROOT/base_model" "$TEACHER_FOLDER" "$ROOT"/kd_model/*/; do
-    $PY evaluate_model.py --model_path="${model%/}/model.h5" --base_model_path "$ROOT/base_model/model.h5" \
-        --data_dir "$DATA_DIR" --json "${model%/}/evaluation.json"
-done
+evaluate() {  # folder ...: each folder's model.h5 measured into its evaluation.json (skipped where it exists)
+    for model in "$@"; do
+        [ -f "${model%/}/evaluation.json" ] || $PY evaluate_model.py --model_path="${model%/}/model.h5" \
+            --base_model_path "$ROOT/base_model/model.h5" --data_dir "$DATA_DIR" --json "${model%/}/evaluation.json"
+    done
+}
+evaluate "$ROOT/base_model" "$TEACHER_FOLDER" "$ROOT"/kd_model/*/
+# What was tried after the four students (added once they were done, both distilled students below
+# the student alone): the teacher itself pruned on to the students' 12.82x, by its own criterion and
+# recipe, fine-tuned against itself (the students' teacher: the same teacher for the same size), from
+# its trained weights instead of a thin model from scratch. --start_model_path keeps the teacher's
+# run as it is; compression still counts against the base.
+$PY prune_model.py --root_folder="$ROOT/pruned_${NAME}_12x" --start_model_path "$TEACHER_FOLDER/model.h5" \
+    --base_model_path "$ROOT/base_model/model.h5" --importance "$NAME" --distill_from "$TEACHER_FOLDER/model.h5" \
+    --criterion fraction --prune_fraction 0.2 --prune_residual --target_compression 12.82 --prune_iter 10 --epoch_num 12 \
+    --patience 3 --warmup_epochs 0 --learning_rate 0.01 --weight_decay 5e-3 --label_smoothing 0.1 --batch_size 128 \
+    --precision float32 --data_dir "$DATA_DIR" --verbose 2
+evaluate "$(last_iteration "$ROOT/pruned_${NAME}_12x")"
 

@@ -93,16 +93,23 @@ def plot_pruning(summary, out, importance="APoZ"):
               ("test_acc_pruned", "test, right after pruning", "C1", ":", "v"),
               ("val_acc", "validation, after fine-tuning", "C0", "-", "o"),
               ("test_acc", "test, after fine-tuning", "C1", "-", "o"))
+    # A run begun from a pruned model (--start_model_path) draws that model as iteration 0: the
+    # fine-tuned lines start there, as the iterations' compression bars do.
+    start = summary.get("start")
+    ticks = ([0] if start else []) + iterations
     for key, label, colour, style, marker in series:
-        accuracy_axis.plot(iterations, [100 * e[key] for e in entries], style, color=colour, marker=marker, label=label)
+        xs, ys = iterations, [100 * e[key] for e in entries]
+        if start and key in start:
+            xs, ys = [0] + xs, [100 * start[key]] + ys
+        accuracy_axis.plot(xs, ys, style, color=colour, marker=marker, label=label)
     if base.get("test_acc") is not None:
         accuracy_axis.axhline(100 * base["test_acc"], color="black", ls="--", lw=1, label="base model, test")
     accuracy_axis.set(xlabel="pruning iteration", ylabel="accuracy (%)", ylim=(0, 100))
-    accuracy_axis.set_xticks(iterations)
-    accuracy_axis.set_xlim(min(iterations) - 0.6, max(iterations) + 0.6)
+    accuracy_axis.set_xticks(ticks, ["start" if tick == 0 else str(tick) for tick in ticks])
+    accuracy_axis.set_xlim(min(ticks) - 0.6, max(ticks) + 0.6)
     rate_axis = accuracy_axis.twinx()
-    rate_axis.bar(iterations, [e["compression_rate"] for e in entries], color="C2", alpha=0.25, width=0.6,
-                  label="compression rate (parameters)")
+    rate_axis.bar(ticks, ([start["compression_rate"]] if start else []) + [e["compression_rate"] for e in entries],
+                  color="C2", alpha=0.25, width=0.6, label="compression rate (parameters)")
     rate_axis.set_ylabel("compression rate (x fewer parameters)")
     rate_axis.grid(False)
     accuracy_axis.set_zorder(rate_axis.get_zorder() + 1)
@@ -228,8 +235,11 @@ def plot_compression(runs, students, out, teacher=None):
             entries = run.summary["iterations"]
             if not entries:  # started, no iteration finished: nothing to draw but the base
                 continue
-            run_rates = [rate for rate, _ in start] + [e["compression_rate"] for e in entries]
-            accuracies = [accuracy for _, accuracy in start] + [100 * e["test_acc"] for e in entries]
+            first = start  # a run begun from a pruned model (--start_model_path) starts its line there
+            if run.summary.get("start", {}).get("test_acc") is not None:
+                first = [(run.summary["start"]["compression_rate"], 100 * run.summary["start"]["test_acc"])]
+            run_rates = [rate for rate, _ in first] + [e["compression_rate"] for e in entries]
+            accuracies = [accuracy for _, accuracy in first] + [100 * e["test_acc"] for e in entries]
             label = "pruning iterations (fine-tuned)" if len(runs) == 1 else f"{run.name}: {run.importance} iterations (fine-tuned)"
             axis.plot(run_rates, accuracies, "-o", color=f"C{index}", ms=4, label=label)
             rates += run_rates

@@ -309,6 +309,34 @@ def test_a_pruning_run_without_finished_iterations_draws_no_line(tmp_path):
         "base", "pruned_taylor, iteration 1", "pruned_taylor, iteration 2"]
 
 
+def test_a_run_begun_from_a_pruned_model_draws_from_that_model(tmp_path):
+    """prune_model.py --start_model_path (APoZ's 3.2x model pruned on to 12.8x): the compression
+    figure's line for that run starts at its start model, not at the base, and its pruning figure
+    draws the start model as iteration 0 with its compression bar."""
+    root = tmp_path / "model"
+    write_pruning_run(root, "pruned_apoz", "apoz", [(1.6, 0.90), (3.2, 0.88)])
+    write_pruning_run(root, "pruned_apoz_on", "apoz", [(6.4, 0.86), (12.8, 0.84)])
+    summary_path = root / "pruned_apoz_on" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["start"] = {"parameters": 312_500, "compression_rate": 3.2, "val_acc": 0.89, "test_acc": 0.88}
+    summary_path.write_text(json.dumps(summary))
+    runs = results.load_pruning_runs(str(root))
+    lines = line_data(figures.plot_compression(runs, {}, str(tmp_path / "compression.png")).axes[0])
+    np.testing.assert_allclose(lines["pruned_apoz: APoZ iterations (fine-tuned)"], [[1, 1.6, 3.2], [92, 90, 88]])
+    np.testing.assert_allclose(lines["pruned_apoz_on: APoZ iterations (fine-tuned)"], [[3.2, 6.4, 12.8], [88, 86, 84]])
+    figure = figures.plot_pruning(runs[1].summary, str(tmp_path / "pruning.png"))
+    accuracy_axis, rate_axis = figure.axes
+    lines = line_data(accuracy_axis)
+    np.testing.assert_allclose(lines["test, after fine-tuning"], [[0, 1, 2], [88, 86, 84]])
+    np.testing.assert_allclose(lines["validation, after fine-tuning"], [[0, 1, 2], [89, 87, 85]])
+    assert lines["test, right after pruning"][0] == [1, 2]  # the start model was not just pruned
+    assert [label.get_text() for label in accuracy_axis.get_xticklabels()] == ["start", "1", "2"]
+    assert [bar.get_height() for bar in rate_axis.patches] == [3.2, 6.4, 12.8]
+    # the table's rows: the start model is already a row of its own run; compression against the base
+    assert [row[:5] for row in results.results_rows(str(root), None)][-2:] == [
+        ("pruned_apoz_on, iteration 1", 0.86, 0.87, 156_250, 6.4), ("pruned_apoz_on, iteration 2", 0.84, 0.85, 78_125, 12.8)]
+
+
 def test_four_students_at_one_rate_stay_apart_and_every_label_stays_inside_the_axes(tmp_path):
     """The strong run's end: four students at ~13x beside the original's points at 12.82x, the
     compression axis ending just past them. Each student is drawn within a few percent of its rate

@@ -308,6 +308,36 @@ def test_global_ranking_through_the_script_moves_channels_between_groups_down_to
     pruned = keras.models.load_model(str(root / "iter2" / "model.h5"), compile=False)
     assert pruned.get_layer("inner").filters == 2 and pruned.get_layer("wide").filters == 3
 
+    # --start_model_path: a new run pruning on from iteration 1 makes iteration 2's model again (the
+    # same l1 scores, floors from the BASE widths, not from the start model's), compression counted
+    # against the base; the start model is measured and listed
+    on_root = tmp_path / "on"
+    start = root / "iter1" / "model.h5"
+    prune_model.main([str(argument) for argument in [
+        "--base_model_path", path, "--start_model_path", start, "--root_folder", on_root, "--ranking", "global",
+        "--importance", "l1", "--criterion", "fraction", "--prune_fraction", 0.8, "--prune_iter", 1, *data_flags, *RUN_FLAGS]])
+    on_summary = json.loads((on_root / "summary.json").read_text())
+    [record] = on_summary["iterations"]
+    kept = {name: layer["kept"] for name, layer in json.loads((on_root / "iter1" / "apoz.json").read_text())["layers"].items()}
+    assert kept == {name: layer["kept"] for name, layer in json.loads((root / "iter2" / "apoz.json").read_text())["layers"].items()}
+    assert record["group_widths"] == second["group_widths"] and record["parameters"] == second["parameters"]
+    assert on_summary["base"]["parameters"] == network.count_params()
+    assert record["compression_rate"] == pytest.approx(network.count_params() / record["parameters"])
+    assert on_summary["start"]["parameters"] == first["parameters"] and on_summary["start"]["model_path"] == str(start)
+    assert on_summary["start"]["test_acc"] == first["test_acc"] and on_summary["start"]["val_acc"] == first["val_acc"]
+    assert on_summary["start"]["compression_rate"] == pytest.approx(first["compression_rate"])
+    # a start model that is not a pruned copy of the base is refused before anything is written
+    other = tmp_path / "other.h5"
+    keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+                      keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]).save(str(other))
+    for base_path, start_path, reason in ((path, other, "their layers differ"),
+                                          (start, path, "channel group.* are not the base's or wider")):
+        with pytest.raises(cli.UserError, match=rf"--start_model_path .* was not pruned from --base_model_path .*: {reason}"):
+            prune_model.main([str(argument) for argument in [
+                "--base_model_path", base_path, "--start_model_path", start_path, "--root_folder", tmp_path / "refused",
+                "--criterion", "fraction", "--prune_iter", 1, *data_flags, *RUN_FLAGS]])
+        assert not (tmp_path / "refused").exists()
+
 
 def test_any_model_pruning_killed_mid_fine_tuning_resumes_to_the_uninterrupted_files(classifier_path, tmp_path, data_flags):
     """SIGKILL of prune_model.py on a model that is not our ResNet50 once iteration 1's first
