@@ -218,6 +218,33 @@ def plot_students(students, teacher, out):
     return figure
 
 
+def plot_student_curves(students, out):
+    """Accuracy per epoch of every finished student, one colour per variant: validation solid,
+    training dashed (on augmented images, so below validation early on). Their losses are left out:
+    each variant's loss is another sum of terms; the accuracies compare."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(9, 5))
+    for index, name in enumerate(results.ordered_variants(students)):
+        path = os.path.join(students[name]["folder"], "history.json")
+        if not os.path.isfile(path):  # a record kept without its history: no curve to draw
+            continue
+        history = results.read_history(path)
+        for split, style in (("val", "-"), ("train", "--")):
+            values = [None if value is None else 100 * value for value in history.get(f"{split}_acc") or []]
+            best = max((value for value in values if value is not None), default=None)
+            label = f"{name}, {'validation (best %.2f%%)' % best if split == 'val' and best is not None else 'training'}"
+            axis.plot(range(1, len(values) + 1), values, style, color=f"C{index}", lw=1.6 if split == "val" else 1,
+                      label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set(xlabel="epoch", ylabel="accuracy (%)", title="The students, epoch by epoch")
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    save_figure(figure, out)
+    return figure
+
+
 def plot_compression(runs, students, out, teacher=None):
     """Test accuracy against compression: the base, each pruning run's iterations as a line, each
     student, and the original project's reported headline points; `teacher` is (run name,
@@ -320,6 +347,9 @@ def draw_figures(model_root, images_dir):
                         if config["results"].get("teacher_test_acc") is not None), None)
         plot_students(students, teacher, os.path.join(images_dir, "accuracy_result.png"))
         written.append("accuracy_result.png")
+        if any(os.path.isfile(os.path.join(config["folder"], "history.json")) for config in students.values()):
+            plot_student_curves(students, os.path.join(images_dir, "students_history.png"))
+            written.append("students_history.png")
     if runs or students:
         plot_compression(runs, students, os.path.join(images_dir, "compression_result.png"),
                          results.teacher_of(students, runs))

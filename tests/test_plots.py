@@ -60,6 +60,7 @@ def project(tmp_path):
                   "results": {"test_acc": accuracy, "parameters": student.count_params(), "teacher_test_acc": 0.59}}
         (folder / "config.json").write_text(json.dumps(config))
         checkpoints.save_model(student, str(folder / "model.h5"))
+    write_history(str(root / "kd_model" / "all" / "history.json"), epochs=3)  # the student alone kept none
     return tmp_path
 
 
@@ -131,7 +132,7 @@ def test_result_figures_are_drawn_from_the_model_tree(project):
     # MACs of each student, ours (449,792 for width 0.0625, as model.count_macs) and any other model
     assert rows[5].endswith("| 0.45 M | 67.64% at 12.82x |") and rows[6].endswith("| 0.22 M | 76.01% at 12.82x |")
     assert rows[2].endswith("| 90.34% at 1x |") and rows[4].endswith("|  |")  # no teacher recorded: no original beside it
-    for name in ("pruning_result.png", "apoz_heatmap.png", "accuracy_result.png", "compression_result.png"):
+    for name in ("pruning_result.png", "apoz_heatmap.png", "accuracy_result.png", "students_history.png", "compression_result.png"):
         with open(os.path.join(images, name), "rb") as handle:
             assert handle.read(8) == PNG_SIGNATURE, name
         assert name in completed.stdout
@@ -166,6 +167,12 @@ def test_result_figures_draw_the_summary_apoz_and_student_values(project, tmp_pa
     figure = figures.plot_apoz_bars(apoz, str(tmp_path / "bars.jpg"))
     assert figure.axes[0].get_zlabel() == "channels removed" and len(figure.axes[0].collections) == 2  # a bar row per layer
 
+    # the students epoch by epoch: each history's accuracies in percent, validation with its best; a
+    # student whose history is missing has no curve
+    lines = line_data(figures.plot_student_curves(students, str(tmp_path / "curves.png")).axes[0])
+    assert list(lines) == ["L_b + L_inter + L_adv, validation (best 35.00%)", "L_b + L_inter + L_adv, training"]
+    np.testing.assert_allclose(lines["L_b + L_inter + L_adv, validation (best 35.00%)"], [[1, 2, 3], [15, 25, 35]])
+    np.testing.assert_allclose(lines["L_b + L_inter + L_adv, training"], [[1, 2, 3], [20, 30, 40]])
     # students against the teacher: bar heights are their test accuracies, in the variants' order
     figure = figures.plot_students(students, 0.59, str(tmp_path / "students.png"))
     axis = figure.axes[0]
