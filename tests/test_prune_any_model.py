@@ -270,7 +270,7 @@ def test_a_target_out_of_reach_of_the_groups_the_criterion_scores_is_refused_up_
     assert not (tmp_path / "run").exists()
 
 
-def test_global_ranking_through_the_script_moves_channels_between_groups_down_to_the_base_floors(tmp_path, data_flags):
+def test_global_ranking_through_the_script_moves_channels_between_groups_down_to_the_base_floors(tmp_path, capsys, data_flags):
     """--ranking global in prune_model.py: 9 of `inner`'s 12 filters made tiny, so ranked across
     groups (each group's L1 divided by its mean) they go first and `wide` gives the rest; the
     kept channels are channel_selection.select_global's on the scores apoz.json records, the widths differ from
@@ -313,6 +313,7 @@ def test_global_ranking_through_the_script_moves_channels_between_groups_down_to
     # against the base; the start model is measured and listed
     on_root = tmp_path / "on"
     start = root / "iter1" / "model.h5"
+    capsys.readouterr()
     prune_model.main([str(argument) for argument in [
         "--base_model_path", path, "--start_model_path", start, "--root_folder", on_root, "--ranking", "global",
         "--importance", "l1", "--criterion", "fraction", "--prune_fraction", 0.8, "--prune_iter", 1, *data_flags, *RUN_FLAGS]])
@@ -326,6 +327,10 @@ def test_global_ranking_through_the_script_moves_channels_between_groups_down_to
     assert on_summary["start"]["parameters"] == first["parameters"] and on_summary["start"]["model_path"] == str(start)
     assert on_summary["start"]["test_acc"] == first["test_acc"] and on_summary["start"]["val_acc"] == first["val_acc"]
     assert on_summary["start"]["compression_rate"] == pytest.approx(first["compression_rate"])
+    table = prune_model.format_table(on_summary).splitlines()
+    assert table[2].split() == ["start", f"{first['parameters']:,}", f"{first['compression_rate']:.2f}x",
+                                f"{first['macs'] / 1e6:.1f}M", f"{first['val_acc']:.4f}", f"{first['test_acc']:.4f}"]
+    assert "\n".join(table) in capsys.readouterr().out
     # a start model that is not a pruned copy of the base is refused before anything is written
     other = tmp_path / "other.h5"
     keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
