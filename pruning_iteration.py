@@ -117,6 +117,14 @@ def check_pruned_from(start_network, base_network, args):
     if wider:
         raise cli.UserError(f"--start_model_path {args.start_model_path} was not pruned from --base_model_path "
                             f"{args.base_model_path}: channel group(s) {', '.join(wider[:3])} are not the base's or wider")
+    target = target_of(args)
+    if target is not None:  # nothing left to prune for: refused, as a run that met its target has nothing to do
+        (base_parameters, base_macs), (parameters, macs) = size_of(base_network), size_of(start_network)
+        reached = base_parameters / parameters if target[0] == "compression_rate" else base_macs / macs
+        if reached >= target[1] * (1 - 1e-12):
+            flag = "--target_compression" if target[0] == "compression_rate" else "--target_macs"
+            raise cli.UserError(f"--start_model_path {args.start_model_path} is already at {reached:.2f}x of the base, "
+                                f"past {flag} {target[1]:g}")
 
 
 def from_logits(network):

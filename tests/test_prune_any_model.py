@@ -342,6 +342,11 @@ def test_global_ranking_through_the_script_moves_channels_between_groups_down_to
                 "--base_model_path", base_path, "--start_model_path", start_path, "--root_folder", tmp_path / "refused",
                 "--criterion", "fraction", "--prune_iter", 1, *data_flags, *RUN_FLAGS]])
         assert not (tmp_path / "refused").exists()
+    with pytest.raises(cli.UserError, match=rf"--start_model_path .* is already at {first['compression_rate']:.2f}x of the base, past --target_compression 1.5$"):
+        prune_model.main([str(argument) for argument in [
+            "--base_model_path", path, "--start_model_path", start, "--root_folder", tmp_path / "refused",
+            "--criterion", "fraction", "--target_compression", 1.5, "--prune_iter", 1, *data_flags, *RUN_FLAGS]])
+    assert not (tmp_path / "refused").exists()
 
 
 def test_any_model_pruning_killed_mid_fine_tuning_resumes_to_the_uninterrupted_files(classifier_path, tmp_path, data_flags):
